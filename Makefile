@@ -1,0 +1,63 @@
+# One entry point for people and CI. Every target sets up what it needs.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+LIB := tpu_embed_adam/_tpu_embed_adam_ops.so
+CC_SRCS := $(shell find tpu_embed_adam/cc -name '*.cc' | sort)
+CC_HDRS := $(shell find tpu_embed_adam/cc -name '*.h' | sort)
+OBJS := $(patsubst tpu_embed_adam/cc/%.cc,build/obj/%.o,$(CC_SRCS))
+CXXFLAGS_EXTRA ?= -O3 -march=native -fPIC -Wall -Wno-sign-compare -Wno-unused-function
+TF_FLAGS := build/tf_flags.mk
+
+.PHONY: venv lib demo test test-all lint bench bazel-test clean
+
+venv: $(STAMP)
+
+$(STAMP): setup.py requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	TPU_EMBED_ADAM_SKIP_BUILD=1 $(PY) -m pip install -q --no-build-isolation -e '.[test]'
+	touch $(STAMP)
+
+# Compiler flags come from the installed TensorFlow (tf.sysconfig), cached once.
+$(TF_FLAGS): | $(STAMP)
+	mkdir -p build
+	$(PY) tools/tf_flags.py > $@
+
+-include $(TF_FLAGS)
+
+build/obj/%.o: tpu_embed_adam/cc/%.cc $(CC_HDRS) $(TF_FLAGS)
+	@mkdir -p $(dir $@)
+	g++ $(TF_CFLAGS) $(CXXFLAGS_EXTRA) -I. -c $< -o $@
+
+$(LIB): $(OBJS)
+	g++ -shared $(OBJS) -o $@ $(TF_LFLAGS)
+
+# flock: several shells building at once must not interleave writes of the .so.
+lib: $(STAMP)
+	flock build.lock $(MAKE) --no-print-directory $(LIB)
+
+demo: lib
+	$(PY) examples/demo.py
+
+test: lib
+	$(PY) -m pytest -q -m "not slow" tests
+
+test-all: lib
+	$(PY) -m pytest -q tests
+
+lint: $(STAMP)
+	$(PY) -m ruff check tpu_embed_adam tests examples benchmarks tools setup.py
+	$(PY) -m mypy tpu_embed_adam
+
+bench: lib
+	$(PY) -m pip install -q -r requirements-bench.txt
+	$(PY) benchmarks/bench_update.py
+
+bazel-test: lib
+	tools/bazel_test.sh
+
+clean:
+	rm -rf build $(LIB) .bazel-root

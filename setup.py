@@ -1,0 +1,77 @@
+"""Installs tpu_embed_adam and builds its TensorFlow kernel library.
+
+The kernel library is compiled against the TensorFlow in the build
+environment, so install with `pip install --no-build-isolation .` into an
+environment that already has tensorflow-cpu==2.15.1 (or tensorflow==2.15.1 for
+GPU machines). Set TPU_EMBED_ADAM_SKIP_BUILD=1 to skip the C++ build (the
+package then runs on its pure-TensorFlow path); `make lib` builds it
+incrementally in a development checkout.
+"""
+
+import glob
+import os
+
+from setuptools import Extension, find_packages, setup
+from setuptools.command.build_ext import build_ext
+
+
+class _TfBuildExt(build_ext):
+    """Adds TensorFlow's compile and link flags to the kernel library."""
+
+    def build_extensions(self) -> None:
+        import tensorflow as tf
+
+        lib_dir = tf.sysconfig.get_lib()
+        for ext in self.extensions:
+            ext.extra_compile_args = [
+                *tf.sysconfig.get_compile_flags(),
+                "-O3",
+                "-fPIC",
+                "-I.",
+            ]
+            ext.extra_link_args = [
+                *tf.sysconfig.get_link_flags(),
+                "-l:libtensorflow_cc.so.2",
+                f"-Wl,-rpath,{lib_dir}",
+            ]
+        super().build_extensions()
+
+
+_EXT_MODULES = []
+if not os.environ.get("TPU_EMBED_ADAM_SKIP_BUILD"):
+    _EXT_MODULES.append(
+        Extension(
+            "tpu_embed_adam._tpu_embed_adam_ops",
+            sources=sorted(glob.glob("tpu_embed_adam/cc/**/*.cc", recursive=True)),
+            depends=sorted(glob.glob("tpu_embed_adam/cc/**/*.h", recursive=True)),
+            language="c++",
+        )
+    )
+
+setup(
+    name="tpu_embed_adam",
+    version="0.1.0",
+    description=(
+        "TPU embedding sparse Adam for TensorFlow: AdamParameters, a fused CPU "
+        "kernel and a software TPU embedding engine."
+    ),
+    long_description=open("README.md").read() if os.path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(include=["tpu_embed_adam", "tpu_embed_adam.*"]),
+    install_requires=[
+        "tensorflow-cpu==2.15.1",
+        "tensorflow-estimator==2.15.0",
+        "protobuf>=3.20.3,<5",
+        "absl-py>=1.0",
+        "numpy<2",
+    ],
+    extras_require={
+        "test": ["pytest>=7", "hypothesis>=6", "ruff", "mypy"],
+        "bench": ["tensorflow-addons==0.23.0", "torch==2.13.0", "matplotlib"],
+    },
+    ext_modules=_EXT_MODULES,
+    cmdclass={"build_ext": _TfBuildExt},
+    entry_points={"console_scripts": ["tpu-embed-adam=tpu_embed_adam.cli:run"]},
+    zip_safe=False,
+)
