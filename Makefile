@@ -10,7 +10,7 @@ OBJS := $(patsubst tpu_embed_adam/cc/%.cc,build/obj/%.o,$(CC_SRCS))
 CXXFLAGS_EXTRA ?= -O3 -march=native -fPIC -Wall -Wno-sign-compare -Wno-unused-function
 TF_FLAGS := build/tf_flags.mk
 
-.PHONY: venv lib demo test test-all lint bench bazel-test clean
+.PHONY: venv lib demo test test-all lint bench bazel-test clean proto
 
 venv: $(STAMP)
 
@@ -61,3 +61,6 @@ bazel-test: lib
 
 clean:
 	rm -rf build $(LIB) .bazel-root
+
+proto: $(STAMP)
+	$(PY) -m grpc_tools.protoc -Iprotos --python_out=tpu_embed_adam protos/optimization_parameters.proto

@@ -67,7 +67,7 @@ setup(
         "numpy<2",
     ],
     extras_require={
-        "test": ["pytest>=7", "hypothesis>=6", "ruff", "mypy"],
+        "test": ["pytest>=7", "hypothesis>=6", "ruff", "mypy", "grpcio-tools>=1.50,<1.63"],
         "bench": ["tensorflow-addons==0.23.0", "torch==2.13.0", "matplotlib"],
     },
     ext_modules=_EXT_MODULES,

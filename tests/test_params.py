@@ -1,0 +1,255 @@
+"""AdamParameters against TF 2.15.1's own class: signature, validation, value semantics."""
+
+import copy
+import inspect
+import json
+import math
+import pickle
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tensorflow.python.tpu import tpu_embedding as tf_tpu_embedding
+
+import tpu_embed_adam
+from tpu_embed_adam import AdamParameters, DynamicLearningRate
+
+TFAdam = tf_tpu_embedding.AdamParameters
+
+
+def test_signature_equals_tf():
+    assert inspect.signature(AdamParameters) == inspect.signature(TFAdam)
+
+
+def test_is_instance_of_tf_class_with_tf_attributes():
+    params = AdamParameters(0.1)
+    reference = TFAdam(0.1)
+    assert isinstance(params, TFAdam)
+    assert vars(reference).keys() <= set(dir(params))
+    for name in vars(reference):
+        assert getattr(params, name) == getattr(reference, name), name
+
+
+# Values that probe every branch of both validators.
+_ANY = st.sampled_from(
+    [None, True, False, 0, 1, -1, 0.0, 0.5, 1.0, 1.5, -0.1, 1e-8, 2.0, float("nan"),
+     float("inf"), -float("inf"), "x", "0", np.float32(0.5), np.bool_(True)]
+)
+_NAMES = [p for p in inspect.signature(TFAdam).parameters]
+
+
+def _decision(cls, kwargs):
+    try:
+        cls(**kwargs)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    learning_rate=st.one_of(_ANY, st.floats(allow_nan=True)),
+    overrides=st.dictionaries(st.sampled_from(_NAMES[1:]), _ANY, max_size=5),
+)
+def test_rejects_everything_tf_rejects(learning_rate, overrides):
+    kwargs = {"learning_rate": learning_rate, **overrides}
+    if not _decision(TFAdam, kwargs):
+        assert not _decision(AdamParameters, kwargs), kwargs
+    if _decision(AdamParameters, kwargs):
+        assert _decision(TFAdam, kwargs), kwargs
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, pattern",
+    [
+        # Cases TF rejects too.
+        (dict(learning_rate=0.1, beta1=1.0), ValueError, r"`beta1`.*1\.0"),
+        (dict(learning_rate=0.1, beta2=-0.1), ValueError, r"`beta2`.*-0\.1"),
+        (dict(learning_rate=0.1, epsilon=0.0), ValueError, r"`epsilon`.*0\.0"),
+        (dict(learning_rate=0.1, lazy_adam=False, use_gradient_accumulation=False),
+         ValueError, r"`lazy_adam`.*use_gradient_accumulation=False"),
+        (dict(learning_rate=0.1, use_gradient_accumulation=False, clip_gradient_max=1.0),
+         ValueError, r"`clip_gradient_min`/`clip_gradient_max`"),
+        (dict(learning_rate=0.1, beta1="a"), TypeError, r"`beta1`.*'a'"),
+        # Stricter than TF.
+        (dict(learning_rate=-1.0), ValueError, r"`learning_rate`.*-1\.0"),
+        (dict(learning_rate=0.0), ValueError, r"`learning_rate`.*0\.0"),
+        (dict(learning_rate=float("nan")), ValueError, r"`learning_rate`.*nan"),
+        (dict(learning_rate="abc"), TypeError, r"`learning_rate`.*'abc'"),
+        (dict(learning_rate=True), TypeError, r"`learning_rate`.*True"),
+        (dict(learning_rate=0.1, beta1=float("nan")), ValueError, r"`beta1`.*nan"),
+        (dict(learning_rate=0.1, epsilon=float("inf")), ValueError, r"`epsilon`.*inf"),
+        (dict(learning_rate=0.1, sum_inside_sqrt="x"), TypeError, r"`sum_inside_sqrt`.*'x'"),
+        (dict(learning_rate=0.1, lazy_adam=1), TypeError, r"`lazy_adam`.*1"),
+        (dict(learning_rate=0.1, use_gradient_accumulation="0"), TypeError,
+         r"`use_gradient_accumulation`.*'0'"),
+        (dict(learning_rate=0.1, clip_weight_min=1.0, clip_weight_max=-1.0), ValueError,
+         r"`clip_weight_min`.*1\.0 > -1\.0"),
+        (dict(learning_rate=0.1, clip_gradient_min=2.0, clip_gradient_max=1.0), ValueError,
+         r"`clip_gradient_min`.*2\.0 > 1\.0"),
+        (dict(learning_rate=0.1, clip_weight_max=float("inf")), ValueError,
+         r"`clip_weight_max`.*None"),
+        (dict(learning_rate=0.1, weight_decay_factor=-0.5), ValueError,
+         r"`weight_decay_factor`.*-0\.5"),
+        (dict(learning_rate=0.1, multiply_weight_decay_factor_by_learning_rate=True),
+         ValueError, r"`multiply_weight_decay_factor_by_learning_rate`.*`weight_decay_factor`"),
+        (dict(learning_rate=0.1, weight_decay_factor=0.1,
+              multiply_weight_decay_factor_by_learning_rate="yes"),
+         TypeError, r"`multiply_weight_decay_factor_by_learning_rate`.*'yes'"),
+    ],
+)
+def test_errors_name_argument_and_value(kwargs, error, pattern):
+    with pytest.raises(error, match=pattern):
+        AdamParameters(**kwargs)
+
+
+def test_stricter_cases_are_accepted_by_tf():
+    # The point of the stricter checks: TF takes these silently.
+    for kwargs in (
+        dict(learning_rate=-1.0),
+        dict(learning_rate=float("nan")),
+        dict(learning_rate=0.1, clip_weight_min=1.0, clip_weight_max=-1.0),
+        dict(learning_rate=0.1, weight_decay_factor=-0.5),
+        dict(learning_rate=0.1, sum_inside_sqrt="x"),
+    ):
+        TFAdam(**kwargs)
+        with pytest.raises((TypeError, ValueError)):
+            AdamParameters(**kwargs)
+
+
+def test_numpy_scalars_are_normalised():
+    params = AdamParameters(np.float32(0.5), beta1=np.float64(0.8), lazy_adam=np.bool_(False))
+    assert type(params.learning_rate) is float and params.learning_rate == 0.5
+    assert type(params.lazy_adam) is bool and params.lazy_adam is False
+
+
+def test_immutable_and_replace():
+    params = AdamParameters(0.1)
+    with pytest.raises(AttributeError, match=r"immutable.*replace\(beta1="):
+        params.beta1 = 0.5
+    with pytest.raises(AttributeError, match="immutable"):
+        del params.beta1
+    changed = params.replace(beta1=0.5, clip_weight_max=2.0)
+    assert (changed.beta1, changed.clip_weight_max, params.beta1) == (0.5, 2.0, 0.9)
+    with pytest.raises(ValueError, match="`beta1`"):
+        params.replace(beta1=2.0)
+    with pytest.raises(TypeError, match="unknown argument.*'beta_1'"):
+        params.replace(beta_1=0.5)
+
+
+_FULL = AdamParameters(
+    0.05, beta1=0.8, beta2=0.99, epsilon=1e-6, lazy_adam=False, sum_inside_sqrt=False,
+    clip_weight_min=-2.0, clip_weight_max=2.0, weight_decay_factor=0.01,
+    multiply_weight_decay_factor_by_learning_rate=True, clip_gradient_min=-1.0,
+    clip_gradient_max=1.0,
+)
+
+
+@pytest.mark.parametrize("params", [AdamParameters(0.1), _FULL,
+                                    AdamParameters(DynamicLearningRate(3))])
+def test_value_semantics_round_trips(params):
+    assert params == copy.deepcopy(params) == pickle.loads(pickle.dumps(params))
+    assert hash(params) == hash(copy.copy(params))
+    assert eval(repr(params), {"tpu_embed_adam": tpu_embed_adam}) == params
+    assert AdamParameters.from_dict(params.to_dict()) == params
+    assert AdamParameters.from_json(params.to_json()) == params
+    assert json.loads(params.to_json()) == params.to_dict()
+    assert params != params.replace(beta2=0.5)
+    copied = copy.deepcopy(params)
+    with pytest.raises(AttributeError):
+        copied.beta1 = 0.0
+
+
+def test_equality_and_hash_by_value():
+    assert AdamParameters(0.1) == AdamParameters(0.1, beta1=0.9)
+    assert len({AdamParameters(0.1), AdamParameters(0.1), AdamParameters(0.2)}) == 2
+    assert AdamParameters(0.1) != TFAdam(0.1)
+
+
+def test_to_dict_keys_are_argument_names():
+    assert list(_FULL.to_dict()) == list(inspect.signature(TFAdam).parameters)
+    assert AdamParameters(DynamicLearningRate(2)).to_dict()["learning_rate"] == {
+        "dynamic_tag": 2
+    }
+
+
+@pytest.mark.parametrize(
+    "config, error, pattern",
+    [
+        ({"learning_rate": 0.1, "beta_1": 0.9}, TypeError, r"unknown argument.*'beta_1'"),
+        ({"beta1": 0.9}, ValueError, "no `learning_rate`"),
+        ({"learning_rate": "0.1"}, TypeError, "`learning_rate`"),
+        ({"learning_rate": {"tag": 1}}, ValueError, "dynamic_tag"),
+        ({"learning_rate": {"dynamic_tag": -1}}, ValueError, "`tag`"),
+        ([("learning_rate", 0.1)], TypeError, "`config` must be a dict"),
+    ],
+)
+def test_from_dict_errors(config, error, pattern):
+    with pytest.raises(error, match=pattern):
+        AdamParameters.from_dict(config)
+
+
+@pytest.mark.parametrize(
+    "text, error, pattern",
+    [("{not json", ValueError, "not valid JSON"), ("[1, 2]", TypeError, "must be a dict"),
+     ('{"learning_rate": 0.1, "lazy_adam": "yes"}', TypeError, "`lazy_adam`")],
+)
+def test_from_json_errors(text, error, pattern):
+    with pytest.raises(error, match=pattern):
+        AdamParameters.from_json(text)
+
+
+def test_dynamic_learning_rate_validation():
+    with pytest.raises(TypeError, match="`tag`"):
+        DynamicLearningRate(1.5)
+    with pytest.raises(TypeError, match="`tag`"):
+        DynamicLearningRate(True)
+    assert DynamicLearningRate(np.int64(4)).tag == 4
+
+
+def _feature_columns():
+    column = tf.compat.v1.tpu.experimental.embedding_column(
+        tf.compat.v1.feature_column.categorical_column_with_identity("ids", 100), dimension=8
+    )
+    return [column]
+
+
+def test_embedding_config_spec_accepts_it():
+    params = AdamParameters(0.1, clip_gradient_max=1.0)
+    spec = tf.compat.v1.estimator.tpu.experimental.EmbeddingConfigSpec(
+        feature_columns=_feature_columns(), optimization_parameters=params
+    )
+    assert spec.optimization_parameters is params
+
+
+def test_tpu_estimator_accepts_it(tmp_path):
+    params = AdamParameters(0.1)
+    spec = tf.compat.v1.estimator.tpu.experimental.EmbeddingConfigSpec(
+        feature_columns=_feature_columns(), optimization_parameters=params
+    )
+    estimator = tf.compat.v1.estimator.tpu.TPUEstimator(
+        model_fn=lambda features, labels, mode, params: None,
+        config=tf.compat.v1.estimator.tpu.RunConfig(model_dir=str(tmp_path)),
+        use_tpu=False,
+        train_batch_size=8,
+        embedding_config_spec=spec,
+    )
+    kept = estimator._ctx._embedding_config_spec.optimization_parameters
+    assert kept == params and isinstance(kept, AdamParameters)
+
+
+def test_tpu_embedding_accepts_it():
+    tables = {"t": tf_tpu_embedding.TableConfig(16, 4)}
+    features = {"f": tf_tpu_embedding.FeatureConfig("t")}
+    with tf.Graph().as_default():
+        embedding = tf_tpu_embedding.TPUEmbedding(
+            tables, features, 4, tf_tpu_embedding.TRAINING, master=None,
+            optimization_parameters=AdamParameters(0.1),
+            device_config=tf_tpu_embedding.DeviceConfig(1, 1, "/job:worker"),
+        )
+        assert embedding.optimization_parameters == AdamParameters(0.1)
+        assert math.isclose(
+            embedding.config_proto.table_descriptor[0].optimization_parameters
+            .learning_rate.constant, 0.1, rel_tol=1e-7)

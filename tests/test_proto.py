@@ -1,0 +1,233 @@
+"""The OptimizationParameters wire form, against TF 2.15.1's own config_proto."""
+
+import importlib.util
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import tensorflow as tf
+from google.protobuf import descriptor_pb2
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tensorflow.core.protobuf.tpu import optimization_parameters_pb2 as tf_pb2
+from tensorflow.python.tpu import tpu_embedding as tf_tpu_embedding
+
+from tpu_embed_adam import AdamParameters, DynamicLearningRate, optimization_parameters_pb2
+
+_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@st.composite
+def _params(draw):
+    """Random valid AdamParameters with every optional field set or unset."""
+    def maybe(strategy):
+        return draw(st.one_of(st.none(), strategy))
+
+    unit = st.floats(0.0, 1 - 2**-10, width=32)
+    accumulation = draw(st.booleans())
+    bounds = []
+    for kind in ("weight", "gradient"):
+        low = maybe(st.floats(-10, 0, width=32))
+        high = maybe(st.floats(0, 10, width=32))
+        if kind == "gradient" and not accumulation:
+            low = high = None
+        bounds += [low, high]
+    decay = maybe(st.floats(0, 1, width=32))
+    return AdamParameters(
+        learning_rate=draw(st.floats(2**-20, 8, width=32)),
+        beta1=draw(unit),
+        beta2=draw(unit),
+        epsilon=draw(st.floats(2**-30, 1, width=32)),
+        lazy_adam=draw(st.booleans()) or not accumulation,
+        sum_inside_sqrt=draw(st.booleans()),
+        use_gradient_accumulation=accumulation,
+        clip_weight_min=bounds[0],
+        clip_weight_max=bounds[1],
+        weight_decay_factor=decay,
+        multiply_weight_decay_factor_by_learning_rate=(
+            maybe(st.booleans()) if decay is not None else None
+        ),
+        clip_gradient_min=bounds[2],
+        clip_gradient_max=bounds[3],
+    )
+
+
+def _tf_config_proto(optimization_parameters, learning_rate_fn=None):
+    tables = {
+        "a": tf_tpu_embedding.TableConfig(16, 4, learning_rate_fn=learning_rate_fn),
+        "b": tf_tpu_embedding.TableConfig(8, 2),
+    }
+    features = {name: tf_tpu_embedding.FeatureConfig(name[1]) for name in ("fa", "fb")}
+    with tf.Graph().as_default():
+        embedding = tf_tpu_embedding.TPUEmbedding(
+            tables, features, 4, tf_tpu_embedding.TRAINING, master=None,
+            optimization_parameters=optimization_parameters,
+            device_config=tf_tpu_embedding.DeviceConfig(1, 1, "/job:worker"),
+        )
+        return embedding.config_proto
+
+
+@settings(max_examples=60, deadline=None)
+@given(params=_params())
+def test_equals_tf_config_proto(params):
+    config = _tf_config_proto(params)
+    for table in config.table_descriptor:
+        assert table.optimization_parameters == params.to_tf_proto()
+    wire = params.to_proto().SerializeToString()
+    assert wire == params.to_tf_proto().SerializeToString()
+    assert tf_pb2.OptimizationParameters.FromString(wire) == params.to_tf_proto()
+    tf_wire = config.table_descriptor[0].optimization_parameters.SerializeToString()
+    assert optimization_parameters_pb2.OptimizationParameters.FromString(tf_wire) == (
+        params.to_proto()
+    )
+    # Reading back gives the same message, byte for byte, from either side.
+    assert AdamParameters.from_proto(wire).to_proto().SerializeToString() == wire
+    assert AdamParameters.from_tf_proto(tf_wire).to_tf_proto().SerializeToString() == tf_wire
+
+
+def test_round_trip_recovers_decimal_values():
+    params = AdamParameters(0.1, beta1=0.85, epsilon=1e-7, clip_weight_min=-0.3,
+                            weight_decay_factor=0.01,
+                            multiply_weight_decay_factor_by_learning_rate=True)
+    assert AdamParameters.from_proto(params.to_proto()) == params
+    assert AdamParameters.from_tf_proto(params.to_tf_proto()) == params
+
+
+def test_dynamic_learning_rate_round_trips():
+    config = _tf_config_proto(AdamParameters(0.1), learning_rate_fn=lambda step: 0.01)
+    by_name = {t.name: t.optimization_parameters for t in config.table_descriptor}
+    assert by_name["a"].learning_rate.WhichOneof("learning_rate") == "dynamic"
+    params = AdamParameters.from_tf_proto(by_name["a"])
+    assert params.learning_rate == DynamicLearningRate(by_name["a"].learning_rate.dynamic.tag)
+    assert params.to_tf_proto() == by_name["a"]
+    assert AdamParameters.from_proto(params.to_proto()) == params
+    assert AdamParameters.from_json(params.to_json()) == params
+
+
+def _other_optimizer_bytes():
+    msg = tf_pb2.OptimizationParameters()
+    msg.learning_rate.constant = 0.1
+    msg.stochastic_gradient_descent.SetInParent()
+    return msg
+
+
+@pytest.mark.parametrize(
+    "mutate, pattern",
+    [
+        (lambda m: setattr(m.adam, "beta1", 1.0), "`beta1`"),
+        (lambda m: setattr(m.adam, "epsilon", float("nan")), "`epsilon`.*nan"),
+        (lambda m: setattr(m.learning_rate, "constant", -1.0), "`learning_rate`"),
+        (lambda m: m.ClearField("learning_rate"), "no learning_rate"),
+        (lambda m: m.ClearField("adam"), "None.*not 'adam'"),
+        (lambda m: setattr(m, "multiply_weight_decay_factor_by_learning_rate", True),
+         "`weight_decay_factor`"),
+        (lambda m: m.clipping_limits.lower.CopyFrom(
+            type(m.clipping_limits.lower)(value=float("inf"))), "`clip_weight_min`"),
+    ],
+)
+@pytest.mark.parametrize("ours", [True, False])
+def test_from_proto_rejects_invalid_values(mutate, pattern, ours):
+    params = AdamParameters(0.1)
+    msg = params.to_proto() if ours else params.to_tf_proto()
+    mutate(msg)
+    read = AdamParameters.from_proto if ours else AdamParameters.from_tf_proto
+    with pytest.raises(ValueError, match=pattern):
+        read(msg)
+
+
+def test_from_proto_rejects_other_optimizers_and_types():
+    other = _other_optimizer_bytes()
+    with pytest.raises(ValueError, match="'stochastic_gradient_descent'"):
+        AdamParameters.from_tf_proto(other)
+    with pytest.raises(ValueError, match="not 'adam'"):
+        AdamParameters.from_proto(other.SerializeToString())
+    with pytest.raises(TypeError, match="tpu_embed_adam.OptimizationParameters"):
+        AdamParameters.from_proto(other)
+    with pytest.raises(TypeError, match="tensorflow.tpu.OptimizationParameters"):
+        AdamParameters.from_tf_proto("not a message")
+
+
+@pytest.mark.parametrize("corrupt", [b"\xff\xff\xff", b"\x0a\x05\x01", b"\x6a\x80"])
+def test_from_proto_rejects_corrupt_bytes(corrupt):
+    with pytest.raises(ValueError, match="do not parse"):
+        AdamParameters.from_proto(corrupt)
+    with pytest.raises(ValueError, match="do not parse"):
+        AdamParameters.from_tf_proto(corrupt)
+
+
+def test_unknown_tf_fields_survive_our_message():
+    msg = AdamParameters(0.1).to_tf_proto()
+    msg.hot_id_replication_configuration.status = 1
+    ours = optimization_parameters_pb2.OptimizationParameters.FromString(msg.SerializeToString())
+    assert tf_pb2.OptimizationParameters.FromString(ours.SerializeToString()) == msg
+
+
+def _generated_descriptor(tmp_path):
+    from grpc_tools import protoc
+
+    out = tmp_path / "gen"
+    out.mkdir()
+    include = pathlib.Path(importlib.util.find_spec("grpc_tools").origin).parent / "_proto"
+    code = protoc.main(["protoc", f"-I{_ROOT / 'protos'}", f"-I{include}",
+                        f"--python_out={out}", str(_ROOT / "protos/optimization_parameters.proto")])
+    assert code == 0
+    source = (out / "optimization_parameters_pb2.py").read_text()
+    return source
+
+
+def test_checked_in_module_is_not_stale(tmp_path):
+    # Compare descriptors, not text: protoc versions format the module differently.
+    source = _generated_descriptor(tmp_path)
+    start = source.index("AddSerializedFile(") + len("AddSerializedFile(")
+    serialized = eval(source[start : source.index(")\n", start)])
+    fresh = descriptor_pb2.FileDescriptorProto.FromString(serialized)
+    checked_in = descriptor_pb2.FileDescriptorProto()
+    optimization_parameters_pb2.DESCRIPTOR.CopyToProto(checked_in)
+    assert fresh == checked_in, "run `make proto` to regenerate optimization_parameters_pb2.py"
+
+
+def test_field_numbers_match_tf():
+    def numbers(descriptor):
+        return {f.name: (f.number, f.type) for f in descriptor.fields}
+
+    ours, theirs = optimization_parameters_pb2, tf_pb2
+    for name in ("OptimizationParameters", "AdamParameters", "ClippingLimits", "LearningRate",
+                 "DynamicLearningRate"):
+        mine = numbers(getattr(ours, name).DESCRIPTOR)
+        assert mine.items() <= numbers(getattr(theirs, name).DESCRIPTOR).items(), name
+
+
+def test_to_tpu_embedding_v2_fills_the_same_proto():
+    params = AdamParameters(0.2, beta1=0.5, clip_weight_max=3.0, clip_gradient_min=-1.0,
+                            clip_gradient_max=2.0, weight_decay_factor=0.1,
+                            multiply_weight_decay_factor_by_learning_rate=True,
+                            lazy_adam=False, sum_inside_sqrt=False)
+    optimizer = params.to_tpu_embedding_v2()
+    assert isinstance(optimizer, tf.tpu.experimental.embedding.Adam)
+    filled = tf_pb2.OptimizationParameters()
+    optimizer._set_optimization_parameters(filled)
+    filled.learning_rate.constant = optimizer.learning_rate  # TF2 sets it elsewhere.
+    assert filled == params.to_tf_proto()
+    assert AdamParameters.from_tpu_embedding_v2(optimizer) == params
+
+
+def test_from_tpu_embedding_v2_names_and_errors():
+    optimizer = tf.tpu.experimental.embedding.Adam(0.01, beta_1=0.7, clipvalue=2.0)
+    params = AdamParameters.from_tpu_embedding_v2(optimizer)
+    assert (params.beta1, params.epsilon) == (0.7, 1e-07)
+    assert (params.clip_gradient_min, params.clip_gradient_max) == (-2.0, 2.0)
+    with pytest.raises(TypeError, match="callable learning rate"):
+        AdamParameters.from_tpu_embedding_v2(tf.tpu.experimental.embedding.Adam(lambda: 0.1))
+    with pytest.raises(TypeError, match="`optimizer`"):
+        AdamParameters.from_tpu_embedding_v2(tf.tpu.experimental.embedding.SGD(0.1))
+    with pytest.raises(ValueError, match="dynamic learning rate"):
+        AdamParameters(DynamicLearningRate(1)).to_tpu_embedding_v2()
+
+
+def test_generated_module_imports_in_a_fresh_interpreter():
+    # The checked-in module must load under the installed protobuf (< 5).
+    code = "import tpu_embed_adam.optimization_parameters_pb2 as m; print(m.DESCRIPTOR.package)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=_ROOT, check=True)
+    assert out.stdout.strip() == "tpu_embed_adam"

@@ -1,0 +1,416 @@
+"""`AdamParameters`: the TPU embedding Adam configuration, validated and immutable.
+
+A drop-in for `tf.compat.v1.tpu.experimental.AdamParameters`: same signature,
+same attributes, and an instance of TF's class, so TF's own
+`EmbeddingConfigSpec`, `TPUEstimator` and `tpu_embedding.TPUEmbedding` accept it.
+It rejects everything TF rejects and more (see `AdamParameters.__init__`), and
+behaves as a value: immutable, comparable, hashable, picklable, serializable.
+"""
+
+import dataclasses
+import json
+import math
+import numbers
+from typing import Any
+
+import numpy as np
+from tensorflow.python.tpu import tpu_embedding as _tf_tpu_embedding
+
+__all__ = ["AdamParameters", "DynamicLearningRate"]
+
+# The 13 constructor arguments, in TF's order, with TF's defaults.
+_DEFAULTS: dict[str, Any] = {
+    "beta1": 0.9,
+    "beta2": 0.999,
+    "epsilon": 1e-08,
+    "lazy_adam": True,
+    "sum_inside_sqrt": True,
+    "use_gradient_accumulation": True,
+    "clip_weight_min": None,
+    "clip_weight_max": None,
+    "weight_decay_factor": None,
+    "multiply_weight_decay_factor_by_learning_rate": None,
+    "clip_gradient_min": None,
+    "clip_gradient_max": None,
+}
+_FIELDS = ("learning_rate", *_DEFAULTS)
+_BOOL_FIELDS = ("lazy_adam", "sum_inside_sqrt", "use_gradient_accumulation")
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class DynamicLearningRate:
+    """A learning rate fed at run time, as `OptimizationParameters.learning_rate.dynamic`.
+
+    TF's `TPUEmbedding` gives each distinct `TableConfig.learning_rate_fn` a tag
+    and feeds its value at every step; use this as `learning_rate` to describe
+    such a table (it is what `AdamParameters.from_proto` returns for a dynamic
+    rate, so that the proto round-trips without loss).
+
+    Attributes:
+      tag: the non-negative integer tag of the rate.
+    """
+
+    tag: int
+
+    def __post_init__(self) -> None:
+        if isinstance(self.tag, bool) or not isinstance(self.tag, numbers.Integral):
+            raise TypeError(
+                f"Argument `tag` must be an int; received: {self.tag!r} "
+                f"({type(self.tag).__name__})."
+            )
+        if not 0 <= self.tag < 2**31:
+            raise ValueError(f"Argument `tag` must be in [0, 2**31); received: {self.tag!r}.")
+        object.__setattr__(self, "tag", int(self.tag))
+
+    def __repr__(self) -> str:
+        return f"tpu_embed_adam.DynamicLearningRate(tag={self.tag})"
+
+
+def _real(name: str, value: Any) -> float:
+    """Returns `value` as a finite float, or raises naming the argument."""
+    if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Real):
+        raise TypeError(
+            f"Argument `{name}` must be a real number; received: {value!r} "
+            f"({type(value).__name__})."
+        )
+    result = float(value)
+    if not math.isfinite(result):
+        hint = " (use None for no bound)" if name.startswith("clip_") else ""
+        raise ValueError(f"Argument `{name}` must be finite{hint}; received: {value!r}.")
+    return result
+
+
+def _flag(name: str, value: Any, optional: bool = False) -> bool | None:
+    if optional and value is None:
+        return None
+    if not isinstance(value, bool | np.bool_):
+        kind = "a bool or None" if optional else "a bool"
+        raise TypeError(
+            f"Argument `{name}` must be {kind}; received: {value!r} ({type(value).__name__})."
+        )
+    return bool(value)
+
+
+def _validated(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Checks and normalises the 13 arguments; returns them as plain Python values."""
+    out: dict[str, Any] = {}
+    lr = kwargs["learning_rate"]
+    if isinstance(lr, DynamicLearningRate):
+        out["learning_rate"] = lr
+    else:
+        out["learning_rate"] = _real("learning_rate", lr)
+        if out["learning_rate"] <= 0:
+            raise ValueError(f"Argument `learning_rate` must be > 0; received: {lr!r}.")
+    for name in ("beta1", "beta2"):
+        out[name] = _real(name, kwargs[name])
+        if not 0.0 <= out[name] < 1.0:
+            raise ValueError(f"Argument `{name}` must be >= 0 and < 1; received: {kwargs[name]!r}.")
+    out["epsilon"] = _real("epsilon", kwargs["epsilon"])
+    if out["epsilon"] <= 0:
+        raise ValueError(f"Argument `epsilon` must be > 0; received: {kwargs['epsilon']!r}.")
+    for name in _BOOL_FIELDS:
+        out[name] = _flag(name, kwargs[name])
+    for name in ("clip_weight_min", "clip_weight_max", "clip_gradient_min", "clip_gradient_max"):
+        out[name] = None if kwargs[name] is None else _real(name, kwargs[name])
+    for kind in ("weight", "gradient"):
+        low, high = out[f"clip_{kind}_min"], out[f"clip_{kind}_max"]
+        if low is not None and high is not None and low > high:
+            raise ValueError(
+                f"Argument `clip_{kind}_min` must be <= `clip_{kind}_max`; "
+                f"received: {low!r} > {high!r}."
+            )
+    wd = kwargs["weight_decay_factor"]
+    out["weight_decay_factor"] = None if wd is None else _real("weight_decay_factor", wd)
+    if out["weight_decay_factor"] is not None and out["weight_decay_factor"] < 0:
+        raise ValueError(f"Argument `weight_decay_factor` must be >= 0; received: {wd!r}.")
+    multiply = "multiply_weight_decay_factor_by_learning_rate"
+    out[multiply] = _flag(multiply, kwargs[multiply], optional=True)
+    if out[multiply] and out["weight_decay_factor"] is None:
+        raise ValueError(
+            f"Argument `{multiply}` is True but `weight_decay_factor` is None; "
+            "set a weight decay factor or leave the flag unset."
+        )
+    # TF's own two cross-argument rules, with its reasons in the messages.
+    if not out["use_gradient_accumulation"] and not out["lazy_adam"]:
+        raise ValueError(
+            "Argument `lazy_adam` is False, which needs `use_gradient_accumulation=True`; "
+            "received: use_gradient_accumulation=False."
+        )
+    if not out["use_gradient_accumulation"] and (
+        out["clip_gradient_min"] is not None or out["clip_gradient_max"] is not None
+    ):
+        raise ValueError(
+            "Arguments `clip_gradient_min`/`clip_gradient_max` need "
+            "`use_gradient_accumulation=True`; received: use_gradient_accumulation=False."
+        )
+    return out
+
+
+class AdamParameters(_tf_tpu_embedding.AdamParameters):
+    """Optimization parameters for Adam with TPU embeddings; validated and immutable.
+
+    Pass it wherever TF's `tf.compat.v1.tpu.experimental.AdamParameters` goes,
+    e.g. `EmbeddingConfigSpec(optimization_parameters=AdamParameters(0.1))`.
+    The update it configures is stated in `tpu_embed_adam.reference.adam_update`.
+
+    Beyond TF's checks (betas in [0, 1), epsilon > 0, non-lazy Adam and
+    gradient clipping need gradient accumulation), it requires: a learning rate
+    that is finite and > 0 (or a `DynamicLearningRate`); every float finite;
+    booleans to be bools; `clip_*_min <= clip_*_max`; `weight_decay_factor >= 0`;
+    and no multiply flag without a weight decay factor. Errors are `TypeError`
+    or `ValueError` naming the argument and the value received.
+
+    Example:
+      >>> params = AdamParameters(0.01, clip_gradient_max=1.0)
+      >>> params.replace(beta2=0.99).beta2
+      0.99
+    """
+
+    _frozen: bool
+
+    # The annotations are TF's, spelled as TF spells them, so that
+    # inspect.signature(AdamParameters) == inspect.signature(TF's class).
+    def __init__(
+        self,
+        learning_rate: float,
+        beta1: float = 0.9,
+        beta2: float = 0.999,
+        epsilon: float = 1e-08,
+        lazy_adam: bool = True,
+        sum_inside_sqrt: bool = True,
+        use_gradient_accumulation: bool = True,
+        clip_weight_min: float | None = None,  # noqa: UP007
+        clip_weight_max: float | None = None,  # noqa: UP007
+        weight_decay_factor: float | None = None,  # noqa: UP007
+        multiply_weight_decay_factor_by_learning_rate: bool | None = None,  # noqa: UP007
+        clip_gradient_min: float | None = None,  # noqa: UP007
+        clip_gradient_max: float | None = None,  # noqa: UP007
+    ):
+        """Validates the arguments and builds the parameters.
+
+        Args:
+          learning_rate: a float > 0, or a `DynamicLearningRate`.
+          beta1: decay rate of the first moment, in [0, 1).
+          beta2: decay rate of the second moment, in [0, 1).
+          epsilon: the stability constant, > 0.
+          lazy_adam: update only the rows in the batch (True) or every row.
+          sum_inside_sqrt: epsilon inside the square root (`sqrt(v + eps^2)`).
+          use_gradient_accumulation: sum a row's gradients before one step.
+          clip_weight_min: lower bound of the weights after a step; None: none.
+          clip_weight_max: upper bound of the weights after a step; None: none.
+          weight_decay_factor: decoupled weight decay, >= 0; None: no decay.
+          multiply_weight_decay_factor_by_learning_rate: scale the decay by the
+            learning rate; needs `weight_decay_factor`.
+          clip_gradient_min: lower bound of the accumulated gradient; None: none.
+          clip_gradient_max: upper bound of the accumulated gradient; None: none.
+
+        Raises:
+          TypeError: an argument of the wrong type.
+          ValueError: an argument out of range, or arguments that contradict.
+        """
+        values = _validated(
+            {name: value for name, value in locals().items() if name in _FIELDS}
+        )
+        object.__setattr__(self, "_frozen", False)
+        super().__init__(**values)
+        object.__setattr__(self, "_frozen", True)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if self._frozen:
+            raise AttributeError(
+                f"AdamParameters is immutable; use .replace({name}=...) to get a changed copy."
+            )
+        super().__setattr__(name, value)
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"AdamParameters is immutable; cannot delete `{name}`.")
+
+    def _values(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, name) for name in _FIELDS)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, AdamParameters):
+            return NotImplemented
+        return self._values() == other._values()
+
+    def __hash__(self) -> int:
+        return hash(self._values())
+
+    def __repr__(self) -> str:
+        args = [f"learning_rate={self.learning_rate!r}"]
+        args += [
+            f"{name}={getattr(self, name)!r}"
+            for name, default in _DEFAULTS.items()
+            if getattr(self, name) != default or type(getattr(self, name)) is not type(default)
+        ]
+        return f"tpu_embed_adam.AdamParameters({', '.join(args)})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Rebuild through __init__ so unpickled and copied objects are validated
+        # and frozen like any other.
+        return (type(self), self._values())
+
+    def replace(self, **changes: Any) -> "AdamParameters":
+        """Returns a new, validated copy with `changes` applied.
+
+        Args:
+          **changes: constructor arguments to change.
+
+        Returns:
+          A new `AdamParameters`.
+
+        Raises:
+          TypeError: an unknown argument name, or a value of the wrong type.
+          ValueError: a value out of range.
+        """
+        _check_names(changes, "replace")
+        return type(self)(**{**dict(zip(_FIELDS, self._values(), strict=True)), **changes})
+
+    def to_dict(self) -> dict[str, Any]:
+        """Returns the 13 arguments by name; a dynamic rate is `{"dynamic_tag": tag}`."""
+        out = dict(zip(_FIELDS, self._values(), strict=True))
+        if isinstance(self.learning_rate, DynamicLearningRate):
+            out["learning_rate"] = {"dynamic_tag": self.learning_rate.tag}
+        return out
+
+    @classmethod
+    def from_dict(cls, config: dict[str, Any]) -> "AdamParameters":
+        """Builds parameters from `to_dict()`'s output (missing keys take defaults).
+
+        Args:
+          config: a mapping of argument names to values; `learning_rate` is
+            required.
+
+        Returns:
+          A new `AdamParameters`.
+
+        Raises:
+          TypeError: `config` is not a mapping, has unknown keys or bad types.
+          ValueError: a value out of range, or no learning rate.
+        """
+        if not isinstance(config, dict):
+            raise TypeError(
+                f"Argument `config` must be a dict; received: {type(config).__name__}."
+            )
+        _check_names(config, "from_dict")
+        if "learning_rate" not in config:
+            raise ValueError("Argument `config` has no `learning_rate`.")
+        kwargs = dict(config)
+        lr = kwargs["learning_rate"]
+        if isinstance(lr, dict):
+            if set(lr) != {"dynamic_tag"}:
+                raise ValueError(
+                    "Argument `config['learning_rate']` as a dict must be "
+                    f'{{"dynamic_tag": int}}; received: {lr!r}.'
+                )
+            kwargs["learning_rate"] = DynamicLearningRate(lr["dynamic_tag"])
+        return cls(**kwargs)
+
+    def to_json(self, **json_kwargs: Any) -> str:
+        """Returns `to_dict()` as JSON text; `json_kwargs` go to `json.dumps`."""
+        return json.dumps(self.to_dict(), **json_kwargs)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> "AdamParameters":
+        """Builds parameters from `to_json()`'s output.
+
+        Args:
+          text: JSON text of an object with the argument names as keys.
+
+        Returns:
+          A new `AdamParameters`.
+
+        Raises:
+          ValueError: text that is not JSON, or bad values.
+          TypeError: a JSON value that is not an object, unknown keys, bad types.
+        """
+        try:
+            config = json.loads(text)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"Argument `text` is not valid JSON: {e}") from e
+        return cls.from_dict(config)
+
+    def to_proto(self) -> Any:
+        """Returns the `tpu_embed_adam.OptimizationParameters` message for these parameters."""
+        from tpu_embed_adam import proto
+
+        return proto.to_proto(self)
+
+    @classmethod
+    def from_proto(cls, message: Any) -> "AdamParameters":
+        """Builds parameters from a `tpu_embed_adam.OptimizationParameters` (or its bytes).
+
+        Args:
+          message: the message, or its serialized bytes.
+
+        Returns:
+          A new `AdamParameters`.
+
+        Raises:
+          TypeError: `message` is of another type.
+          ValueError: corrupt bytes, another optimizer, or invalid values.
+        """
+        from tpu_embed_adam import proto
+
+        return proto.from_proto(cls, message, proto.our_message_class())
+
+    def to_tf_proto(self) -> Any:
+        """Returns TF's `tensorflow.tpu.OptimizationParameters` for these parameters."""
+        from tpu_embed_adam import proto
+
+        return proto.to_proto(self, proto.tf_message_class())
+
+    @classmethod
+    def from_tf_proto(cls, message: Any) -> "AdamParameters":
+        """Builds parameters from TF's `tensorflow.tpu.OptimizationParameters` (or its bytes).
+
+        Args:
+          message: the message, or its serialized bytes.
+
+        Returns:
+          A new `AdamParameters`.
+
+        Raises:
+          TypeError: `message` is of another type.
+          ValueError: corrupt bytes, another optimizer, or invalid values.
+        """
+        from tpu_embed_adam import proto
+
+        return proto.from_proto(cls, message, proto.tf_message_class())
+
+    def to_tpu_embedding_v2(self) -> Any:
+        """Returns the equivalent TF2 `tf.tpu.experimental.embedding.Adam`."""
+        from tpu_embed_adam import proto
+
+        return proto.to_tpu_embedding_v2(self)
+
+    @classmethod
+    def from_tpu_embedding_v2(cls, optimizer: Any) -> "AdamParameters":
+        """Builds parameters from a TF2 `tf.tpu.experimental.embedding.Adam`.
+
+        Args:
+          optimizer: the TF2 optimizer; a callable learning rate is refused
+            (its value is only known at run time).
+
+        Returns:
+          A new `AdamParameters`.
+
+        Raises:
+          TypeError: `optimizer` is not a TF2 Adam, or has a callable learning rate.
+          ValueError: values that fail validation.
+        """
+        from tpu_embed_adam import proto
+
+        return proto.from_tpu_embedding_v2(cls, optimizer)
+
+
+def _check_names(names: dict[str, Any], where: str) -> None:
+    unknown = sorted(set(names) - set(_FIELDS))
+    if unknown:
+        raise TypeError(
+            f"{where}: unknown argument(s) {unknown}; expected names among {list(_FIELDS)}."
+        )
+
+
+def _rebuild(config: dict[str, Any]) -> "AdamParameters":
+    return AdamParameters.from_dict(config)

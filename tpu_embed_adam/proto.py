@@ -1,0 +1,258 @@
+"""Conversions between `AdamParameters` and its wire and TF2 forms.
+
+One writer (`to_proto`) and one reader (`from_proto`) serve both our
+`tpu_embed_adam.OptimizationParameters` and TF's
+`tensorflow.tpu.OptimizationParameters`: the two share field names and
+numbers, so the same code fills either, and the bytes are interchangeable.
+The fields are filled exactly as TF 2.15's `TPUEmbedding._create_config_proto`
+and `_AdamHandler` fill them.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from google.protobuf import message as _message
+
+from tpu_embed_adam import optimization_parameters_pb2 as _pb2
+
+if TYPE_CHECKING:
+    from tpu_embed_adam.params import AdamParameters
+
+__all__ = [
+    "from_proto",
+    "from_tpu_embedding_v2",
+    "our_message_class",
+    "tf_message_class",
+    "to_proto",
+    "to_tpu_embedding_v2",
+]
+
+_ENABLED = _pb2.GradientAccumulationStatus.ENABLED
+_DISABLED = _pb2.GradientAccumulationStatus.DISABLED
+
+
+def our_message_class() -> type:
+    """Returns `tpu_embed_adam.OptimizationParameters`."""
+    return _pb2.OptimizationParameters
+
+
+def tf_message_class() -> type:
+    """Returns TF's `tensorflow.tpu.OptimizationParameters`."""
+    from tensorflow.core.protobuf.tpu import optimization_parameters_pb2 as tf_pb2
+
+    return tf_pb2.OptimizationParameters
+
+
+def to_proto(params: AdamParameters, message_class: type | None = None) -> Any:
+    """Fills an `OptimizationParameters` message from `params`.
+
+    Args:
+      params: the parameters.
+      message_class: ours (default) or TF's message class.
+
+    Returns:
+      A new message of `message_class`.
+    """
+    from tpu_embed_adam.params import DynamicLearningRate
+
+    msg = (message_class or our_message_class())()
+    if isinstance(params.learning_rate, DynamicLearningRate):
+        msg.learning_rate.dynamic.tag = params.learning_rate.tag
+    else:
+        msg.learning_rate.constant = params.learning_rate
+    msg.gradient_accumulation_status = (
+        _ENABLED if params.use_gradient_accumulation else _DISABLED
+    )
+    for limits, kind in (("gradient_clipping_limits", "gradient"), ("clipping_limits", "weight")):
+        for bound, suffix in (("lower", "min"), ("upper", "max")):
+            value = getattr(params, f"clip_{kind}_{suffix}")
+            if value is not None:
+                getattr(getattr(msg, limits), bound).value = value
+    if params.weight_decay_factor:
+        msg.weight_decay_factor = params.weight_decay_factor
+        if params.multiply_weight_decay_factor_by_learning_rate:
+            msg.multiply_weight_decay_factor_by_learning_rate = True
+    msg.adam.beta1 = params.beta1
+    msg.adam.beta2 = params.beta2
+    msg.adam.epsilon = params.epsilon
+    msg.adam.use_non_lazy_adam = not params.lazy_adam
+    msg.adam.use_sum_inside_sqrt = params.sum_inside_sqrt
+    return msg
+
+
+def _parsed(message: Any, message_class: Any) -> Any:
+    if isinstance(message, bytes | bytearray | memoryview):
+        parsed = message_class()
+        try:
+            parsed.ParseFromString(bytes(message))
+        except _message.DecodeError as e:
+            raise ValueError(
+                f"Argument `message`: bytes do not parse as "
+                f"{message_class.DESCRIPTOR.full_name}: {e}"
+            ) from e
+        return parsed
+    if not isinstance(message, message_class):
+        raise TypeError(
+            f"Argument `message` must be a {message_class.DESCRIPTOR.full_name} or its "
+            f"bytes; received: {type(message).__name__}."
+        )
+    return message
+
+
+def _decimal(value: float) -> float:
+    # The shortest decimal that rounds to the same float32 (0.1, not
+    # 0.10000000149011612): what the user wrote, and the same bytes on re-encode.
+    return float(str(np.float32(value)))
+
+
+def _bound(limits: Any, bound: str) -> float | None:
+    return _decimal(getattr(limits, bound).value) if limits.HasField(bound) else None
+
+
+def from_proto(cls: type[AdamParameters], message: Any, message_class: type) -> AdamParameters:
+    """Reads `AdamParameters` back from an `OptimizationParameters` message.
+
+    Args:
+      cls: the class to build (`AdamParameters` or a subclass).
+      message: a message of `message_class`, or its serialized bytes.
+      message_class: ours or TF's message class.
+
+    Returns:
+      A new, validated `cls`.
+
+    Raises:
+      TypeError: `message` is of another type.
+      ValueError: corrupt bytes, another optimizer, no learning rate, or values
+        that fail `AdamParameters`' validation.
+    """
+    from tpu_embed_adam.params import DynamicLearningRate
+
+    msg = _parsed(message, message_class)
+    optimizer = msg.WhichOneof("parameters")
+    if optimizer != "adam":
+        unknown = " (or one this message type does not know)" if optimizer is None else ""
+        raise ValueError(
+            f"Argument `message` configures the {optimizer!r} optimizer{unknown}, not 'adam'."
+        )
+    kind = msg.learning_rate.WhichOneof("learning_rate")
+    if kind is None:
+        raise ValueError("Argument `message` has no learning_rate (constant or dynamic).")
+    learning_rate: Any = (
+        _decimal(msg.learning_rate.constant)
+        if kind == "constant"
+        else DynamicLearningRate(msg.learning_rate.dynamic.tag)
+    )
+    status = msg.gradient_accumulation_status
+    if status not in (0, _ENABLED, _DISABLED):
+        raise ValueError(
+            f"Argument `message` has an unknown gradient_accumulation_status {status}."
+        )
+    wd = _decimal(msg.weight_decay_factor) if msg.weight_decay_factor else None
+    multiply = msg.multiply_weight_decay_factor_by_learning_rate or None
+    return cls(
+        learning_rate=learning_rate,
+        beta1=_decimal(msg.adam.beta1),
+        beta2=_decimal(msg.adam.beta2),
+        epsilon=_decimal(msg.adam.epsilon),
+        lazy_adam=not msg.adam.use_non_lazy_adam,
+        sum_inside_sqrt=msg.adam.use_sum_inside_sqrt,
+        use_gradient_accumulation=status != _DISABLED,
+        clip_weight_min=_bound(msg.clipping_limits, "lower"),
+        clip_weight_max=_bound(msg.clipping_limits, "upper"),
+        weight_decay_factor=wd,
+        multiply_weight_decay_factor_by_learning_rate=multiply,
+        clip_gradient_min=_bound(msg.gradient_clipping_limits, "lower"),
+        clip_gradient_max=_bound(msg.gradient_clipping_limits, "upper"),
+    )
+
+
+def to_tpu_embedding_v2(params: AdamParameters) -> Any:
+    """Returns the equivalent `tf.tpu.experimental.embedding.Adam`.
+
+    Args:
+      params: the parameters; a `DynamicLearningRate` has no TF2 equivalent
+        without the callable behind it.
+
+    Returns:
+      A TF2 `Adam` whose `_set_optimization_parameters` fills the same fields.
+
+    Raises:
+      ValueError: `params` has a dynamic learning rate.
+    """
+    import tensorflow as tf
+
+    from tpu_embed_adam.params import DynamicLearningRate
+
+    if isinstance(params.learning_rate, DynamicLearningRate):
+        raise ValueError(
+            "Argument `params` has a dynamic learning rate (tag "
+            f"{params.learning_rate.tag}); TF2's Adam needs the callable itself: "
+            "use params.replace(learning_rate=...) first."
+        )
+    clipvalue = None
+    if params.clip_gradient_min is not None or params.clip_gradient_max is not None:
+        clipvalue = (params.clip_gradient_min, params.clip_gradient_max)
+    return tf.tpu.experimental.embedding.Adam(
+        learning_rate=params.learning_rate,
+        beta_1=params.beta1,
+        beta_2=params.beta2,
+        epsilon=params.epsilon,
+        lazy_adam=params.lazy_adam,
+        sum_inside_sqrt=params.sum_inside_sqrt,
+        use_gradient_accumulation=params.use_gradient_accumulation,
+        clip_weight_min=params.clip_weight_min,
+        clip_weight_max=params.clip_weight_max,
+        weight_decay_factor=params.weight_decay_factor,
+        multiply_weight_decay_factor_by_learning_rate=(
+            params.multiply_weight_decay_factor_by_learning_rate
+        ),
+        clipvalue=clipvalue,
+    )
+
+
+def from_tpu_embedding_v2(cls: type[AdamParameters], optimizer: Any) -> AdamParameters:
+    """Builds `cls` from a TF2 `tf.tpu.experimental.embedding.Adam`.
+
+    Args:
+      cls: the class to build.
+      optimizer: the TF2 optimizer.
+
+    Returns:
+      A new, validated `cls`.
+
+    Raises:
+      TypeError: `optimizer` is not a TF2 `Adam`, or its learning rate is a callable.
+      ValueError: values that fail validation.
+    """
+    import tensorflow as tf
+
+    if not isinstance(optimizer, tf.tpu.experimental.embedding.Adam):
+        raise TypeError(
+            "Argument `optimizer` must be a tf.tpu.experimental.embedding.Adam; "
+            f"received: {type(optimizer).__name__}."
+        )
+    if callable(optimizer.learning_rate):
+        raise TypeError(
+            "Argument `optimizer` has a callable learning rate, whose value is only "
+            "known at run time; give it a float, or build AdamParameters with a "
+            "DynamicLearningRate."
+        )
+    return cls(
+        learning_rate=optimizer.learning_rate,
+        beta1=optimizer.beta_1,
+        beta2=optimizer.beta_2,
+        epsilon=optimizer.epsilon,
+        lazy_adam=optimizer.lazy_adam,
+        sum_inside_sqrt=optimizer.sum_inside_sqrt,
+        use_gradient_accumulation=optimizer.use_gradient_accumulation,
+        clip_weight_min=optimizer.clip_weight_min,
+        clip_weight_max=optimizer.clip_weight_max,
+        weight_decay_factor=optimizer.weight_decay_factor,
+        multiply_weight_decay_factor_by_learning_rate=(
+            optimizer.multiply_weight_decay_factor_by_learning_rate
+        ),
+        clip_gradient_min=optimizer.clip_gradient_min,
+        clip_gradient_max=optimizer.clip_gradient_max,
+    )
