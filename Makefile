@@ -37,7 +37,7 @@ $(LIB): $(OBJS)
 
 # flock: several shells building at once must not interleave writes of the .so.
 lib: $(STAMP)
-	flock build.lock $(MAKE) --no-print-directory $(LIB)
+	flock build.lock $(MAKE) -j2 --no-print-directory $(LIB)
 
 demo: lib
 	$(PY) examples/demo.py
@@ -56,10 +56,11 @@ bench: lib
 	$(PY) -m pip install -q -r requirements-bench.txt
 	$(PY) benchmarks/bench_update.py
 
-bazel-test: lib
+bazel-test: venv
 	tools/bazel_test.sh
 
 clean:
+	-tools/bazel_test.sh --clean
 	rm -rf build $(LIB) .bazel-root
 
 proto: $(STAMP)

@@ -2,10 +2,17 @@
 
 `AdamParameters` configures the optimizer (a validated, immutable drop-in for
 `tf.compat.v1.tpu.experimental.AdamParameters`); `reference.adam_update`
-states the update; `install()` makes TF's public alias resolve to ours.
+states the update and `apply_adam` runs it fast; `engine` is the software TPU
+embedding engine; `install()` makes TF's public alias resolve to ours.
+
+Importing the package loads its kernel library (when built): that registers
+the CPU kernels behind TF's own TPU embedding ops. It never patches TF's
+Python API; `install()` does.
 """
 
-from tpu_embed_adam import optimization_parameters_pb2
+from tpu_embed_adam import engine, optimization_parameters_pb2
+from tpu_embed_adam.ops import _loader
+from tpu_embed_adam.ops.apply import apply_adam
 from tpu_embed_adam.params import AdamParameters, DynamicLearningRate
 from tpu_embed_adam.patch import install, installed, uninstall
 from tpu_embed_adam.reference import bias_corrected_learning_rate
@@ -13,6 +20,8 @@ from tpu_embed_adam.reference import bias_corrected_learning_rate
 __all__ = [
     "AdamParameters",
     "DynamicLearningRate",
+    "apply_adam",
+    "engine",
     "bias_corrected_learning_rate",
     "install",
     "installed",
@@ -21,3 +30,5 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
+
+_loader.load_library()

@@ -59,6 +59,9 @@ int64_t FindNonFinite(const float* values, int64_t n);
 //   lr:    the learning rate of this step (constant or dynamic).
 // Lazy mode touches only the rows in `ids` and allocates O(n); non-lazy mode
 // streams every row of the shard once (absent rows see a zero gradient).
+// Without gradient accumulation each occurrence steps its row, in input
+// order, and absent rows never move, whatever cfg.lazy says (as the
+// reference). Results are bit-identical to reference.adam_update.
 template <typename Index>
 void ApplySparseAdam(const AdamConfig& cfg, float lr, const TableShard& shard,
                      const Index* ids, const float* grads, int64_t n,

@@ -1,0 +1,364 @@
+r"""One sparse Adam step, side by side: the fused op, the TF-ops path and peers.
+
+On the same table and ids, per case and mode (lazy, non-lazy), the median
+wall time of one step over `--steps` steps after `--warmup` steps of:
+
+* `fused`: the `TpuEmbedAdamApply` kernel (`ops/fused.py`), in `tf.function`;
+* `tf_path`: the pure-TF path (`ops/tf_path.py`) in `tf.function`, and
+  `tf_path_xla` with `jit_compile=True`;
+* `numpy_reference`: `reference.adam_update` (`--reference_steps` steps: it is
+  slow and copies the table);
+* `lazy_adam_tfa` (lazy): TF-Addons `LazyAdam`, and `sparse_adam_torch` (lazy):
+  `torch.optim.SparseAdam`, when installed (`requirements-bench.txt`);
+* `dense_adam_tf1` (non-lazy): `tf.compat.v1.train.AdamOptimizer` on the
+  dense gradient (precomputed outside the timed step).
+
+A copy-bandwidth probe (numpy copies on every core) runs in the same process.
+Effective GB/s = (N + 6 x distinct rows) x D x 4 B / time: the gradients read
+once, and table, m and v each read and written once per distinct row.
+
+No timed step reads a variable densely: after a sparse update TF keeps the
+variable in copy-on-read mode, and a dense read would copy the whole table.
+
+  make bench                                  # installs the peers, full run
+  python benchmarks/bench_update.py --quick   # small smoke run
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import os
+import pathlib
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+
+from tpu_embed_adam import reference  # noqa: E402
+from tpu_embed_adam.ops import _loader  # noqa: E402
+from tpu_embed_adam.ops.fused import fused_apply_adam  # noqa: E402
+from tpu_embed_adam.params import AdamParameters  # noqa: E402
+
+_QUICK = flags.DEFINE_bool("quick", False, "Small tables and few steps: a smoke run.")
+_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per implementation (>= 10 for reports).")
+_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps first (tracing, slot creation).")
+_REFERENCE_STEPS = flags.DEFINE_integer("reference_steps", 3, "Timed steps of the numpy reference.")
+_OUT_DIR = flags.DEFINE_string(
+    "out_dir", str(pathlib.Path(__file__).resolve().parent / "results"), "JSON and PNG go here."
+)
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of the ids and gradients.")
+_XLA_MAX_ELEMENTS = flags.DEFINE_integer(
+    "xla_max_elements",
+    20_000_000,
+    "Largest table (rows x dim) for tf_path_xla: on 1M x 128 it took over 20 GB and was "
+    "killed by the OOM killer on a 23 GB machine.",
+)
+
+LEARNING_RATE = 0.01
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    name: str
+    rows: int
+    dim: int
+    ids: int
+
+
+FULL_CASES = (Case("1M x 128", 1_000_000, 128, 65_536), Case("100k x 64", 100_000, 64, 8_192))
+QUICK_CASES = (Case("20k x 32", 20_000, 32, 2_048), Case("5k x 16", 5_000, 16, 512))
+
+
+@dataclasses.dataclass
+class Problem:
+    case: Case
+    lazy: bool
+    params: AdamParameters
+    table: np.ndarray
+    ids: np.ndarray
+    grads: np.ndarray
+
+    @property
+    def distinct(self) -> int:
+        return int(np.unique(self.ids).size)
+
+    @property
+    def mode(self) -> str:
+        return "lazy" if self.lazy else "non-lazy"
+
+
+class Skip(Exception):
+    """An implementation that cannot run here; the message says why."""
+
+
+def _in_function(fn: Callable[[], Any], jit_compile: bool = False) -> Callable[[], None]:
+    """`fn` traced once with `tf.function`; its result (an op in graphs) dropped."""
+
+    def body() -> None:
+        fn()
+
+    return tf.function(body, jit_compile=jit_compile)
+
+
+def _variables(p: Problem) -> tuple[tf.Variable, tf.Variable, tf.Variable]:
+    zeros = tf.zeros_like(p.table)
+    return tf.Variable(p.table), tf.Variable(zeros), tf.Variable(zeros)
+
+
+def _fused(p: Problem) -> Callable[[], Any]:
+    if _loader.load_library() is None:
+        raise Skip(f"kernel library not loaded: {_loader.load_error()}")
+    var, m, v = _variables(p)
+    ids, grads = tf.constant(p.ids), tf.constant(p.grads)
+    return _in_function(lambda: fused_apply_adam(var, m, v, ids, grads, p.params))
+
+
+def _tf_path(p: Problem, jit_compile: bool) -> Callable[[], Any]:
+    try:
+        from tpu_embed_adam.ops.tf_path import tf_apply_adam
+    except ImportError as e:
+        raise Skip(f"tpu_embed_adam.ops.tf_path: {e}") from e
+    if jit_compile and p.table.size > _XLA_MAX_ELEMENTS.value:
+        raise Skip(f"table over --xla_max_elements={_XLA_MAX_ELEMENTS.value} (memory)")
+    var, m, v = _variables(p)
+    ids, grads = tf.constant(p.ids), tf.constant(p.grads)
+    return _in_function(
+        lambda: tf_apply_adam(var, m, v, ids, grads, p.params), jit_compile=jit_compile
+    )
+
+
+def _numpy_reference(p: Problem) -> Callable[[], Any]:
+    m = np.zeros_like(p.table)
+    return lambda: reference.adam_update(p.table, m, m, p.ids, p.grads, p.params)
+
+
+def _lazy_adam_tfa(p: Problem) -> Callable[[], Any]:
+    if not p.lazy:
+        raise Skip("lazy only")
+    try:
+        import tensorflow_addons as tfa
+    except ImportError as e:
+        raise Skip("tensorflow-addons not installed (pip install -r requirements-bench.txt)") from e
+    var = tf.Variable(p.table)
+    optimizer = tfa.optimizers.LazyAdam(LEARNING_RATE, epsilon=p.params.epsilon)
+    slices = tf.IndexedSlices(
+        tf.constant(p.grads), tf.constant(p.ids), tf.constant(p.table.shape, tf.int64)
+    )
+    return _in_function(lambda: optimizer.apply_gradients([(slices, var)]))
+
+
+def _sparse_adam_torch(p: Problem) -> Callable[[], Any]:
+    if not p.lazy:
+        raise Skip("lazy only")
+    try:
+        import torch
+    except ImportError as e:
+        raise Skip("torch not installed (pip install -r requirements-bench.txt)") from e
+    torch.set_num_threads(os.cpu_count() or 1)
+    param = torch.nn.Parameter(torch.from_numpy(p.table.copy()))
+    optimizer = torch.optim.SparseAdam([param], lr=LEARNING_RATE, eps=p.params.epsilon)
+    grad = torch.sparse_coo_tensor(
+        torch.from_numpy(p.ids)[None], torch.from_numpy(p.grads), p.table.shape
+    )
+
+    def step() -> None:
+        param.grad = grad
+        optimizer.step()
+
+    return step
+
+
+def _dense_adam_tf1(p: Problem) -> Callable[[], Any]:
+    if p.lazy:
+        raise Skip("non-lazy only")
+    var = tf.Variable(p.table)
+    optimizer = tf.compat.v1.train.AdamOptimizer(LEARNING_RATE, epsilon=p.params.epsilon)
+    dense = tf.math.unsorted_segment_sum(p.grads, p.ids, p.case.rows)
+    # Slots are created eagerly here, not inside the traced function.
+    optimizer.apply_gradients([(dense, var)])
+    return _in_function(lambda: optimizer.apply_gradients([(dense, var)]))
+
+
+IMPLEMENTATIONS: dict[str, Callable[[Problem], Callable[[], Any]]] = {
+    "fused": _fused,
+    "tf_path": lambda p: _tf_path(p, jit_compile=False),
+    "tf_path_xla": lambda p: _tf_path(p, jit_compile=True),
+    "numpy_reference": _numpy_reference,
+    "lazy_adam_tfa": _lazy_adam_tfa,
+    "sparse_adam_torch": _sparse_adam_torch,
+    "dense_adam_tf1": _dense_adam_tf1,
+}
+
+
+def _median_seconds(step: Callable[[], Any], steps: int, warmup: int) -> float:
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def copy_bandwidth(megabytes: int = 256, repeats: int = 10) -> float:
+    """Returns the copy bandwidth in GB/s (bytes read + written), all cores."""
+    src = np.ones(megabytes * 2**20 // 4, np.float32)
+    dst = np.empty_like(src)
+    chunks = np.array_split(np.arange(src.size), os.cpu_count() or 1)
+    bounds = [(int(c[0]), int(c[-1]) + 1) for c in chunks if c.size]
+
+    def copy() -> None:
+        # numpy releases the GIL while copying, so the threads run in parallel.
+        threads = [threading.Thread(target=np.copyto, args=(dst[b:e], src[b:e])) for b, e in bounds]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+
+    seconds = _median_seconds(copy, repeats, warmup=2)
+    return 2 * src.nbytes / seconds / 1e9
+
+
+def _problem(case: Case, lazy: bool, rng: np.random.Generator) -> Problem:
+    ids = ((rng.zipf(1.2, case.ids) - 1) % case.rows).astype(np.int64)
+    return Problem(
+        case=case,
+        lazy=lazy,
+        params=AdamParameters(LEARNING_RATE, lazy_adam=lazy),
+        table=rng.standard_normal((case.rows, case.dim), dtype=np.float32),
+        ids=ids,
+        grads=rng.standard_normal((case.ids, case.dim), dtype=np.float32),
+    )
+
+
+def run(cases: tuple[Case, ...], steps: int, warmup: int, reference_steps: int) -> dict[str, Any]:
+    """Runs every implementation on every case and mode; returns the results."""
+    probe = copy_bandwidth()
+    logging.info("copy bandwidth probe: %.1f GB/s", probe)
+    rows = []
+    rng = np.random.default_rng(_SEED.value)
+    for case in cases:
+        for lazy in (True, False):
+            p = _problem(case, lazy, rng)
+            useful_bytes = (case.ids + 6 * p.distinct) * case.dim * 4
+            stream_floor_ms = 1e3 * (6 * case.rows + case.ids) * case.dim * 4 / (probe * 1e9)
+            fused_ms = None
+            for name, make in IMPLEMENTATIONS.items():
+                row: dict[str, Any] = {"case": case.name, "mode": p.mode, "impl": name}
+                try:
+                    step = make(p)
+                    n = reference_steps if name == "numpy_reference" else steps
+                    seconds = _median_seconds(step, n, 1 if name == "numpy_reference" else warmup)
+                except Skip as e:
+                    row["skipped"] = str(e)
+                    rows.append(row)
+                    continue
+                finally:
+                    # Frees this implementation's copy of the table and slots.
+                    step = None
+                    gc.collect()
+                ms = 1e3 * seconds
+                fused_ms = ms if name == "fused" else fused_ms
+                row.update(
+                    ms=ms,
+                    steps=n,
+                    distinct=p.distinct,
+                    gb_per_s=useful_bytes / seconds / 1e9,
+                    pct_probe=100 * useful_bytes / seconds / 1e9 / probe,
+                    stream_floor_ms=None if lazy else stream_floor_ms,
+                )
+                rows.append(row)
+                logging.info("%s %s %s: %.2f ms", case.name, p.mode, name, ms)
+            for row in rows:
+                if row["case"] == case.name and row["mode"] == p.mode and "ms" in row:
+                    row["x_fused"] = row["ms"] / fused_ms if fused_ms else None
+    return {"probe_gb_per_s": probe, "cpus": os.cpu_count(), "results": rows}
+
+
+def format_table(results: dict[str, Any]) -> str:
+    lines = [
+        f"copy bandwidth probe: {results['probe_gb_per_s']:.1f} GB/s on {results['cpus']} CPUs",
+        f"{'case':<10} {'mode':<9} {'implementation':<18} {'ms/step':>9} {'steps':>5} "
+        f"{'x fused':>8} {'GB/s':>7} {'% probe':>8}",
+    ]
+    for r in results["results"]:
+        head = f"{r['case']:<10} {r['mode']:<9} {r['impl']:<18}"
+        if "skipped" in r:
+            lines.append(f"{head} skipped: {r['skipped']}")
+            continue
+        ratio = f"{r['x_fused']:.2f}" if r.get("x_fused") else "-"
+        lines.append(
+            f"{head} {r['ms']:>9.2f} {r['steps']:>5} {ratio:>8} {r['gb_per_s']:>7.1f} "
+            f"{r['pct_probe']:>7.0f}%"
+        )
+    floors = {
+        (r["case"], r["mode"]): r["stream_floor_ms"]
+        for r in results["results"]
+        if r.get("stream_floor_ms")
+    }
+    for (case, mode), ms in floors.items():
+        lines.append(
+            f"{case} {mode}: one streaming pass over table, m, v at probe speed {ms:.1f} ms"
+        )
+    return "\n".join(lines)
+
+
+def plot(results: dict[str, Any], path: pathlib.Path) -> bool:
+    """Writes a bar chart of ms/step per case and mode; False without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logging.warning("matplotlib not installed: no chart")
+        return False
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in results["results"]:
+        if "ms" in r:
+            groups.setdefault(f"{r['case']} {r['mode']}", []).append(r)
+    fig, axes = plt.subplots(1, len(groups), figsize=(4.5 * len(groups), 4), squeeze=False)
+    for ax, (title, rows) in zip(axes[0], groups.items(), strict=True):
+        names = [r["impl"] for r in rows]
+        ax.barh(
+            names, [r["ms"] for r in rows], color=["C1" if n == "fused" else "C0" for n in names]
+        )
+        ax.set_xscale("log")
+        ax.set_xlabel("ms / step (log)")
+        ax.set_title(title)
+        ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    cases = QUICK_CASES if _QUICK.value else FULL_CASES
+    steps = 3 if _QUICK.value else _STEPS.value
+    reference_steps = 1 if _QUICK.value else _REFERENCE_STEPS.value
+    results = run(cases, steps, 1 if _QUICK.value else _WARMUP.value, reference_steps)
+    results["quick"] = _QUICK.value
+    table = format_table(results)
+    print(table)
+    out_dir = pathlib.Path(_OUT_DIR.value)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = "bench_update_quick" if _QUICK.value else "bench_update"
+    (out_dir / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
+    plot(results, out_dir / f"{stem}.png")
+    print(f"wrote {out_dir / stem}.json and .png")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,267 @@
+"""`apply_adam`: dispatch, argument checks, and the same behaviour on both paths."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tpu_embed_adam.ops import _loader, apply, options
+from tpu_embed_adam.ops.apply import apply_adam
+from tpu_embed_adam.params import AdamParameters, DynamicLearningRate
+from tpu_embed_adam.reference import adam_update
+
+ROWS, DIM = 6, 3
+_PARAMS = AdamParameters(0.1, clip_weight_max=0.9, weight_decay_factor=0.01)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_options(monkeypatch):
+    monkeypatch.setattr(options, "_disabled_by_code", None)
+    monkeypatch.setattr(options, "_warned", set())
+    monkeypatch.delenv(options.DISABLE_ENV_VAR, raising=False)
+
+
+@pytest.fixture(params=["tf", "fused"])
+def implementation(request):
+    """Runs a test on both implementations; the fused one only where it is built."""
+    if request.param == "fused" and _loader.load_library() is None:
+        pytest.skip(f"fused kernel library not loaded: {_loader.load_error()}")
+    return request.param
+
+
+def _state(seed=0):
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal((ROWS, DIM)).astype(np.float32),
+            (0.1 * rng.standard_normal((ROWS, DIM))).astype(np.float32),
+            (0.01 * rng.random((ROWS, DIM))).astype(np.float32))
+
+
+def _variables(state):
+    return [tf.Variable(x) for x in state]
+
+
+def _assert_state(variables, want):
+    for name, x, w in zip("wmv", variables, want, strict=True):
+        got = x if isinstance(x, np.ndarray) else x.numpy()
+        np.testing.assert_allclose(got, w, rtol=1e-6, atol=1e-7, err_msg=name)
+
+
+_IDS = np.array([4, 1, 4, 0, 4])
+
+
+@pytest.mark.parametrize(
+    "params",
+    [_PARAMS, _PARAMS.replace(lazy_adam=False, clip_gradient_min=-0.5),
+     _PARAMS.replace(use_gradient_accumulation=False)],
+    ids=["lazy", "non_lazy", "no_accumulation"],
+)
+@pytest.mark.parametrize("dtype", [tf.int32, tf.int64])
+def test_indexed_slices_from_gradient_tape(implementation, params, dtype):
+    state = _state()
+    variables = _variables(state)
+    lookup_ids = tf.constant(_IDS, dtype)
+    weights = tf.constant(np.arange(1, 6, dtype=np.float32)[:, None])
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(weights * tf.gather(variables[0], lookup_ids))
+    grads = tape.gradient(loss, variables[0])
+    assert isinstance(grads, tf.IndexedSlices)
+    apply_adam(*variables, None, grads, params, implementation=implementation)
+    dense = np.repeat(np.arange(1, 6, dtype=np.float32)[:, None], DIM, axis=1)
+    _assert_state(variables, adam_update(*state, _IDS, dense, params))
+
+
+def test_embedding_lookup_gradient_in_tf1_session(implementation):
+    state = _state(1)
+    ids = np.array([[2, 5], [2, 0]])  # 2-D lookups: the gradient's indices are flat
+    with tf.Graph().as_default():
+        variables = _variables(state)
+        loss = tf.reduce_sum(tf.nn.embedding_lookup(variables[0], ids))
+        (grads,) = tf.compat.v1.gradients(loss, [variables[0]])
+        lr = tf.compat.v1.placeholder(tf.float32, [])
+        update = apply_adam(*variables, None, grads, _PARAMS, lr, implementation=implementation)
+        with tf.compat.v1.Session() as sess:
+            sess.run(tf.compat.v1.global_variables_initializer())
+            sess.run(update, {lr: 0.03})
+            got = sess.run(variables)
+    want = adam_update(*state, ids.reshape(-1), np.ones((4, DIM), np.float32), _PARAMS, 0.03)
+    _assert_state(got, want)
+
+
+def test_tf_function_with_dynamic_rate(implementation):
+    state = _state(2)
+    variables = _variables(state)
+    grads = np.ones((len(_IDS), DIM), np.float32)
+
+    @tf.function
+    def step(lr):
+        apply_adam(*variables, _IDS, grads, _PARAMS, lr, implementation=implementation)
+
+    for lr in (0.1, 0.05):
+        step(tf.constant(lr))
+        state = adam_update(*state, _IDS, grads, _PARAMS, learning_rate=lr)
+    _assert_state(variables, state)
+
+
+def test_dynamic_params_rate_needs_learning_rate(implementation):
+    variables = _variables(_state())
+    params = AdamParameters(DynamicLearningRate(0))
+    with pytest.raises(ValueError, match=r"`learning_rate` must be given"):
+        apply_adam(*variables, [0], np.ones((1, DIM), np.float32), params,
+                   implementation=implementation)
+    apply_adam(*variables, [0], np.ones((1, DIM), np.float32), params, 0.1,
+               implementation=implementation)
+
+
+@pytest.mark.parametrize("mode", ["eager", "function"])
+def test_bad_ids_raise_and_write_nothing(implementation, mode):
+    state = _state(3)
+    variables = _variables(state)
+
+    def step():
+        apply_adam(*variables, [0, ROWS], np.ones((2, DIM), np.float32), _PARAMS,
+                   implementation=implementation)
+
+    with pytest.raises(tf.errors.InvalidArgumentError, match=rf"(?s)ids.*{ROWS}"):
+        (step if mode == "eager" else tf.function(step))()
+    _assert_state(variables, state)
+
+
+def test_check_numerics(implementation):
+    state = _state(4)
+    variables = _variables(state)
+    grads = np.array([[0.0, np.nan, 1.0]], np.float32)
+    with pytest.raises(tf.errors.InvalidArgumentError):
+        apply_adam(*variables, [2], grads, _PARAMS, implementation=implementation,
+                   check_numerics=True)
+    _assert_state(variables, state)
+    apply_adam(*variables, [2], grads, _PARAMS, implementation=implementation)
+    assert np.isnan(variables[0].numpy()[2, 1])
+
+
+# Dispatch.
+class _Spy:
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+
+
+@pytest.fixture
+def spies(monkeypatch):
+    """Replaces both implementations with call counters: (tf, fused)."""
+    tf_spy, fused_spy = _Spy(), _Spy()
+    monkeypatch.setattr(apply, "tf_apply_adam", tf_spy)
+    monkeypatch.setattr(apply.fused, "fused_apply_adam", fused_spy)
+    return tf_spy, fused_spy
+
+
+@pytest.fixture
+def no_library(monkeypatch):
+    monkeypatch.setattr(_loader, "load_library", lambda: None)
+    monkeypatch.setattr(_loader, "load_error", lambda: "no .so in the test")
+
+
+@pytest.fixture
+def fake_library(monkeypatch):
+    monkeypatch.setattr(_loader, "load_library", lambda: object())
+
+
+def _call(implementation="auto", variables=None, **kwargs):
+    variables = variables or _variables(_state())
+    return apply_adam(*variables, [1], np.ones((1, DIM), np.float32),
+                      kwargs.pop("params", _PARAMS), implementation=implementation, **kwargs)
+
+
+def test_auto_uses_fused_on_cpu(spies, fake_library):
+    _call()
+    assert (spies[0].calls, spies[1].calls) == (0, 1)
+
+
+def test_tf_forces_tf_path(spies, fake_library):
+    _call("tf")
+    assert (spies[0].calls, spies[1].calls) == (1, 0)
+
+
+def test_auto_without_library_falls_back_and_warns_once(spies, no_library, caplog):
+    _call()
+    _call()
+    assert (spies[0].calls, spies[1].calls) == (2, 0)
+    warnings = [r.getMessage() for r in caplog.records if "pure-TF" in r.getMessage()]
+    assert len(warnings) == 1 and "no .so in the test" in warnings[0]
+
+
+def test_fused_without_library_is_an_error(spies, no_library):
+    with pytest.raises(RuntimeError, match=r"implementation='fused'.*no \.so in the test"):
+        _call("fused")
+    assert (spies[0].calls, spies[1].calls) == (0, 0)
+
+
+@pytest.mark.parametrize("how", ["function", "environment"])
+def test_auto_respects_the_switch(spies, fake_library, monkeypatch, how):
+    if how == "function":
+        options.disable_custom_kernel()
+    else:
+        monkeypatch.setenv(options.DISABLE_ENV_VAR, "1")
+    _call()
+    assert (spies[0].calls, spies[1].calls) == (1, 0)
+
+
+def test_auto_uses_tf_path_for_gpu_and_ref_variables(spies, fake_library):
+    with tf.Graph().as_default():
+        with tf.device("/device:GPU:0"):
+            _call()
+        _call(variables=[tf.compat.v1.Variable(x, use_resource=False) for x in _state()])
+    assert (spies[0].calls, spies[1].calls) == (2, 0)
+
+
+def test_auto_under_jit_compile_uses_tf_path(fake_library):
+    state = _state(5)
+    variables = _variables(state)
+    grads = np.ones((len(_IDS), DIM), np.float32)
+
+    @tf.function(jit_compile=True)
+    def step():
+        apply_adam(*variables, _IDS, grads, _PARAMS)
+
+    step()
+    _assert_state(variables, adam_update(*state, _IDS, grads, _PARAMS))
+
+
+def test_unknown_implementation():
+    with pytest.raises(ValueError, match=r"`implementation` must be one of.*'xla'"):
+        _call("xla")
+
+
+def test_params_type():
+    with pytest.raises(TypeError, match=r"`params` must be an AdamParameters.*dict"):
+        _call(params={"learning_rate": 0.1})
+
+
+def test_tf_adam_parameters_accepted(implementation):
+    params = tf.compat.v1.tpu.experimental.AdamParameters(
+        0.1, lazy_adam=False, clip_gradient_max=0.1, weight_decay_factor=0.1
+    )
+    state = _state(6)
+    variables = _variables(state)
+    grads = np.ones((len(_IDS), DIM), np.float32)
+    apply_adam(*variables, _IDS, grads, params, implementation=implementation)
+    _assert_state(variables, adam_update(*state, _IDS, grads, params))
+
+
+@pytest.mark.parametrize(
+    ("learning_rate", "error", "match"),
+    [(True, TypeError, "Python number"), ("0.1", TypeError, "Python number"),
+     (tf.constant([0.1, 0.2]), ValueError, "scalar"), (tf.constant(1), TypeError, "float")],
+)
+def test_learning_rate_errors(spies, learning_rate, error, match):
+    with pytest.raises(error, match=rf"`learning_rate`.*{match}"):
+        _call("tf", learning_rate=learning_rate)
+
+
+def test_ids_with_indexed_slices_must_be_none(spies):
+    grads = tf.IndexedSlices(tf.ones([1, DIM]), tf.constant([1]))
+    variables = _variables(_state())
+    with pytest.raises(ValueError, match=r"`ids` must be None"):
+        apply_adam(*variables, [1], grads, _PARAMS)
+    with pytest.raises(ValueError, match=r"`ids` is required"):
+        apply_adam(*variables, None, np.ones((1, DIM), np.float32), _PARAMS)

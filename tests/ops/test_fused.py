@@ -1,0 +1,451 @@
+"""The fused TpuEmbedAdamApply kernel against the numpy reference, bad input,
+numerics checks, concurrency and the library loader."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import threading
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tpu_embed_adam.ops import _loader
+from tpu_embed_adam.ops.fused import fused_apply_adam
+from tpu_embed_adam.params import AdamParameters
+from tpu_embed_adam.reference import adam_update, bias_corrected_learning_rate
+
+pytestmark = pytest.mark.skipif(
+    _loader.load_library() is None, reason=f"kernel library not built: {_loader.load_error()}"
+)
+
+RTOL = ATOL = 1e-6
+
+
+@dataclasses.dataclass(frozen=True)
+class Flags:
+    """Every attribute the kernel reads, free of AdamParameters' validation, so
+    that combinations TF rejects (non-lazy or clipping without accumulation)
+    are covered too: the kernel follows the reference for them."""
+
+    learning_rate: float = 0.05
+    beta1: float = 0.9
+    beta2: float = 0.999
+    epsilon: float = 1e-8
+    lazy_adam: bool = True
+    sum_inside_sqrt: bool = True
+    use_gradient_accumulation: bool = True
+    clip_weight_min: float | None = None
+    clip_weight_max: float | None = None
+    weight_decay_factor: float | None = None
+    multiply_weight_decay_factor_by_learning_rate: bool | None = None
+    clip_gradient_min: float | None = None
+    clip_gradient_max: float | None = None
+
+
+def _state(rng, rows, dim):
+    w = rng.standard_normal((rows, dim)).astype(np.float32)
+    m = (0.1 * rng.standard_normal((rows, dim))).astype(np.float32)
+    v = (0.1 * rng.random((rows, dim))).astype(np.float32)
+    return w, m, v
+
+
+def _variables(w, m, v):
+    return tf.Variable(w), tf.Variable(m), tf.Variable(v)
+
+
+def _assert_state(variables, expected):
+    for name, var, want in zip(("var", "m", "v"), variables, expected, strict=True):
+        np.testing.assert_allclose(var.numpy(), want, rtol=RTOL, atol=ATOL, err_msg=name)
+
+
+_bounds = st.sampled_from([(None, None), (-0.5, 0.5), (None, 0.3), (-0.2, None), (0.1, 0.4)])
+
+flag_sets = st.builds(
+    Flags,
+    learning_rate=st.sampled_from([0.05, 1.0]),
+    beta1=st.sampled_from([0.0, 0.5, 0.9]),
+    beta2=st.sampled_from([0.0, 0.9, 0.999]),
+    epsilon=st.sampled_from([1e-8, 0.1]),
+    lazy_adam=st.booleans(),
+    sum_inside_sqrt=st.booleans(),
+    use_gradient_accumulation=st.booleans(),
+    weight_decay_factor=st.sampled_from([None, 0.0, 0.01, 0.5]),
+    multiply_weight_decay_factor_by_learning_rate=st.sampled_from([None, False, True]),
+).flatmap(
+    lambda f: st.tuples(_bounds, _bounds).map(
+        lambda b: dataclasses.replace(
+            f,
+            clip_gradient_min=b[0][0],
+            clip_gradient_max=b[0][1],
+            clip_weight_min=None if b[1][0] is None else b[1][0] * 4,
+            clip_weight_max=None if b[1][1] is None else b[1][1] * 4,
+        )
+    )
+)
+
+
+@st.composite
+def problems(draw):
+    """A table, ids of one of three shapes (duplicate-heavy, all distinct,
+    uniform), gradients and a few learning rates, from a drawn seed."""
+    rows = draw(st.integers(1, 40))
+    dim = draw(st.sampled_from([1, 3, 8, 13, 32]))
+    kind = draw(st.sampled_from(["duplicates", "distinct", "uniform"]))
+    n = draw(st.integers(0, rows if kind == "distinct" else 60))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    if kind == "duplicates":
+        ids = rng.integers(0, min(rows, 3), n)
+    elif kind == "distinct":
+        ids = rng.permutation(rows)[:n]
+    else:
+        ids = rng.integers(0, rows, n)
+    ids = ids.astype(draw(st.sampled_from([np.int32, np.int64])))
+    steps = draw(st.integers(1, 3))
+    grads = [rng.standard_normal((n, dim)).astype(np.float32) for _ in range(steps)]
+    dynamic = draw(st.booleans())
+    lrs = [float(rng.uniform(0.01, 0.5)) if dynamic else None for _ in range(steps)]
+    return _state(rng, rows, dim), ids, grads, lrs
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(problem=problems(), flags=flag_sets)
+def test_matches_reference_eager(problem, flags):
+    state, ids, grads, lrs = problem
+    variables = _variables(*state)
+    expected = state
+    for g, lr in zip(grads, lrs, strict=True):
+        assert fused_apply_adam(*variables, ids, g, flags, learning_rate=lr) is None
+        expected = adam_update(*expected, ids, g, flags, learning_rate=lr)
+        _assert_state(variables, expected)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(problem=problems(), flags=flag_sets)
+def test_matches_reference_in_tf_function(problem, flags):
+    state, ids, grads, lrs = problem
+    variables = _variables(*state)
+
+    @tf.function
+    def step(ids, g, lr):
+        fused_apply_adam(*variables, ids, g, flags, learning_rate=lr)
+
+    expected = state
+    for g, lr in zip(grads, lrs, strict=True):
+        lr = flags.learning_rate if lr is None else lr
+        step(tf.constant(ids), tf.constant(g), tf.constant(lr, tf.float32))
+        expected = adam_update(*expected, ids, g, flags, learning_rate=lr)
+    _assert_state(variables, expected)
+
+
+@pytest.mark.parametrize("index_dtype", [np.int32, np.int64])
+def test_matches_reference_in_tf1_session(index_dtype):
+    rng = np.random.default_rng(3)
+    state = _state(rng, 20, 5)
+    ids = rng.integers(0, 20, 30).astype(index_dtype)
+    grads = rng.standard_normal((30, 5)).astype(np.float32)
+    params = AdamParameters(0.1, lazy_adam=False, weight_decay_factor=0.01)
+    with tf.Graph().as_default() as graph:
+        variables = [tf.compat.v1.Variable(x, use_resource=True) for x in state]
+        lr = tf.compat.v1.placeholder(tf.float32, [])
+        ids_in = tf.compat.v1.placeholder(index_dtype, [None])
+        grads_in = tf.compat.v1.placeholder(tf.float32, [None, 5])
+        op = fused_apply_adam(*variables, ids_in, grads_in, params, learning_rate=lr)
+        assert isinstance(op, tf.Operation)
+        with tf.compat.v1.Session(graph=graph) as sess:
+            sess.run(tf.compat.v1.global_variables_initializer())
+            expected = state
+            for t in (1, 2, 3):
+                rate = bias_corrected_learning_rate(0.1, 0.9, 0.999, t)
+                sess.run(op, {lr: rate, ids_in: ids, grads_in: grads})
+                expected = adam_update(*expected, ids, grads, params, learning_rate=rate)
+            got = sess.run(variables)
+    for name, value, want in zip(("var", "m", "v"), got, expected, strict=True):
+        np.testing.assert_allclose(value, want, rtol=RTOL, atol=ATOL, err_msg=name)
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        Flags(),
+        Flags(lazy_adam=False),
+        Flags(use_gradient_accumulation=False),
+        Flags(sum_inside_sqrt=False, weight_decay_factor=0.1, clip_gradient_min=-0.1),
+    ],
+)
+def test_many_ids_use_the_partitioned_path(flags):
+    # Over 8192 ids the dedupe splits the ids into hash partitions.
+    rng = np.random.default_rng(7)
+    state = _state(rng, 3000, 3)
+    ids = ((rng.zipf(1.2, 20000) - 1) % 3000).astype(np.int64)
+    grads = rng.standard_normal((20000, 3)).astype(np.float32)
+    variables = _variables(*state)
+    fused_apply_adam(*variables, ids, grads, flags)
+    _assert_state(variables, adam_update(*state, ids, grads, flags))
+
+
+def test_bit_identical_to_reference():
+    # Same float32 operations in the same order, no FMA: not merely close.
+    rng = np.random.default_rng(11)
+    state = _state(rng, 50, 37)
+    ids = rng.integers(0, 50, 200)
+    grads = rng.standard_normal((200, 37)).astype(np.float32)
+    for flags in (Flags(lazy_adam=False, weight_decay_factor=0.1), Flags(sum_inside_sqrt=False)):
+        variables = _variables(*state)
+        fused_apply_adam(*variables, ids, grads, flags)
+        for var, want in zip(variables, adam_update(*state, ids, grads, flags), strict=True):
+            np.testing.assert_array_equal(var.numpy(), want)
+
+
+@pytest.mark.parametrize(
+    "params_class", [AdamParameters, tf.compat.v1.tpu.experimental.AdamParameters]
+)
+def test_accepts_our_and_tf_adam_parameters(params_class):
+    params = params_class(
+        0.1,
+        clip_weight_min=-1.0,
+        clip_gradient_max=0.5,
+        weight_decay_factor=0.01,
+        multiply_weight_decay_factor_by_learning_rate=True,
+    )
+    rng = np.random.default_rng(5)
+    state = _state(rng, 10, 4)
+    ids = np.array([1, 3, 1, 9])
+    grads = rng.standard_normal((4, 4)).astype(np.float32)
+    variables = _variables(*state)
+    fused_apply_adam(*variables, ids, grads, params)
+    _assert_state(variables, adam_update(*state, ids, grads, params))
+
+
+def test_equals_tf_adam_optimizer_non_lazy_with_bias_correction():
+    rng = np.random.default_rng(2)
+    w0 = rng.standard_normal((6, 3)).astype(np.float32)
+    params = AdamParameters(0.01, lazy_adam=False, sum_inside_sqrt=False)
+    table, m, v = tf.Variable(w0), tf.Variable(tf.zeros([6, 3])), tf.Variable(tf.zeros([6, 3]))
+    peer = tf.Variable(w0)
+    optimizer = tf.compat.v1.train.AdamOptimizer(0.01, epsilon=params.epsilon)
+    for t in (1, 2, 3, 4):
+        ids = rng.integers(0, 6, 5)
+        grads = rng.standard_normal((5, 3)).astype(np.float32)
+        lr = bias_corrected_learning_rate(0.01, params.beta1, params.beta2, t)
+        fused_apply_adam(table, m, v, ids, grads, params, learning_rate=lr)
+        dense = tf.math.unsorted_segment_sum(grads, ids, 6)
+        optimizer.apply_gradients([(dense, peer)])
+    np.testing.assert_allclose(table.numpy(), peer.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_empty_ids():
+    rng = np.random.default_rng(0)
+    state = _state(rng, 5, 2)
+    empty_ids, empty_grads = np.zeros([0], np.int64), np.zeros([0, 2], np.float32)
+    lazy = _variables(*state)
+    fused_apply_adam(*lazy, empty_ids, empty_grads, Flags())
+    _assert_state(lazy, state)
+    dense = _variables(*state)
+    fused_apply_adam(*dense, empty_ids, empty_grads, Flags(lazy_adam=False))
+    _assert_state(dense, adam_update(*state, empty_ids, empty_grads, Flags(lazy_adam=False)))
+
+
+# Bad input: the error names the argument and the bad value, and nothing moved.
+
+_ROWS, _DIM = 6, 4
+
+
+def _bad_call(**overrides):
+    rng = np.random.default_rng(1)
+    state = _state(rng, _ROWS, _DIM)
+    variables = _variables(*state)
+    args = {
+        "ids": np.array([0, 2, 5], np.int64),
+        "grads": np.ones([3, _DIM], np.float32),
+        "learning_rate": None,
+        "check_numerics": False,
+    }
+    args.update(overrides)
+    return state, variables, args
+
+
+@pytest.mark.parametrize(
+    ("overrides", "pattern"),
+    [
+        ({"ids": np.array([0, 6, 1])}, r"ids\[1\] = 6 is out of range \[0, 6\)"),
+        ({"ids": np.array([0, 1, -3], np.int32)}, r"ids\[2\] = -3 is out of range \[0, 6\)"),
+        ({"ids": np.array([[0, 1, 2]])}, r"ids must be a vector; got shape \[1,3\]"),
+        ({"grads": np.ones([3], np.float32)}, r"grads must be a matrix"),
+        ({"grads": np.ones([2, _DIM], np.float32)}, r"grads must have one row per id"),
+        ({"grads": np.ones([3, _DIM + 1], np.float32)}, r"grads must have the dim of var \[6,4\]"),
+        ({"grads": np.ones([3, _DIM])}, r"grads must be float32; got float64"),
+        ({"ids": np.array([0.0, 1.0, 2.0])}, r"ids must be int32 or int64; got float64"),
+        ({"learning_rate": tf.constant([0.1, 0.2])}, r"learning_rate must be a scalar"),
+        (
+            {
+                "grads": np.array([[0, 0, 0, 0], [0, 0, np.nan, 0], [0] * 4], np.float32),
+                "check_numerics": True,
+            },
+            r"grads\[1, 2\] = nan is not finite",
+        ),
+        (
+            {"grads": np.full([3, _DIM], np.inf, np.float32), "check_numerics": True},
+            r"grads\[0, 0\] = inf is not finite",
+        ),
+        (
+            {"learning_rate": float("inf"), "check_numerics": True},
+            r"learning_rate = inf is not finite",
+        ),
+    ],
+)
+def test_bad_input_raises_and_writes_nothing(overrides, pattern):
+    state, variables, args = _bad_call(**overrides)
+    with pytest.raises(tf.errors.InvalidArgumentError, match=pattern):
+        fused_apply_adam(*variables, params=Flags(), **args)
+    _assert_state(variables, state)
+
+
+@pytest.mark.parametrize(
+    ("slot", "shape", "pattern"),
+    [
+        (1, [_ROWS, _DIM + 1], r"m must have the shape of var \[6,4\]; got \[6,5\]"),
+        (2, [_ROWS + 1, _DIM], r"v must have the shape of var \[6,4\]; got \[7,4\]"),
+        (0, [_ROWS * _DIM], r"var must be a matrix \[rows, dim\]; got shape \[24\]"),
+    ],
+)
+def test_bad_variable_shapes(slot, shape, pattern):
+    state, variables, args = _bad_call()
+    variables = list(variables)
+    variables[slot] = tf.Variable(np.zeros(shape, np.float32))
+    before = [x.numpy() for x in variables]
+    with pytest.raises(tf.errors.InvalidArgumentError, match=pattern):
+        fused_apply_adam(*variables, params=Flags(), **args)
+    for var, value in zip(variables, before, strict=True):
+        np.testing.assert_array_equal(var.numpy(), value)
+
+
+def test_bad_variable_dtype_and_aliasing():
+    state, variables, args = _bad_call()
+    with pytest.raises(tf.errors.InvalidArgumentError, match="m must be float32; got float64"):
+        fused_apply_adam(
+            variables[0],
+            tf.Variable(state[1].astype(np.float64)),
+            variables[2],
+            params=Flags(),
+            **args,
+        )
+    with pytest.raises(tf.errors.InvalidArgumentError, match="three distinct variables"):
+        fused_apply_adam(variables[0], variables[1], variables[1], params=Flags(), **args)
+    with pytest.raises(TypeError, match="resource tf.Variable"):
+        fused_apply_adam(state[0], *variables[1:], params=Flags(), **args)
+    _assert_state(variables, state)
+
+
+def test_static_shape_errors_in_tf_function():
+    state, variables, args = _bad_call()
+
+    @tf.function
+    def step():
+        fused_apply_adam(*variables, args["ids"], np.ones([2, _DIM], np.float32), Flags())
+
+    with pytest.raises((ValueError, tf.errors.InvalidArgumentError), match="one row per id"):
+        step()
+    _assert_state(variables, state)
+
+
+def test_uninitialized_variable_in_session():
+    with tf.Graph().as_default() as graph:
+        variables = [tf.compat.v1.Variable(tf.zeros([4, 2]), use_resource=True) for _ in range(3)]
+        op = fused_apply_adam(*variables, [1], [[1.0, 2.0]], Flags())
+        with tf.compat.v1.Session(graph=graph) as sess:
+            with pytest.raises(tf.errors.FailedPreconditionError, match="var not found: uninit"):
+                sess.run(op)
+
+
+def test_nan_propagates_without_check_numerics():
+    rng = np.random.default_rng(4)
+    state = _state(rng, 4, 3)
+    grads = np.array([[np.nan, 1, 2], [0, np.inf, 0]], np.float32)
+    variables = _variables(*state)
+    fused_apply_adam(*variables, np.array([1, 2]), grads, Flags())
+    with np.errstate(invalid="ignore"):
+        expected = adam_update(*state, np.array([1, 2]), grads, Flags())
+    for var, want in zip(variables, expected, strict=True):
+        np.testing.assert_allclose(var.numpy(), want, rtol=RTOL, atol=ATOL, equal_nan=True)
+    assert np.isnan(variables[0].numpy()[1, 0])
+
+
+def test_concurrent_calls_serialise_without_torn_rows():
+    # Identical calls give one sequence of states whatever their order; every
+    # snapshot read during the run must be one of those states, row for row.
+    threads, calls = 4, 5
+    rng = np.random.default_rng(9)
+    state = _state(rng, 400, 64)
+    ids = rng.integers(0, 400, 3000)
+    grads = rng.standard_normal((3000, 64)).astype(np.float32)
+    flags = Flags(weight_decay_factor=0.01)
+    variables = _variables(*state)
+    states = [state]
+    for _ in range(threads * calls):
+        states.append(adam_update(*states[-1], ids, grads, flags))
+    ids_t, grads_t = tf.constant(ids), tf.constant(grads)
+    snapshots, errors = [], []
+    done = threading.Event()
+
+    def writer():
+        try:
+            for _ in range(calls):
+                fused_apply_adam(*variables, ids_t, grads_t, flags)
+        except Exception as e:  # noqa: BLE001 - reported by the main thread.
+            errors.append(e)
+
+    def reader():
+        while not done.is_set():
+            snapshots.append(variables[0].numpy())
+
+    workers = [threading.Thread(target=writer) for _ in range(threads)]
+    watcher = threading.Thread(target=reader)
+    watcher.start()
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    done.set()
+    watcher.join()
+    assert not errors
+    _assert_state(variables, states[-1])
+    tables = np.stack([s[0] for s in states])
+    for snapshot in snapshots:
+        close = np.all(np.abs(tables - snapshot) <= ATOL + RTOL * np.abs(tables), axis=(1, 2))
+        assert close.any(), "a read saw a table between two serial states"
+
+
+# The loader never raises; the wrapper explains a missing library.
+
+
+def _reset_loader(monkeypatch, package_dir):
+    monkeypatch.setattr(_loader, "_PACKAGE_DIR", package_dir)
+    monkeypatch.setattr(_loader, "_attempted", False)
+    monkeypatch.setattr(_loader, "_module", None)
+    monkeypatch.setattr(_loader, "_error", None)
+
+
+def test_loader_caches_the_module():
+    assert _loader.load_library() is _loader.load_library()
+    assert _loader.load_error() is None
+    assert hasattr(_loader.load_library(), "tpu_embed_adam_apply")
+
+
+def test_missing_library(monkeypatch, tmp_path):
+    _reset_loader(monkeypatch, tmp_path)
+    assert _loader.load_library() is None
+    assert "no _tpu_embed_adam_ops" in _loader.load_error()
+    state, variables, args = _bad_call()
+    with pytest.raises(RuntimeError, match="make lib"):
+        fused_apply_adam(*variables, params=Flags(), **args)
+
+
+def test_broken_library(monkeypatch, tmp_path):
+    (tmp_path / "_tpu_embed_adam_ops.cpython-311-x86_64-linux-gnu.so").write_bytes(b"not elf")
+    _reset_loader(monkeypatch, tmp_path)
+    assert _loader.load_library() is None
+    assert re.search(r"_tpu_embed_adam_ops\.cpython.*\.so: \w+", _loader.load_error())

@@ -1,0 +1,156 @@
+#include "tpu_embed_adam/cc/engine/batch.h"
+
+#include <cmath>
+#include <map>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "tensorflow/core/platform/errors.h"
+
+namespace tpu_embed_adam {
+namespace engine {
+
+namespace {
+
+using tensorflow::Status;
+using tensorflow::errors::InvalidArgument;
+
+std::string ShapeString(const std::vector<int64_t>& shape) {
+  return absl::StrCat("[", absl::StrJoin(shape, ", "), "]");
+}
+
+// Slot of the id at `pos` in a sample, or -1 when a sequence feature's
+// length cuts it off.
+int64_t SequenceSlot(const std::vector<int64_t>& shape, int64_t sample,
+                     int64_t pos) {
+  if (shape.size() == 1) return sample;
+  return pos < shape[1] ? sample * shape[1] + pos : -1;
+}
+
+}  // namespace
+
+Status BuildEntries(const std::string& what,
+                    const std::vector<int64_t>& input_shape,
+                    int64_t vocabulary_size, const FeatureInput& in,
+                    std::vector<Entry>* out) {
+  const int64_t n = in.ids.size();
+  const int rank = input_shape.size();
+  int64_t slots = 1;
+  for (int64_t d : input_shape) slots *= d;
+  if (rank < 1 || rank > 2) {
+    return InvalidArgument(what, ": input_shape ", ShapeString(input_shape),
+                           " is not [batch] or [batch, max_sequence_length]");
+  }
+  if (in.max_sequence_length >= 0) {
+    const int64_t configured = rank == 2 ? input_shape[1] : 0;
+    if (in.max_sequence_length != configured) {
+      return InvalidArgument(what, ": max_sequence_lengths entry ",
+                             in.max_sequence_length, " but the configuration ",
+                             "gives input_shape ", ShapeString(input_shape));
+    }
+  }
+  if (!in.weights.empty() && static_cast<int64_t>(in.weights.size()) != n) {
+    return InvalidArgument(what, ": aggregation_weights has ",
+                           in.weights.size(), " values for ", n,
+                           " embedding_indices (give none or one per id)");
+  }
+  if (in.combiner != "sum" && in.combiner != "mean" && in.combiner != "sqrtn") {
+    return InvalidArgument(what, ": combiner '", in.combiner,
+                           "' is not 'sum', 'mean' or 'sqrtn'");
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    if (in.ids[i] < 0 || in.ids[i] >= vocabulary_size) {
+      return InvalidArgument(what, ": embedding_indices[", i, "] = ",
+                             in.ids[i], " is outside the vocabulary [0, ",
+                             vocabulary_size, ")");
+    }
+  }
+
+  std::vector<int64_t> slot_of(n);
+  switch (in.layout) {
+    case Layout::kDense:
+      if (n != slots) {
+        return InvalidArgument(what, ": ", n, " embedding_indices without ",
+                               "sample indices; input_shape ",
+                               ShapeString(input_shape), " needs ", slots);
+      }
+      for (int64_t i = 0; i < n; ++i) slot_of[i] = i;
+      break;
+    case Layout::kRowSplits: {
+      const auto& s = in.index;
+      const bool ok_shape = static_cast<int64_t>(s.size()) == input_shape[0] + 1;
+      if (!ok_shape || s.front() != 0 || s.back() != n) {
+        return InvalidArgument(what, ": row splits of size ", s.size(),
+                               " must have batch + 1 = ", input_shape[0] + 1,
+                               " entries from 0 to ", n);
+      }
+      for (int64_t b = 0; b < input_shape[0]; ++b) {
+        if (s[b + 1] < s[b]) {
+          return InvalidArgument(what, ": row splits decrease at ", b + 1);
+        }
+        for (int64_t i = s[b]; i < s[b + 1]; ++i) {
+          slot_of[i] = SequenceSlot(input_shape, b, i - s[b]);
+        }
+      }
+      break;
+    }
+    case Layout::kSampleIndices: {
+      const int64_t cols = in.index_cols;
+      if (cols < 1 || static_cast<int64_t>(in.index.size()) != n * cols) {
+        return InvalidArgument(what, ": sample indices of ", in.index.size(),
+                               " values with ", cols, " columns for ", n,
+                               " embedding_indices");
+      }
+      // Without a position column, a sequence id's position is its rank
+      // among its sample's ids, as for row splits.
+      std::map<int64_t, int64_t> seen;
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t* row = &in.index[i * cols];
+        if (row[0] < 0 || row[0] >= input_shape[0]) {
+          return InvalidArgument(what, ": sample index ", row[0], " at ", i,
+                                 " is outside the batch [0, ", input_shape[0],
+                                 ")");
+        }
+        int64_t pos = 0;
+        if (rank == 2) {
+          pos = cols >= 2 ? row[1] : seen[row[0]]++;
+          if (pos < 0) {
+            return InvalidArgument(what, ": sequence position ", pos, " at ",
+                                   i, " is negative");
+          }
+        }
+        slot_of[i] = SequenceSlot(input_shape, row[0], pos);
+      }
+      break;
+    }
+  }
+
+  // Combiner denominators per slot; a zero one yields a zero activation.
+  std::vector<double> denom(slots, 0.0);
+  auto weight = [&](int64_t i) { return in.weights.empty() ? 1.0f : in.weights[i]; };
+  if (in.combiner != "sum") {
+    for (int64_t i = 0; i < n; ++i) {
+      if (slot_of[i] < 0) continue;
+      const double w = weight(i);
+      denom[slot_of[i]] += in.combiner == "mean" ? w : w * w;
+    }
+    if (in.combiner == "sqrtn") {
+      for (double& d : denom) d = std::sqrt(d);
+    }
+  }
+  out->clear();
+  out->reserve(n);
+  for (int64_t i = 0; i < n; ++i) {
+    if (slot_of[i] < 0) continue;
+    float scale = weight(i);
+    if (in.combiner != "sum") {
+      const double d = denom[slot_of[i]];
+      scale = d == 0.0 ? 0.0f : static_cast<float>(scale / d);
+    }
+    out->push_back({slot_of[i], in.ids[i], scale});
+  }
+  return tensorflow::OkStatus();
+}
+
+}  // namespace engine
+}  // namespace tpu_embed_adam

@@ -1,0 +1,195 @@
+// The software TPU embedding engine: what a TPU keeps in its embedding memory
+// (tables, Adam slots, the gradient accumulator) and its per-core queues of
+// enqueued batches, held in the process that runs TF's TPU embedding ops.
+//
+// One engine per process. It is configured from a serialized
+// TPUEmbeddingConfiguration by whichever op brings one first; later ops must
+// bring the same configuration (or none). ConfigureTPUEmbedding alone may
+// replace a different configuration, as a TPU's initialize_system does.
+// TpuEmbedAdamEngineReset and ShutdownDistributedTPU clear everything.
+//
+// Each table is split into `num_hosts` shards (TF's Load/Retrieve ops move one
+// shard each). A shard exists in this process once a Load op has run here, so
+// in a cluster of one worker process per host each process holds the shards
+// that its host's load ops brought. Cores are (task, core) pairs: the task of
+// the device that runs the op and the core within the host (the enqueue op's
+// device_ordinal, or the CPU device id for Recv and Send).
+//
+// Locking: `mu_` guards the configuration and the queues; each table has its
+// own mutex guarding its shards' rows. `mu_` is always taken before a table's.
+#ifndef TPU_EMBED_ADAM_CC_ENGINE_ENGINE_H_
+#define TPU_EMBED_ADAM_CC_ENGINE_ENGINE_H_
+
+#include <cstdint>
+#include <condition_variable>
+#include <deque>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <set>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "tensorflow/core/platform/status.h"
+#include "tpu_embed_adam/cc/engine/batch.h"
+#include "tpu_embed_adam/cc/kernels/sparse_adam.h"
+
+namespace tpu_embed_adam {
+namespace engine {
+
+// One shard of a table with its Adam slots. The hidden gradient accumulator
+// of a TPU is `acc_ids`/`acc_grads`: this step's (local id, gradient row)
+// pairs, summed by ApplySparseAdam when the step completes.
+struct Shard {
+  int64_t rows = 0;
+  bool loaded = false;
+  std::vector<float> w, m, v;
+  std::vector<int64_t> acc_ids;
+  std::vector<float> acc_grads;
+};
+
+struct Table {
+  std::string name;
+  int id = 0;
+  int64_t vocabulary_size = 0;  // padded to at least the number of shards
+  int64_t dim = 0;
+  bool mod_sharding = false;  // else div: contiguous blocks
+  AdamConfig adam;
+  float constant_lr = 0.0f;
+  int dynamic_lr_tag = -1;  // index into Send's learning_rates, or -1
+  std::mutex mu;
+  std::vector<Shard> shards;
+};
+
+struct Feature {
+  int table_id = 0;
+  std::vector<int64_t> input_shape;
+};
+
+// Where one global id lives.
+struct RowLocation {
+  int shard;
+  int64_t local;
+};
+
+// A shard named by a Load or Retrieve op, resolved against the configuration.
+struct ShardRef {
+  std::shared_ptr<Table> table;
+  int shard = 0;
+  int64_t rows = 0;
+};
+
+using CoreKey = std::pair<int64_t, int64_t>;  // (task, core within the host)
+
+// A Load op's request, as the kernel received it.
+struct LoadRequest {
+  int64_t table_id = -1;
+  std::string table_name;
+  int64_t num_shards = 0;
+  int64_t shard_id = 0;
+  std::vector<int64_t> shapes[3];  // parameters, momenta, velocities
+  const float* data[3] = {nullptr, nullptr, nullptr};
+};
+
+class Engine {
+ public:
+  static Engine& Get();
+
+  // Installs `serialized` if nothing is configured; otherwise requires it to
+  // equal the installed configuration. An empty string requires a
+  // configuration to be installed already.
+  tensorflow::Status EnsureConfigured(const std::string& serialized);
+  // ConfigureTPUEmbedding: the same as EnsureConfigured for an identical
+  // configuration (so one configure op per host is harmless); a different one
+  // replaces the engine's whole state.
+  tensorflow::Status Configure(const std::string& serialized);
+  bool IsConfigured();
+  void Reset();
+
+  tensorflow::Status ResolveShard(const std::string& config, int64_t table_id,
+                                  const std::string& table_name,
+                                  int64_t num_shards, int64_t shard_id,
+                                  ShardRef* out);
+  // Validates the request against the configuration and copies it into the
+  // shard. TF puts the config on one load op only, and in a cluster another
+  // may run first: a load without config before any configuration is kept
+  // (copied) and applied, or rejected, when the configuration arrives.
+  tensorflow::Status Load(const std::string& config, const LoadRequest& req);
+  // Copies the shard out; FailedPrecondition if it was never loaded here.
+  tensorflow::Status Retrieve(const ShardRef& ref, float* w, float* m,
+                              float* v);
+
+  // Validates every feature of one enqueue op and queues the batch for the
+  // core; nothing is queued if any feature is bad. `combiners` holds one
+  // combiner per feature, or one per table, or none (all "sum").
+  tensorflow::Status Enqueue(int64_t task, int64_t core,
+                             std::vector<FeatureInput> inputs,
+                             const std::vector<std::string>& combiners,
+                             const std::string& mode_override);
+
+  // Shapes of Recv's outputs (and of Send's gradients): input_shape + [dim].
+  tensorflow::Status ActivationShapes(
+      const std::string& config, std::vector<std::vector<int64_t>>* shapes);
+  // Pops the core's oldest batch (waiting up to timeout_ms for one) and
+  // writes the combined activations into `outputs` (sized as
+  // ActivationShapes).
+  tensorflow::Status Recv(int64_t task, int64_t core, int64_t timeout_ms,
+                          const std::vector<float*>& outputs);
+  // Backpropagates `grads` through the batch the core last received into the
+  // tables' accumulators; when every core that enqueues for training has
+  // sent, applies one ApplySparseAdam per table shard.
+  tensorflow::Status Send(int64_t task, int64_t core,
+                          const std::vector<const float*>& grads,
+                          const std::vector<std::vector<int64_t>>& shapes,
+                          const std::vector<float>& learning_rates,
+                          const ParallelFor& parallel_for);
+
+  // Tables, shards, rows and bytes held, as a JSON object.
+  std::string InfoJson();
+
+ private:
+  struct Core {
+    std::deque<Batch> queued;
+    std::shared_ptr<const Batch> received;  // awaiting Send
+  };
+
+  struct DeferredLoad {
+    LoadRequest request;  // data[] points into `copies`
+    std::vector<float> copies[3];
+  };
+
+  tensorflow::Status InstallLocked(const std::string& serialized);
+  tensorflow::Status ResolveShardLocked(int64_t table_id,
+                                        const std::string& table_name,
+                                        int64_t num_shards, int64_t shard_id,
+                                        ShardRef* out);
+  tensorflow::Status LoadLocked(const LoadRequest& req);
+  tensorflow::Status CheckConfigLocked(const std::string& serialized);
+  void ClearLocked();
+  tensorflow::Status CheckCoreLocked(int64_t task, int64_t core) const;
+  // Runs the accumulated step on every table and clears the accumulators.
+  void ApplyStepLocked(const ParallelFor& parallel_for);
+
+  std::mutex mu_;
+  std::condition_variable enqueued_;
+  std::string canonical_config_;  // deterministic serialization; "" = none
+  int64_t num_hosts_ = 1;
+  int64_t cores_per_host_ = 1;
+  bool training_mode_ = true;  // mode of the configuration
+  std::vector<std::shared_ptr<Table>> tables_;
+  std::map<std::string, int> table_ids_;
+  std::vector<Feature> features_;
+  std::map<CoreKey, Core> cores_;
+  // The step barrier: cores that ever enqueued a training batch, and those
+  // that have sent gradients in the step now accumulating.
+  std::set<CoreKey> training_cores_;
+  std::set<CoreKey> sent_;
+  std::vector<float> step_learning_rates_;
+  std::vector<std::unique_ptr<DeferredLoad>> deferred_loads_;
+};
+
+}  // namespace engine
+}  // namespace tpu_embed_adam
+
+#endif  // TPU_EMBED_ADAM_CC_ENGINE_ENGINE_H_

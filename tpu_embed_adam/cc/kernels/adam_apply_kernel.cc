@@ -1,0 +1,216 @@
+// CPU kernel of TpuEmbedAdamApply: validates everything, then runs the shared
+// update of sparse_adam.h on the variables' buffers in place.
+// training_op_helpers.h copies tensors on the CPU device's thread pool.
+#define EIGEN_USE_THREADS
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "tensorflow/core/framework/op_kernel.h"
+#include "tensorflow/core/framework/resource_mgr.h"
+#include "tensorflow/core/framework/resource_var.h"
+#include "tensorflow/core/framework/tensor.h"
+#include "tensorflow/core/framework/tensor_shape.h"
+#include "tensorflow/core/kernels/training_op_helpers.h"
+#include "tensorflow/core/lib/core/threadpool.h"
+#include "tpu_embed_adam/cc/kernels/sparse_adam.h"
+
+namespace tpu_embed_adam {
+namespace {
+
+using ::tensorflow::OpKernel;
+using ::tensorflow::OpKernelConstruction;
+using ::tensorflow::OpKernelContext;
+using ::tensorflow::Tensor;
+using ::tensorflow::errors::FailedPrecondition;
+using ::tensorflow::errors::InvalidArgument;
+using CPUDevice = Eigen::ThreadPoolDevice;
+
+constexpr int kVar = 0, kM = 1, kV = 2, kIds = 3, kGrads = 4, kLr = 5;
+constexpr const char* kVarNames[] = {"var", "m", "v"};
+
+ParallelFor MakeParallelFor(OpKernelContext* ctx) {
+  tensorflow::thread::ThreadPool* pool =
+      ctx->device()->tensorflow_cpu_worker_threads()->workers;
+  return [pool](int64_t total, int64_t cost_per_unit,
+                const std::function<void(int64_t, int64_t)>& fn) {
+    pool->ParallelFor(total, cost_per_unit, fn);
+  };
+}
+
+// Position of the first non-finite value, searched in parallel slices.
+int64_t FindNonFiniteParallel(const float* values, int64_t n,
+                              const ParallelFor& parallel_for) {
+  constexpr int64_t kSlice = 1 << 16;
+  std::atomic<int64_t> first{n};
+  parallel_for((n + kSlice - 1) / kSlice, kSlice, [&](int64_t s0, int64_t s1) {
+    for (int64_t s = s0; s < s1; ++s) {
+      const int64_t begin = s * kSlice;
+      if (begin >= first.load()) return;
+      const int64_t len = std::min(kSlice, n - begin);
+      const int64_t found = FindNonFinite(values + begin, len);
+      if (found < 0) continue;
+      int64_t expected = first.load();
+      while (begin + found < expected &&
+             !first.compare_exchange_weak(expected, begin + found)) {
+      }
+      return;
+    }
+  });
+  return first.load() == n ? -1 : first.load();
+}
+
+template <typename Index>
+class TpuEmbedAdamApplyOp : public OpKernel {
+ public:
+  explicit TpuEmbedAdamApplyOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("beta1", &cfg_.beta1));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("beta2", &cfg_.beta2));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("epsilon", &cfg_.epsilon));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("lazy_adam", &cfg_.lazy));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("sum_inside_sqrt", &cfg_.sum_inside_sqrt));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("use_gradient_accumulation",
+                                     &cfg_.gradient_accumulation));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("clip_weight_min", &cfg_.clip_weight_min));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("clip_weight_max", &cfg_.clip_weight_max));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("weight_decay_factor",
+                                     &cfg_.weight_decay_factor));
+    OP_REQUIRES_OK(
+        ctx, ctx->GetAttr("multiply_weight_decay_factor_by_learning_rate",
+                          &cfg_.multiply_weight_decay_factor_by_learning_rate));
+    OP_REQUIRES_OK(ctx,
+                   ctx->GetAttr("clip_gradient_min", &cfg_.clip_gradient_min));
+    OP_REQUIRES_OK(ctx,
+                   ctx->GetAttr("clip_gradient_max", &cfg_.clip_gradient_max));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("check_numerics", &check_numerics_));
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    // The copy-on-read helpers below copy a shared buffer as float, which is
+    // only sound for initialised float variables: check those first.
+    for (int i : {kVar, kM, kV}) {
+      tensorflow::core::RefCountPtr<tensorflow::Var> var;
+      const tensorflow::Status found = tensorflow::LookupResource(
+          ctx, tensorflow::HandleFromInput(ctx, i), &var);
+      OP_REQUIRES(ctx, found.ok(),
+                  FailedPrecondition(kVarNames[i],
+                                     " not found: uninitialized or deleted (",
+                                     found.message(), ")"));
+      OP_REQUIRES(ctx, var->is_initialized,
+                  FailedPrecondition(kVarNames[i],
+                                     " is not initialized: variable ",
+                                     tensorflow::HandleFromInput(ctx, i).name()));
+      OP_REQUIRES(ctx, var->tensor()->dtype() == tensorflow::DT_FLOAT,
+                  InvalidArgument(kVarNames[i], " must be float32; got ",
+                                  tensorflow::DataTypeString(
+                                      var->tensor()->dtype())));
+    }
+
+    // Exclusive locks for the whole step keep concurrent calls from
+    // interleaving within a row; sparse mode switches the variables to
+    // copy-on-read, so readers copy and the buffers may be written in place.
+    auto locks = tensorflow::MaybeLockVariableInputMutexesInOrder<CPUDevice,
+                                                                  float>(
+        ctx, /*do_lock=*/true, /*sparse=*/true, {kVar, kM, kV});
+    Tensor tables[3];
+    for (int i : {kVar, kM, kV}) {
+      OP_REQUIRES_OK(ctx, tensorflow::GetInputTensorFromVariable<CPUDevice,
+                                                                 float>(
+                              ctx, i, /*lock_held=*/true, /*sparse=*/true,
+                              &tables[i]));
+    }
+    const Tensor& var = tables[kVar];
+    const Tensor& ids = ctx->input(kIds);
+    const Tensor& grads = ctx->input(kGrads);
+    const Tensor& lr_tensor = ctx->input(kLr);
+
+    OP_REQUIRES(ctx, var.dims() == 2,
+                InvalidArgument("var must be a matrix [rows, dim]; got shape ",
+                                var.shape().DebugString()));
+    for (int i : {kM, kV}) {
+      OP_REQUIRES(ctx, tables[i].shape() == var.shape(),
+                  InvalidArgument(kVarNames[i], " must have the shape of var ",
+                                  var.shape().DebugString(), "; got ",
+                                  tables[i].shape().DebugString()));
+    }
+    OP_REQUIRES(
+        ctx,
+        var.data() != tables[kM].data() && var.data() != tables[kV].data() &&
+            tables[kM].data() != tables[kV].data(),
+        InvalidArgument("var, m and v must be three distinct variables"));
+    OP_REQUIRES(ctx, ids.dims() == 1,
+                InvalidArgument("ids must be a vector; got shape ",
+                                ids.shape().DebugString()));
+    OP_REQUIRES(ctx, grads.dims() == 2,
+                InvalidArgument("grads must be a matrix [num_ids, dim]; got "
+                                "shape ",
+                                grads.shape().DebugString()));
+    OP_REQUIRES(ctx, grads.dim_size(0) == ids.dim_size(0),
+                InvalidArgument("grads must have one row per id: ids has "
+                                "shape ",
+                                ids.shape().DebugString(),
+                                ", grads has shape ",
+                                grads.shape().DebugString()));
+    OP_REQUIRES(ctx, grads.dim_size(1) == var.dim_size(1),
+                InvalidArgument("grads must have the dim of var ",
+                                var.shape().DebugString(), "; got shape ",
+                                grads.shape().DebugString()));
+    OP_REQUIRES(ctx, tensorflow::TensorShapeUtils::IsScalar(lr_tensor.shape()),
+                InvalidArgument("learning_rate must be a scalar; got shape ",
+                                lr_tensor.shape().DebugString()));
+
+    const int64_t rows = var.dim_size(0);
+    const int64_t dim = var.dim_size(1);
+    const int64_t n = ids.dim_size(0);
+    const Index* ids_data = ids.flat<Index>().data();
+    const float* grads_data = grads.flat<float>().data();
+    const float lr = lr_tensor.scalar<float>()();
+    const ParallelFor parallel_for = MakeParallelFor(ctx);
+
+    const int64_t bad = FindOutOfRange(ids_data, n, rows);
+    OP_REQUIRES(ctx, bad < 0,
+                InvalidArgument("ids[", bad, "] = ",
+                                bad < 0 ? 0 : static_cast<int64_t>(ids_data[bad]),
+                                " is out of range [0, ", rows,
+                                ") of var with shape ",
+                                var.shape().DebugString()));
+    if (check_numerics_) {
+      OP_REQUIRES(ctx, std::isfinite(lr),
+                  InvalidArgument("learning_rate = ", lr,
+                                  " is not finite (check_numerics=True)"));
+      const int64_t at = FindNonFiniteParallel(grads_data, n * dim, parallel_for);
+      OP_REQUIRES(ctx, at < 0,
+                  InvalidArgument("grads[", at / std::max<int64_t>(dim, 1),
+                                  ", ", at % std::max<int64_t>(dim, 1), "] = ",
+                                  at < 0 ? 0.0f : grads_data[at],
+                                  " is not finite (check_numerics=True)"));
+    }
+
+    const TableShard shard{tables[kVar].flat<float>().data(),
+                           tables[kM].flat<float>().data(),
+                           tables[kV].flat<float>().data(), rows, dim};
+    ApplySparseAdam<Index>(cfg_, lr, shard, ids_data, grads_data, n,
+                           parallel_for);
+  }
+
+ private:
+  AdamConfig cfg_;
+  bool check_numerics_ = false;
+};
+
+REGISTER_KERNEL_BUILDER(Name("TpuEmbedAdamApply")
+                            .Device(tensorflow::DEVICE_CPU)
+                            .TypeConstraint<int32_t>("Tindices"),
+                        TpuEmbedAdamApplyOp<int32_t>);
+REGISTER_KERNEL_BUILDER(Name("TpuEmbedAdamApply")
+                            .Device(tensorflow::DEVICE_CPU)
+                            .TypeConstraint<int64_t>("Tindices"),
+                        TpuEmbedAdamApplyOp<int64_t>);
+
+}  // namespace
+}  // namespace tpu_embed_adam

@@ -1,0 +1,261 @@
+// CPU kernels for TF's per-step TPU embedding ops: the three enqueue ops,
+// RecvTPUEmbeddingActivations and SendTPUEmbeddingGradients.
+//
+// A core is (task, core within the host). The task is the task of the device
+// that runs the op (0 for /job:localhost); the core is the enqueue op's
+// device_ordinal, and for Recv and Send the id of the CPU device they run on,
+// so several cores per host are several logical CPU devices.
+#include <cstdlib>
+
+#include "tensorflow/core/framework/op_kernel.h"
+#include "tensorflow/core/framework/tensor.h"
+#include "tensorflow/core/util/work_sharder.h"
+#include "tpu_embed_adam/cc/engine/engine.h"
+
+namespace tpu_embed_adam {
+namespace {
+
+using tensorflow::DEVICE_CPU;
+using tensorflow::OpInputList;
+using tensorflow::OpKernel;
+using tensorflow::OpKernelConstruction;
+using tensorflow::OpKernelContext;
+using tensorflow::Status;
+using tensorflow::Tensor;
+using tensorflow::errors::InvalidArgument;
+using engine::Engine;
+using engine::FeatureInput;
+using engine::Layout;
+
+int64_t Task(OpKernelContext* ctx) {
+  const auto& name = ctx->device()->parsed_name();
+  return name.has_task ? name.task : 0;
+}
+
+int64_t DeviceCore(OpKernelContext* ctx) {
+  const auto& name = ctx->device()->parsed_name();
+  return name.has_id ? name.id : 0;
+}
+
+// Index and id inputs may be int32 or int64, weights float or double; the
+// engine keeps one type of each.
+std::vector<int64_t> ToInt64(const Tensor& t) {
+  std::vector<int64_t> out(t.NumElements());
+  if (t.dtype() == tensorflow::DT_INT32) {
+    const auto in = t.flat<int32_t>();
+    for (int64_t i = 0; i < in.size(); ++i) out[i] = in(i);
+  } else {
+    const auto in = t.flat<int64_t>();
+    for (int64_t i = 0; i < in.size(); ++i) out[i] = in(i);
+  }
+  return out;
+}
+
+std::vector<float> ToFloat(const Tensor& t) {
+  std::vector<float> out(t.NumElements());
+  if (t.dtype() == tensorflow::DT_DOUBLE) {
+    const auto in = t.flat<double>();
+    for (int64_t i = 0; i < in.size(); ++i) out[i] = in(i);
+  } else {
+    const auto in = t.flat<float>();
+    std::copy(in.data(), in.data() + in.size(), out.data());
+  }
+  return out;
+}
+
+enum class EnqueueKind { kSparse, kRagged, kArbitrary };
+
+template <EnqueueKind kKind>
+class EnqueueOp : public OpKernel {
+ public:
+  explicit EnqueueOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("device_ordinal", &device_ordinal_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("combiners", &combiners_));
+    if (kKind == EnqueueKind::kArbitrary) return;
+    std::vector<int64_t> num_features;
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("table_ids", &table_ids_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("max_sequence_lengths", &max_seq_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("num_features", &num_features));
+    for (int64_t n : num_features) {
+      OP_REQUIRES(ctx, n == 1,
+                  tensorflow::errors::Unimplemented(
+                      "num_features entries other than 1 are not supported; "
+                      "got ", n));
+    }
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    OpInputList index, ids, weights;
+    OP_REQUIRES_OK(ctx, ctx->input_list(kIndexName, &index));
+    OP_REQUIRES_OK(ctx, ctx->input_list("embedding_indices", &ids));
+    OP_REQUIRES_OK(ctx, ctx->input_list("aggregation_weights", &weights));
+    const int n = ids.size();
+    if (kKind != EnqueueKind::kArbitrary) {
+      OP_REQUIRES(ctx, static_cast<int>(table_ids_.size()) == n,
+                  InvalidArgument("table_ids has ", table_ids_.size(),
+                                  " entries for ", n, " features"));
+      OP_REQUIRES(ctx, max_seq_.empty() || static_cast<int>(max_seq_.size()) == n,
+                  InvalidArgument("max_sequence_lengths has ", max_seq_.size(),
+                                  " entries for ", n, " features"));
+    }
+    std::vector<FeatureInput> inputs(n);
+    for (int i = 0; i < n; ++i) {
+      OP_REQUIRES(ctx, ids[i].dims() == 1 && weights[i].dims() == 1,
+                  InvalidArgument("feature ", i, ": embedding_indices ",
+                                  ids[i].shape().DebugString(),
+                                  " and aggregation_weights ",
+                                  weights[i].shape().DebugString(),
+                                  " must be rank 1"));
+      OP_REQUIRES_OK(ctx, ReadIndex(i, index[i], &inputs[i]));
+      inputs[i].ids = ToInt64(ids[i]);
+      inputs[i].weights = ToFloat(weights[i]);
+      if (kKind != EnqueueKind::kArbitrary) {
+        inputs[i].table_id = table_ids_[i];
+        if (!max_seq_.empty()) inputs[i].max_sequence_length = max_seq_[i];
+      }
+    }
+    const Tensor& mode = ctx->input(ctx->num_inputs() - 1);
+    OP_REQUIRES(ctx, mode.NumElements() == 1,
+                InvalidArgument("mode_override must be a scalar; got ",
+                                mode.shape().DebugString()));
+    const int64_t core =
+        device_ordinal_ >= 0 ? device_ordinal_ : DeviceCore(ctx);
+    OP_REQUIRES_OK(ctx, Engine::Get().Enqueue(
+                            Task(ctx), core, std::move(inputs), combiners_,
+                            std::string(mode.flat<tensorflow::tstring>()(0))));
+  }
+
+ private:
+  static constexpr const char* kIndexName =
+      kKind == EnqueueKind::kSparse   ? "sample_indices"
+      : kKind == EnqueueKind::kRagged ? "sample_splits"
+                                      : "sample_indices_or_row_splits";
+
+  // An empty index means one id per activation slot. Otherwise the ragged op
+  // takes row splits, the sparse op sample indices ([n] or [n, k]), and the
+  // arbitrary op either, told apart by rank.
+  static Status ReadIndex(int i, const Tensor& t, FeatureInput* in) {
+    if (t.NumElements() == 0) {
+      in->layout = Layout::kDense;
+      return tensorflow::OkStatus();
+    }
+    const bool splits = kKind == EnqueueKind::kRagged ||
+                        (kKind == EnqueueKind::kArbitrary && t.dims() == 1);
+    if (splits) {
+      if (t.dims() != 1) {
+        return InvalidArgument("feature ", i, ": row splits must be rank 1; ",
+                               "got ", t.shape().DebugString());
+      }
+      in->layout = Layout::kRowSplits;
+    } else {
+      const bool rank_ok =
+          t.dims() == 2 || (kKind == EnqueueKind::kSparse && t.dims() == 1);
+      if (!rank_ok) {
+        return InvalidArgument("feature ", i, ": sample indices must be ",
+                               "[n, k]; got ", t.shape().DebugString());
+      }
+      in->layout = Layout::kSampleIndices;
+      in->index_cols = t.dims() == 2 ? t.dim_size(1) : 1;
+    }
+    in->index = ToInt64(t);
+    return tensorflow::OkStatus();
+  }
+
+  int64_t device_ordinal_;
+  std::vector<std::string> combiners_;
+  std::vector<int32_t> table_ids_;
+  std::vector<int32_t> max_seq_;
+};
+
+// How long Recv waits for its core's batch: the enqueue of the same step may
+// run concurrently in the same Session.run.
+int64_t RecvTimeoutMs() {
+  const char* env = std::getenv("TPU_EMBED_ADAM_RECV_TIMEOUT_MS");
+  return env == nullptr ? 1000 : std::atoll(env);
+}
+
+class RecvOp : public OpKernel {
+ public:
+  explicit RecvOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("config", &config_));
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    std::vector<std::vector<int64_t>> shapes;
+    OP_REQUIRES_OK(ctx, Engine::Get().ActivationShapes(config_, &shapes));
+    OP_REQUIRES(ctx, static_cast<int>(shapes.size()) == num_outputs(),
+                InvalidArgument("RecvTPUEmbeddingActivations has ",
+                                num_outputs(), " outputs; the configuration ",
+                                "has ", shapes.size(), " features"));
+    std::vector<float*> outputs(shapes.size());
+    for (size_t i = 0; i < shapes.size(); ++i) {
+      Tensor* out = nullptr;
+      OP_REQUIRES_OK(ctx, ctx->allocate_output(
+                              i, tensorflow::TensorShape(shapes[i]), &out));
+      outputs[i] = out->flat<float>().data();
+    }
+    OP_REQUIRES_OK(ctx, Engine::Get().Recv(Task(ctx), DeviceCore(ctx),
+                                           RecvTimeoutMs(), outputs));
+  }
+
+ private:
+  std::string config_;
+};
+
+class SendOp : public OpKernel {
+ public:
+  explicit SendOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("config", &config_));
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    OP_REQUIRES_OK(ctx, Engine::Get().EnsureConfigured(config_));
+    OpInputList inputs, rates;
+    OP_REQUIRES_OK(ctx, ctx->input_list("inputs", &inputs));
+    OP_REQUIRES_OK(ctx, ctx->input_list("learning_rates", &rates));
+    std::vector<const float*> grads;
+    std::vector<std::vector<int64_t>> shapes;
+    for (const Tensor& g : inputs) {
+      grads.push_back(g.flat<float>().data());
+      const auto dims = g.shape().dim_sizes();
+      shapes.emplace_back(dims.begin(), dims.end());
+    }
+    std::vector<float> learning_rates;
+    for (int i = 0; i < rates.size(); ++i) {
+      OP_REQUIRES(ctx, rates[i].NumElements() == 1,
+                  InvalidArgument("learning_rates[", i, "] must hold one ",
+                                  "value; got ",
+                                  rates[i].shape().DebugString()));
+      learning_rates.push_back(rates[i].flat<float>()(0));
+    }
+    auto* pool = ctx->device()->tensorflow_cpu_worker_threads()->workers;
+    const ParallelFor parallel_for =
+        [pool](int64_t total, int64_t cost,
+               const std::function<void(int64_t, int64_t)>& fn) {
+          pool->ParallelFor(total, cost, fn);
+        };
+    OP_REQUIRES_OK(ctx, Engine::Get().Send(Task(ctx), DeviceCore(ctx), grads,
+                                           shapes, learning_rates,
+                                           parallel_for));
+  }
+
+ private:
+  std::string config_;
+};
+
+REGISTER_KERNEL_BUILDER(
+    Name("EnqueueTPUEmbeddingSparseTensorBatch").Device(DEVICE_CPU),
+    EnqueueOp<EnqueueKind::kSparse>);
+REGISTER_KERNEL_BUILDER(
+    Name("EnqueueTPUEmbeddingRaggedTensorBatch").Device(DEVICE_CPU),
+    EnqueueOp<EnqueueKind::kRagged>);
+REGISTER_KERNEL_BUILDER(
+    Name("EnqueueTPUEmbeddingArbitraryTensorBatch").Device(DEVICE_CPU),
+    EnqueueOp<EnqueueKind::kArbitrary>);
+REGISTER_KERNEL_BUILDER(Name("RecvTPUEmbeddingActivations").Device(DEVICE_CPU),
+                        RecvOp);
+REGISTER_KERNEL_BUILDER(Name("SendTPUEmbeddingGradients").Device(DEVICE_CPU),
+                        SendOp);
+
+}  // namespace
+}  // namespace tpu_embed_adam

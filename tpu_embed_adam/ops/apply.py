@@ -1,0 +1,164 @@
+"""`apply_adam`: the public entry point; picks the fused kernel or the TF path.
+
+Both implementations follow `tpu_embed_adam.reference.adam_update`; they differ
+only in speed. "auto" takes the fused kernel when its library loaded and the
+update can run there, else the pure-TF path with a one-time logged reason.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+from tensorflow.python.ops import control_flow_util, resource_variable_ops
+from tensorflow.python.tpu import tpu_embedding as _tf_tpu_embedding
+
+from tpu_embed_adam.ops import _loader, fused, options
+from tpu_embed_adam.ops.tf_path import tf_apply_adam
+
+__all__ = ["apply_adam"]
+
+_IMPLEMENTATIONS = ("auto", "fused", "tf")
+
+
+def _check_learning_rate(params: Any, learning_rate: Any) -> None:
+    if learning_rate is None:
+        if not isinstance(params.learning_rate, numbers.Real):
+            raise ValueError(
+                "Argument `learning_rate` must be given when `params.learning_rate` is "
+                f"not a number; received None with params.learning_rate="
+                f"{params.learning_rate!r}."
+            )
+        return
+    if isinstance(learning_rate, tf.Tensor | tf.Variable):
+        if not learning_rate.dtype.is_floating:
+            raise TypeError(
+                "Argument `learning_rate` must be a float tensor; received dtype "
+                f"{learning_rate.dtype.name}."
+            )
+        if learning_rate.shape.rank not in (None, 0):
+            raise ValueError(
+                f"Argument `learning_rate` must be a scalar; received shape {learning_rate.shape}."
+            )
+        return
+    if isinstance(learning_rate, bool | np.bool_) or not isinstance(learning_rate, numbers.Real):
+        raise TypeError(
+            "Argument `learning_rate` must be a Python number, a scalar float tensor or "
+            f"None; received {learning_rate!r} ({type(learning_rate).__name__})."
+        )
+
+
+def _split_gradient(ids: Any, grads: Any) -> tuple[Any, Any]:
+    """Takes ids and values from an `IndexedSlices` gradient; checks `ids` is None."""
+    if not isinstance(grads, tf.IndexedSlices):
+        if ids is None:
+            raise ValueError("Argument `ids` is required unless `grads` is a tf.IndexedSlices.")
+        return ids, grads
+    if ids is not None:
+        raise ValueError(
+            "Argument `ids` must be None when `grads` is a tf.IndexedSlices (its "
+            "`indices` are the ids)."
+        )
+    return grads.indices, grads.values
+
+
+def _fallback_reason(var: Any) -> str | None:
+    """Why "auto" cannot use the fused kernel for `var`, or None if it can."""
+    if options.is_custom_kernel_disabled():
+        return (
+            f"the custom kernel is disabled ({options.DISABLE_ENV_VAR} or disable_custom_kernel())"
+        )
+    if _loader.load_library() is None:
+        return f"the kernel library did not load: {_loader.load_error()}"
+    if control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()):
+        return "inside an XLA-compiled function (the fused op has no XLA kernel)"
+    if not isinstance(var, resource_variable_ops.BaseResourceVariable):
+        return f"`var` is not a resource variable ({type(var).__name__})"
+    device_type = tf.DeviceSpec.from_string(var.device).device_type
+    if device_type not in (None, "CPU"):
+        return f"`var` is on {var.device}; the fused kernel runs on CPU only"
+    return None
+
+
+def apply_adam(
+    var: tf.Variable,
+    m: tf.Variable,
+    v: tf.Variable,
+    ids: Any,
+    grads: Any,
+    params: Any,
+    learning_rate: Any = None,
+    implementation: str = "auto",
+    check_numerics: bool = False,
+) -> tf.Operation | None:
+    """Applies one TPU embedding sparse Adam step to `var`, `m` and `v` in place.
+
+    The update is `tpu_embed_adam.reference.adam_update` (see its docstring and
+    `docs/semantics.md`). Nothing is written when an input is invalid.
+
+    Example:
+      >>> params = AdamParameters(0.1)
+      >>> table = tf.Variable(tf.zeros([4, 2]))
+      >>> m, v = tf.Variable(tf.zeros([4, 2])), tf.Variable(tf.zeros([4, 2]))
+      >>> with tf.GradientTape() as tape:
+      ...     loss = tf.reduce_sum(tf.gather(table, [1, 3, 1]))
+      >>> apply_adam(table, m, v, None, tape.gradient(loss, table), params)
+
+    Args:
+      var: [rows, dim] float32 table variable.
+      m: [rows, dim] float32 first-moment variable, zero-initialised.
+      v: [rows, dim] float32 second-moment variable, zero-initialised.
+      ids: [n] int32/int64 row ids, duplicates allowed; must be None when
+        `grads` is a `tf.IndexedSlices`.
+      grads: [n, dim] float32 gradients, or a `tf.IndexedSlices` (the gradient
+        of `tf.gather`/`tf.nn.embedding_lookup`), whose indices are the ids.
+      params: an `AdamParameters`, ours or TF's
+        `tf.compat.v1.tpu.experimental.AdamParameters`.
+      learning_rate: this step's rate: a Python number or a scalar float
+        tensor; None for `params.learning_rate` (required when that is a
+        `DynamicLearningRate`). See `bias_corrected_learning_rate`.
+      implementation: "auto" (fused kernel when available on a CPU resource
+        variable outside XLA, else the TF path with a one-time logged reason),
+        "fused" (the kernel, or an error) or "tf" (the pure-TF path).
+      check_numerics: raise if `grads` or the learning rate holds NaN or Inf;
+        by default they propagate into the table, as on a TPU.
+
+    Returns:
+      The update op in graph mode; None when executing eagerly.
+
+    Raises:
+      ValueError: an unknown `implementation`, `ids` given with
+        `IndexedSlices`, a non-scalar learning rate or static shape mismatches.
+      TypeError: `params` not an AdamParameters, or wrong dtypes.
+      RuntimeError: `implementation="fused"` without the kernel library.
+      tf.errors.InvalidArgumentError: run-time shape mismatches, ids outside
+        [0, rows) or, with `check_numerics`, non-finite gradients or rate.
+    """
+    if implementation not in _IMPLEMENTATIONS:
+        raise ValueError(
+            f"Argument `implementation` must be one of {_IMPLEMENTATIONS}; "
+            f"received: {implementation!r}."
+        )
+    if not isinstance(params, _tf_tpu_embedding.AdamParameters):
+        raise TypeError(
+            "Argument `params` must be an AdamParameters (tpu_embed_adam's or "
+            f"tf.compat.v1.tpu.experimental's); received: {type(params).__name__}."
+        )
+    _check_learning_rate(params, learning_rate)
+    ids, grads = _split_gradient(ids, grads)
+    if implementation == "fused" and _loader.load_library() is None:
+        raise RuntimeError(
+            "implementation='fused' needs the kernel library, which did not load: "
+            f"{_loader.load_error()}. Build it with `make lib`, or pass "
+            "implementation='auto' or 'tf'."
+        )
+    if implementation == "auto":
+        reason = _fallback_reason(var)
+        if reason is not None:
+            options.warn_fallback(reason)
+            implementation = "tf"
+    if implementation == "tf":
+        return tf_apply_adam(var, m, v, ids, grads, params, learning_rate, check_numerics)
+    return fused.fused_apply_adam(var, m, v, ids, grads, params, learning_rate, check_numerics)

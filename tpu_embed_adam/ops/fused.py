@@ -1,0 +1,142 @@
+"""The fused C++ update: a thin wrapper over the `TpuEmbedAdamApply` op.
+
+The kernel (`cc/kernels/adam_apply_kernel.cc`) applies
+`tpu_embed_adam.reference.adam_update` to the variables in place, in one
+parallel pass, bit for bit as the reference computes it. Most callers want
+`tpu_embed_adam.apply_adam`, which picks this path or the pure-TF one.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any
+
+import tensorflow as tf
+from tensorflow.python.ops import resource_variable_ops
+
+from tpu_embed_adam.ops import _loader
+
+__all__ = ["fused_apply_adam"]
+
+
+def _resource(name: str, variable: Any) -> tf.Tensor:
+    if isinstance(variable, resource_variable_ops.BaseResourceVariable):
+        return variable.handle
+    if isinstance(variable, tf.Tensor) and variable.dtype == tf.resource:
+        return variable
+    raise TypeError(
+        f"Argument `{name}` must be a resource tf.Variable; received "
+        f"{type(variable).__name__} (in TF1 graphs create it with use_resource=True)."
+    )
+
+
+def _bound(value: float | None, default: float) -> float:
+    return default if value is None else float(value)
+
+
+def _learning_rate(params: Any, learning_rate: Any) -> tf.Tensor:
+    if learning_rate is None:
+        learning_rate = params.learning_rate
+        if not isinstance(learning_rate, numbers.Real):
+            raise ValueError(
+                "Argument `learning_rate` must be given when `params.learning_rate` "
+                f"is not a number; received params.learning_rate={learning_rate!r}."
+            )
+    lr = tf.convert_to_tensor(learning_rate, dtype_hint=tf.float32)
+    if not lr.dtype.is_floating:
+        raise TypeError(
+            f"Argument `learning_rate` must be a float; received dtype {lr.dtype.name}."
+        )
+    return tf.cast(lr, tf.float32)
+
+
+def _check_dtype(name: str, tensor: tf.Tensor, allowed: tuple[tf.DType, ...]) -> None:
+    if tensor.dtype not in allowed:
+        names = " or ".join(d.name for d in allowed)
+        raise tf.errors.InvalidArgumentError(
+            None, None, f"{name} must be {names}; got {tensor.dtype.name}"
+        )
+
+
+def fused_apply_adam(
+    var: tf.Variable,
+    m: tf.Variable,
+    v: tf.Variable,
+    ids: Any,
+    grads: Any,
+    params: Any,
+    learning_rate: Any = None,
+    check_numerics: bool = False,
+) -> tf.Operation | None:
+    """Applies one TPU embedding sparse Adam step in place with the fused kernel.
+
+    The update is `tpu_embed_adam.reference.adam_update`; see its docstring.
+    The kernel locks the three variables for the whole step (concurrent calls
+    never interleave within a row) and validates every input before writing,
+    so on error the variables are unchanged.
+
+    Args:
+      var: [rows, dim] float32 resource variable, the table.
+      m: [rows, dim] float32 resource variable, the first-moment slot.
+      v: [rows, dim] float32 resource variable, the second-moment slot.
+      ids: [n] int32 or int64 row ids in [0, rows), duplicates allowed.
+      grads: [n, dim] float32 gradients, one row per id.
+      params: an `AdamParameters` (ours or TF's), read by attribute; None for
+        a clipping bound or the decay means unset.
+      learning_rate: this step's rate (Python number or scalar float tensor);
+        None for `params.learning_rate`.
+      check_numerics: raise `InvalidArgumentError` before any write if `grads`
+        or the learning rate is NaN or infinite.
+
+    Returns:
+      The update op in graph mode; None when executing eagerly.
+
+    Raises:
+      RuntimeError: the kernel library is not built or failed to load.
+      TypeError: a variable is not a resource variable, or a non-float
+        learning rate.
+      ValueError: no learning rate (`params.learning_rate` is dynamic and
+        `learning_rate` is None); static shape mismatches in graph mode.
+      tf.errors.InvalidArgumentError: wrong dtypes, shape mismatches, ids
+        outside [0, rows), or non-finite values with `check_numerics`.
+    """
+    library = _loader.load_library()
+    if library is None:
+        raise RuntimeError(
+            "The fused TpuEmbedAdamApply kernel is not available: "
+            f"{_loader.load_error()}. Build it with `make lib`, or use "
+            "tpu_embed_adam.apply_adam(..., implementation='tf')."
+        )
+    handles = [_resource(name, x) for name, x in (("var", var), ("m", m), ("v", v))]
+    lr = _learning_rate(params, learning_rate)
+    ids = tf.convert_to_tensor(ids)
+    grads = tf.convert_to_tensor(grads)
+    _check_dtype("ids", ids, (tf.int32, tf.int64))
+    _check_dtype("grads", grads, (tf.float32,))
+    for name, x in (("var", var), ("m", m), ("v", v)):
+        if isinstance(x, tf.Variable):
+            _check_dtype(name, x, (tf.float32,))
+    return library.tpu_embed_adam_apply(
+        var=handles[0],
+        m=handles[1],
+        v=handles[2],
+        ids=ids,
+        grads=grads,
+        learning_rate=lr,
+        beta1=float(params.beta1),
+        beta2=float(params.beta2),
+        epsilon=float(params.epsilon),
+        lazy_adam=bool(params.lazy_adam),
+        sum_inside_sqrt=bool(params.sum_inside_sqrt),
+        use_gradient_accumulation=bool(params.use_gradient_accumulation),
+        clip_weight_min=_bound(params.clip_weight_min, -math.inf),
+        clip_weight_max=_bound(params.clip_weight_max, math.inf),
+        weight_decay_factor=float(params.weight_decay_factor or 0.0),
+        multiply_weight_decay_factor_by_learning_rate=bool(
+            params.multiply_weight_decay_factor_by_learning_rate
+        ),
+        clip_gradient_min=_bound(params.clip_gradient_min, -math.inf),
+        clip_gradient_max=_bound(params.clip_gradient_max, math.inf),
+        check_numerics=bool(check_numerics),
+    )

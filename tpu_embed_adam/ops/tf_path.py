@@ -1,0 +1,331 @@
+"""TPU embedding sparse Adam with stock TensorFlow ops: the fallback path.
+
+The update is `tpu_embed_adam.reference.adam_update` (its docstring is the
+formula and the rules; `docs/semantics.md` gives their sources), applied in
+place to `tf.Variable`s. It runs eagerly, in `tf.function`, in a TF1 graph and
+under `tf.function(jit_compile=True)`. XLA has no kernel for `tf.unique` and
+needs static shapes, so under XLA duplicates are grouped by a stable sort and
+every occurrence of a row computes that row's (identical) update.
+
+Under XLA, `tf.debugging` assertions compile to nothing: bad ids or, with
+`check_numerics=True`, non-finite gradients cannot raise there. The update is
+then masked so that nothing changes (see `docs/semantics.md`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import numpy as np
+import tensorflow as tf
+from tensorflow.python.ops import control_flow_util
+
+__all__ = ["tf_apply_adam"]
+
+_F32 = np.float32
+
+
+class _Hyper(NamedTuple):
+    """The step's constants, as float32, so the arithmetic matches the reference."""
+
+    lr: tf.Tensor
+    beta1: np.float32
+    one_minus_beta1: np.float32
+    beta2: np.float32
+    one_minus_beta2: np.float32
+    epsilon: np.float32
+    sum_inside_sqrt: bool
+    decay: tf.Tensor | None
+    gradient_bounds: tuple[np.float32, np.float32] | None
+    weight_bounds: tuple[np.float32, np.float32] | None
+
+
+def _bounds(low: float | None, high: float | None) -> tuple[np.float32, np.float32] | None:
+    if low is None and high is None:
+        return None
+    return (_F32(-np.inf if low is None else low), _F32(np.inf if high is None else high))
+
+
+def _hyper(params: Any, learning_rate: Any) -> _Hyper:
+    lr = tf.cast(params.learning_rate if learning_rate is None else learning_rate, tf.float32)
+    beta1, beta2 = _F32(params.beta1), _F32(params.beta2)
+    decay = None
+    if params.weight_decay_factor:
+        decay = tf.constant(_F32(params.weight_decay_factor))
+        if params.multiply_weight_decay_factor_by_learning_rate:
+            decay = decay * lr
+    return _Hyper(
+        lr=lr,
+        beta1=beta1,
+        one_minus_beta1=_F32(1) - beta1,
+        beta2=beta2,
+        one_minus_beta2=_F32(1) - beta2,
+        epsilon=_F32(params.epsilon),
+        sum_inside_sqrt=bool(params.sum_inside_sqrt),
+        decay=decay,
+        gradient_bounds=_bounds(params.clip_gradient_min, params.clip_gradient_max),
+        weight_bounds=_bounds(params.clip_weight_min, params.clip_weight_max),
+    )
+
+
+def _adam_step(
+    w: tf.Tensor, m: tf.Tensor, v: tf.Tensor, g: tf.Tensor, hp: _Hyper
+) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """The reference's per-row step, operation for operation (same rounding)."""
+    if hp.gradient_bounds is not None:
+        g = tf.clip_by_value(g, *hp.gradient_bounds)
+    if hp.decay is not None:
+        w = w - hp.decay * w
+    m = hp.beta1 * m + hp.one_minus_beta1 * g
+    v = hp.beta2 * v + hp.one_minus_beta2 * g * g
+    if hp.sum_inside_sqrt:
+        w = w - hp.lr * m / tf.sqrt(v + hp.epsilon * hp.epsilon)
+    else:
+        w = w - hp.lr * m / (tf.sqrt(v) + hp.epsilon)
+    if hp.weight_bounds is not None:
+        w = tf.clip_by_value(w, *hp.weight_bounds)
+    return w, m, v
+
+
+class _Updater(NamedTuple):
+    """Applies `_adam_step` to variables; `keep` masks off the whole update."""
+
+    var: Any
+    m: Any
+    v: Any
+    hp: _Hyper
+    keep: tf.Tensor | None  # scalar bool, or None: always write
+
+    def _step(self, old: list[tf.Tensor], g: tf.Tensor, mask: tf.Tensor | None) -> list[Any]:
+        new = _adam_step(old[0], old[1], old[2], g, self.hp)
+        if self.keep is not None:
+            mask = self.keep if mask is None else tf.logical_and(mask, self.keep)
+        if mask is None:
+            return list(new)
+        if mask.shape.rank == 1:
+            mask = mask[:, None]
+        return [tf.where(mask, n, o) for n, o in zip(new, old, strict=True)]
+
+    def rows(self, rows: tf.Tensor, g: tf.Tensor, mask: tf.Tensor | None = None) -> list[Any]:
+        """Steps `rows` (repeats only with identical `g`); returns the write ops.
+
+        `mask` (per row) keeps a row's old values where False.
+        """
+        slots = (self.var, self.m, self.v)
+        new = self._step([tf.gather(x, rows) for x in slots], g, mask)
+        return _ops(
+            [x.scatter_update(tf.IndexedSlices(n, rows)) for x, n in zip(slots, new, strict=True)]
+        )
+
+    def table(self, g: tf.Tensor) -> list[Any]:
+        """Steps every row of the table with the dense gradient `g`; returns the write ops."""
+        slots = (self.var, self.m, self.v)
+        new = self._step([x.read_value() for x in slots], g, None)
+        return _ops([x.assign(n) for x, n in zip(slots, new, strict=True)])
+
+
+def _groups(ids: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
+    """Stable-sorts `ids`; returns (perm, sorted ids, first, count).
+
+    For each sorted position, `first` is the sorted position of the first
+    occurrence of its id and `count` how often the id occurs. The sort is
+    stable, so within an id the sorted order is the input order.
+    """
+    perm = tf.argsort(ids, stable=True)
+    sorted_ids = tf.gather(ids, perm)
+    first = tf.searchsorted(sorted_ids, sorted_ids, side="left", out_type=tf.int32)
+    end = tf.searchsorted(sorted_ids, sorted_ids, side="right", out_type=tf.int32)
+    return perm, sorted_ids, first, end - first
+
+
+def _accumulated(ids: tf.Tensor, grads: tf.Tensor, xla: bool) -> tuple[tf.Tensor, tf.Tensor]:
+    """Sums the gradients of duplicate ids in float32, in input order.
+
+    Returns (rows, gradients). Outside XLA, `rows` are the distinct ids.
+    Under XLA, one entry per occurrence (static shape), each carrying its
+    row's full sum, so repeated rows receive identical updates.
+    """
+    if not xla:
+        rows, segment = tf.unique(ids, out_idx=tf.int32)
+        return rows, tf.math.unsorted_segment_sum(grads, segment, tf.size(rows))
+    perm, sorted_ids, first, _ = _groups(ids)
+    sums = tf.math.unsorted_segment_sum(tf.gather(grads, perm), first, tf.size(ids))
+    return sorted_ids, tf.gather(sums, first)
+
+
+def _per_occurrence(update: _Updater, ids: tf.Tensor, grads: tf.Tensor, xla: bool) -> tf.Tensor:
+    """Accumulation off: one step per occurrence, in input order.
+
+    Round k steps the k-th occurrence of every id; rows within a round are
+    distinct, so a round is one gather/step/scatter. Under XLA every sorted
+    position takes part in every round (static shapes): it steps its id's
+    k-th occurrence, or writes its row back unchanged once the id has fewer.
+    """
+    perm, sorted_ids, first, count = _groups(ids)
+    sorted_grads = tf.gather(grads, perm)
+    n = tf.size(ids, out_type=tf.int32)
+    rank = tf.range(n) - first
+    rounds = tf.reduce_max(tf.concat([count, [0]], 0))
+
+    def body(k: tf.Tensor) -> list[tf.Tensor]:
+        if xla:
+            source = tf.minimum(first + k, n - 1)
+            writes = update.rows(sorted_ids, tf.gather(sorted_grads, source), mask=k < count)
+        else:
+            chosen = tf.where(tf.equal(rank, k))[:, 0]
+            writes = update.rows(tf.gather(sorted_ids, chosen), tf.gather(sorted_grads, chosen))
+        # The next round must read what this round wrote (TF1 graphs have no
+        # automatic control dependencies).
+        with tf.control_dependencies(writes):
+            return [k + 1]
+
+    return tf.while_loop(lambda k: k < rounds, body, [tf.constant(0)])[0]
+
+
+def _ops(results: list[Any]) -> list[Any]:
+    """The graph ops behind variable-update results (none when eager)."""
+    if tf.executing_eagerly():
+        return []
+    return [r.op for r in results]
+
+
+def _check_static(var: Any, m: Any, v: Any, ids: tf.Tensor, grads: tf.Tensor) -> None:
+    """Raises TypeError/ValueError for what is wrong before running anything."""
+    for name, x in (("var", var), ("m", m), ("v", v)):
+        if x.dtype.base_dtype != tf.float32:
+            raise TypeError(f"`{name}` must be float32; got {x.dtype.base_dtype.name}.")
+    if ids.dtype not in (tf.int32, tf.int64):
+        raise TypeError(f"`ids` must be int32 or int64; got {ids.dtype.name}.")
+    if grads.dtype != tf.float32:
+        raise TypeError(f"`grads` must be float32; got {grads.dtype.name}.")
+    for name, x, rank in (("var", var, 2), ("ids", ids, 1), ("grads", grads, 2)):
+        if x.shape.rank is not None and x.shape.rank != rank:
+            raise ValueError(f"`{name}` must have rank {rank}; got shape {x.shape}.")
+    for name, x in (("m", m), ("v", v)):
+        if not x.shape.is_compatible_with(var.shape):
+            raise ValueError(f"`{name}` must have the shape of `var` {var.shape}; got {x.shape}.")
+    if not grads.shape[:1].is_compatible_with(ids.shape):
+        raise ValueError(f"`grads` {grads.shape} must have one row per id; `ids` {ids.shape}.")
+    if not grads.shape[1:].is_compatible_with(var.shape[1:]):
+        raise ValueError(f"`grads` {grads.shape} must have the row width of `var` {var.shape}.")
+
+
+def _runtime_checks(
+    var: Any,
+    m: Any,
+    v: Any,
+    ids: tf.Tensor,
+    grads: tf.Tensor,
+    lr: tf.Tensor,
+    check_numerics: bool,
+    xla: bool,
+) -> tuple[list[Any], tf.Tensor]:
+    """Builds the run-time checks; returns (assert ops, scalar: the input is valid).
+
+    Under XLA, asserts compile to nothing (and shapes are static), so only the
+    scalar is built: the caller masks the update with it.
+    """
+    shape = tf.shape(var)
+    checks = []
+    if not xla:
+        checks = [
+            tf.debugging.assert_rank(ids, 1, message="`ids` must have rank 1"),
+            tf.debugging.assert_rank(grads, 2, message="`grads` must have rank 2"),
+        ] + [
+            tf.debugging.assert_equal(
+                tf.shape(x), shape, message=f"`{name}` must have the shape of `var`"
+            )
+            for name, x in (("m", m), ("v", v))
+        ]
+        checks = [c for c in checks if c is not None]
+    with tf.control_dependencies(checks):
+        rows = tf.cast(shape[0], ids.dtype)
+        bad = tf.logical_or(ids < 0, ids >= rows)
+        in_range = tf.logical_not(tf.reduce_any(bad))
+        finite = None
+        if check_numerics:
+            finite = tf.logical_and(tf.reduce_all(tf.math.is_finite(grads)), tf.math.is_finite(lr))
+        valid = in_range if finite is None else tf.logical_and(in_range, finite)
+        if xla:
+            return [], valid
+        # argmax over `bad` plus a sentinel True: the first bad position, and
+        # well-defined when ids is empty.
+        position = tf.argmax(tf.concat([bad, [True]], 0), output_type=tf.int32)
+        first_bad = tf.concat([ids, tf.constant([-1], ids.dtype)], 0)[position]
+        message = tf.strings.format(
+            "`ids` must lie in [0, {}) (the rows of `var`); first bad id: {} at position {}.",
+            (rows, first_bad, position),
+        )
+        checks += [
+            tf.debugging.assert_equal(
+                tf.shape(grads),
+                tf.stack([tf.size(ids), shape[1]]),
+                message="`grads` must be [len(ids), row width of `var`]",
+            ),
+            tf.debugging.Assert(in_range, [message]),
+        ]
+        if finite is not None:
+            checks.append(
+                tf.debugging.Assert(
+                    finite, ["`grads` or `learning_rate` has NaN or Inf (check_numerics=True)."]
+                )
+            )
+    return [c for c in checks if c is not None], valid
+
+
+def tf_apply_adam(
+    var: tf.Variable,
+    m: tf.Variable,
+    v: tf.Variable,
+    ids: Any,
+    grads: Any,
+    params: Any,
+    learning_rate: Any = None,
+    check_numerics: bool = False,
+) -> tf.Operation | None:
+    """Applies one TPU embedding Adam step to `var`, `m`, `v` with stock TF ops.
+
+    The semantics are those of `tpu_embed_adam.reference.adam_update`. Every
+    input is checked before anything is written; on error nothing changes.
+
+    Args:
+      var: [rows, dim] float32 table variable.
+      m: [rows, dim] float32 first-moment variable.
+      v: [rows, dim] float32 second-moment variable.
+      ids: [n] int32/int64 row ids in [0, rows), duplicates allowed.
+      grads: [n, dim] float32 gradients, one row per id.
+      params: an `AdamParameters` (ours or TF's; read by attribute).
+      learning_rate: this step's rate (Python number or float scalar tensor);
+        None: `params.learning_rate`.
+      check_numerics: raise if `grads` or the learning rate holds NaN or Inf
+        (by default they propagate into the table, as on a TPU).
+
+    Returns:
+      The update op in graph mode; None when executing eagerly.
+
+    Raises:
+      TypeError: wrong dtypes.
+      ValueError: statically known rank or shape mismatches.
+      tf.errors.InvalidArgumentError: at run time, for shape mismatches, ids
+        out of range (naming the first bad id and the table size) or, with
+        `check_numerics`, non-finite gradients or rate. Not under XLA (see
+        the module docstring).
+    """
+    ids = tf.convert_to_tensor(ids)
+    grads = tf.convert_to_tensor(grads, dtype_hint=tf.float32)
+    _check_static(var, m, v, ids, grads)
+    hp = _hyper(params, learning_rate)
+    xla = control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
+    checks, valid = _runtime_checks(var, m, v, ids, grads, hp.lr, check_numerics, xla)
+    with tf.control_dependencies(checks):
+        update = _Updater(var, m, v, hp, keep=valid if xla else None)
+        if not params.use_gradient_accumulation:
+            writes = [_per_occurrence(update, ids, grads, xla)]
+        elif params.lazy_adam:
+            writes = update.rows(*_accumulated(ids, grads, xla))
+        else:
+            dense = tf.math.unsorted_segment_sum(grads, ids, tf.shape(var)[0])
+            writes = update.table(dense)
+    if tf.executing_eagerly():
+        return None
+    return tf.group(*writes)
