@@ -40,7 +40,7 @@ lib: $(STAMP)
 	flock build.lock $(MAKE) -j2 --no-print-directory $(LIB)
 
 demo: lib
-	$(PY) examples/demo.py
+	$(PY) examples/train_tpu_embedding.py
 
 test: lib
 	$(PY) -m pytest -q -m "not slow" tests

@@ -418,11 +418,13 @@ Status Engine::Enqueue(int64_t task, int64_t core,
     batch.training = training_mode_;
   } else if (mode_override == "inference") {
     batch.training = false;
-  } else if (mode_override == "train" || mode_override == "backward_pass_only") {
+  } else if (mode_override == "training" || mode_override == "train" ||
+             mode_override == "backward_pass_only") {
+    // TF's op definitions say "training"; its tpu_ops wrappers say "train".
     batch.training = true;
   } else {
     return InvalidArgument("mode_override '", mode_override, "' is not one ",
-                           "of unspecified, inference, train, ",
+                           "of unspecified, inference, training (or train), ",
                            "backward_pass_only");
   }
   const bool per_feature = combiners.size() == inputs.size();
@@ -585,7 +587,12 @@ Status Engine::Send(int64_t task, int64_t core,
       Shard& s = t.shards[loc.shard];
       const float* g = grads[i] + e.slot * t.dim;
       s.acc_ids.push_back(loc.local);
-      for (int64_t j = 0; j < t.dim; ++j) s.acc_grads.push_back(e.scale * g[j]);
+      // Grow by a whole row, then fill: one size check per row, and a loop
+      // the compiler vectorises.
+      const size_t offset = s.acc_grads.size();
+      s.acc_grads.resize(offset + t.dim);
+      float* dst = s.acc_grads.data() + offset;
+      for (int64_t j = 0; j < t.dim; ++j) dst[j] = e.scale * g[j];
     }
   }
   it->second.received.reset();

@@ -1,0 +1,178 @@
+r"""Wall time of one training step of a big table: TF's TPU embedding ops vs `apply_adam`.
+
+Engine path: TF's own v1 `TPUEmbedding` graph (1 host, 1 core, one table, one
+feature with one id per sample) on CPU through the engine. One step is two
+`Session.run`s, as on a TPU host: the enqueue (ids in), then Recv ->
+loss -> gradients -> Send (the lookup, the backward pass into the hidden
+accumulator and one sparse Adam update per shard). `recv_alone` and
+`send_alone` split the second run in two (activations fetched, then fed
+back), to show where its time goes.
+
+Direct path: the same lookup (`tf.gather`), the same gradient, and the update
+by `tpu_embed_adam.apply_adam` (`--implementation`, default the fused kernel)
+on `tf.Variable`s, in one `Session.run`.
+
+Both report the median over `--iters` timed steps after `--warmup` steps.
+
+  python benchmarks/bench_engine_step.py --rows=1000000 --dim=64 --ids=16384
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from collections.abc import Callable
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+from tensorflow.python.tpu import tpu_embedding  # noqa: E402
+
+from tpu_embed_adam import apply_adam  # noqa: E402  (the import registers the engine's kernels)
+
+_ROWS = flags.DEFINE_integer("rows", 1_000_000, "Table rows.")
+_DIM = flags.DEFINE_integer("dim", 64, "Embedding dimension.")
+_IDS = flags.DEFINE_integer("ids", 16_384, "Ids per step (one per sample).")
+_ITERS = flags.DEFINE_integer("iters", 10, "Timed steps.")
+_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps first.")
+_ZIPF = flags.DEFINE_float("zipf", 0.0, "Power-law exponent of the ids; 0 draws them uniformly.")
+_IMPLEMENTATION = flags.DEFINE_enum(
+    "implementation", "fused", ["auto", "fused", "tf"], "`apply_adam` implementation (direct path)."
+)
+_PATHS = flags.DEFINE_multi_enum(
+    "path", ["engine", "direct"], ["engine", "direct"], "Paths to time."
+)
+
+_LR = 0.01
+
+
+def _ids(rng: np.random.Generator) -> np.ndarray:
+    if _ZIPF.value > 0:
+        return ((rng.zipf(_ZIPF.value, _IDS.value) - 1) % _ROWS.value).astype(np.int64)
+    return rng.integers(0, _ROWS.value, _IDS.value).astype(np.int64)
+
+
+def _time(step: Callable[[], object]) -> float:
+    """Median seconds of one call of `step`."""
+    for _ in range(_WARMUP.value):
+        step()
+    times = []
+    for _ in range(_ITERS.value):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _initializer() -> Callable[..., tf.Tensor]:
+    return tf.compat.v1.random_uniform_initializer(-0.05, 0.05, seed=0)
+
+
+def bench_engine(rng: np.random.Generator) -> dict[str, float]:
+    """Times enqueue, Recv..Send, and the whole step through TF's TPU embedding ops."""
+    graph = tf.Graph()
+    with graph.as_default():
+        emb = tpu_embedding.TPUEmbedding(
+            {"table": tpu_embedding.TableConfig(
+                _ROWS.value, _DIM.value, initializer=_initializer(), combiner=None)},
+            {"feature": tpu_embedding.FeatureConfig("table")},
+            batch_size=_IDS.value,
+            mode=tpu_embedding.TRAINING,
+            optimization_parameters=tpu_embedding.AdamParameters(_LR),
+            # One host in this process: a plain Session places every op.
+            device_config=tpu_embedding.DeviceConfig(1, 1, "/job:localhost"),
+        )
+        variables = emb.create_variables_and_ops()
+        ids = tf.compat.v1.placeholder(tf.int64, [_IDS.value])
+        enqueue = emb.generate_enqueue_ops([{"feature": tpu_embedding.EnqueueData(ids)}])
+        acts = emb.get_activations()["feature"]
+        loss = tf.reduce_sum(tf.square(acts))
+        (grad,) = tf.compat.v1.gradients(loss, [acts])
+        send = emb.generate_send_gradients_op({"feature": grad})
+        init = tf.compat.v1.global_variables_initializer()
+        load, retrieve = variables.load_ops(), variables.retrieve_ops()
+    with tf.compat.v1.Session(graph=graph) as sess:
+        sess.run(init)
+        start = time.perf_counter()
+        sess.run(load)
+        load_s = time.perf_counter() - start
+
+        batches = iter([_ids(rng) for _ in range(_WARMUP.value + 2 * _ITERS.value)])
+
+        def step() -> tuple[float, float]:
+            feed = {ids: next(batches)}
+            start = time.perf_counter()
+            sess.run(enqueue, feed)
+            middle = time.perf_counter()
+            sess.run(send)
+            return middle - start, time.perf_counter() - middle
+
+        for _ in range(_WARMUP.value):
+            step()
+        enqueue_s, recv_send_s = zip(*(step() for _ in range(_ITERS.value)), strict=True)
+        totals = [a + b for a, b in zip(enqueue_s, recv_send_s, strict=True)]
+
+        def split_step() -> tuple[float, float]:
+            # Feeding Recv's output runs Send (and the loss) without Recv; Send
+            # then backpropagates through the batch the previous run received.
+            sess.run(enqueue, {ids: next(batches)})
+            start = time.perf_counter()
+            activations = sess.run(acts)
+            middle = time.perf_counter()
+            sess.run(send, {acts: activations})
+            return middle - start, time.perf_counter() - middle
+
+        recv_s, send_s = zip(*(split_step() for _ in range(_ITERS.value)), strict=True)
+        start = time.perf_counter()
+        sess.run(retrieve)
+        retrieve_s = time.perf_counter() - start
+    return {
+        "step": statistics.median(totals),
+        "enqueue": statistics.median(enqueue_s),
+        "recv_send": statistics.median(recv_send_s),
+        "recv_alone": statistics.median(recv_s),
+        "send_alone": statistics.median(send_s),
+        "load": load_s,
+        "retrieve": retrieve_s,
+    }
+
+
+def bench_direct(rng: np.random.Generator) -> dict[str, float]:
+    """Times gather -> loss -> gradient -> `apply_adam` on variables, one Session.run."""
+    params = tpu_embedding.AdamParameters(_LR)
+    graph = tf.Graph()
+    with graph.as_default():
+        init = _initializer()
+        w = tf.compat.v1.get_variable("w", (_ROWS.value, _DIM.value), initializer=init)
+        m = tf.compat.v1.get_variable("m", (_ROWS.value, _DIM.value),
+                                      initializer=tf.compat.v1.zeros_initializer())
+        v = tf.compat.v1.get_variable("v", (_ROWS.value, _DIM.value),
+                                      initializer=tf.compat.v1.zeros_initializer())
+        ids = tf.compat.v1.placeholder(tf.int64, [_IDS.value])
+        acts = tf.gather(w, ids)
+        loss = tf.reduce_sum(tf.square(acts))
+        (grad,) = tf.compat.v1.gradients(loss, [acts])
+        update = apply_adam(w, m, v, ids, grad, params, implementation=_IMPLEMENTATION.value)
+        initializer = tf.compat.v1.global_variables_initializer()
+    with tf.compat.v1.Session(graph=graph) as sess:
+        sess.run(initializer)
+        batches = iter([_ids(rng) for _ in range(_WARMUP.value + _ITERS.value)])
+        return {"step": _time(lambda: sess.run(update, {ids: next(batches)}))}
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    logging.info("table %d x %d, %d ids per step (%s), median of %d steps",
+                 _ROWS.value, _DIM.value, _IDS.value,
+                 f"zipf {_ZIPF.value}" if _ZIPF.value > 0 else "uniform", _ITERS.value)
+    for path in _PATHS.value:
+        rng = np.random.default_rng(0)
+        times = bench_engine(rng) if path == "engine" else bench_direct(rng)
+        logging.info("%-6s %s", path, "  ".join(f"{k} {1e3 * s:.1f} ms" for k, s in times.items()))
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,187 @@
+"""Checkpoints interchange between the CPU engine and TF's own `TPUEmbedding` variables.
+
+Variables are TF's, from `create_variables_and_ops()`: `{table}/part_i`,
+`{table}/Adam/m/part_i`, `{table}/Adam/v/part_i` (part i = shard i = host i,
+rows in the sharding strategy's order), plus `dummy_*` local variables when a
+table has fewer rows than there are hosts. The engine only moves values in and
+out of them through TF's load and retrieve ops, so a `tf.compat.v1.train.Saver`
+checkpoint written after `retrieve_ops()` is an ordinary TF checkpoint.
+
+Every graph below re-runs its initializers (fresh random values) right before a
+restore or a retrieve, so that a restore or retrieve that wrote nothing fails.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tpu_embedding_harness as harness
+from tensorflow.python.tpu import tpu_embedding as te
+
+import tpu_embed_adam  # noqa: F401  (loads the kernel library: registers the engine's kernels)
+from tpu_embed_adam import engine
+
+ADAM = te.AdamParameters(learning_rate=0.05)
+HOSTS = 3
+
+
+@pytest.fixture(autouse=True)
+def fresh_engine():
+    engine.reset()
+    yield
+    engine.reset()
+
+
+def make_graph(strategy: str, num_hosts: int = HOSTS) -> harness.EmbeddingGraph:
+    tables = {
+        "users": te.TableConfig(vocabulary_size=13, dimension=4, combiner="sum"),
+        "items": te.TableConfig(vocabulary_size=8, dimension=3, combiner="mean"),
+        "tiny": te.TableConfig(vocabulary_size=2, dimension=2, combiner="sqrtn"),
+    }
+    features = {
+        "user": te.FeatureConfig("users"),
+        "item": te.FeatureConfig("items"),
+        "flag": te.FeatureConfig("tiny"),
+    }
+    return harness.EmbeddingGraph(
+        tables, features, optimization_parameters=ADAM, num_hosts=num_hosts,
+        partition_strategy=strategy, weighted=("item",),
+    )
+
+
+def random_state(graph: harness.EmbeddingGraph, seed: int) -> dict[str, harness.Slots]:
+    rng = np.random.default_rng(seed)
+    out = {}
+    for table, config in graph.emb.table_to_config_dict.items():
+        shape = (config.vocabulary_size, config.dimension)
+        out[table] = harness.Slots(
+            rng.normal(size=shape).astype(np.float32),
+            rng.normal(size=shape).astype(np.float32),
+            rng.uniform(0.0, 2.0, size=shape).astype(np.float32),
+        )
+    return out
+
+
+def assert_state_equal(got: dict[str, harness.Slots], want: dict[str, harness.Slots]) -> None:
+    assert got.keys() == want.keys()
+    for table in want:
+        for slot in ("w", "m", "v"):
+            np.testing.assert_array_equal(
+                getattr(got[table], slot), getattr(want[table], slot), err_msg=f"{table} {slot}"
+            )
+
+
+def test_variables_are_named_and_partitioned_as_tf_makes_them():
+    graph = make_graph("div")
+    try:
+        with graph.graph.as_default():
+            global_names = {v.op.name for v in tf.compat.v1.global_variables()}
+            local_names = {v.op.name for v in tf.compat.v1.local_variables()}
+        for table, parts in (("users", 3), ("items", 3), ("tiny", 2)):
+            for prefix in (table, f"{table}/Adam/m", f"{table}/Adam/v"):
+                for i in range(parts):
+                    assert f"{prefix}/part_{i}" in global_names
+                assert f"{prefix}/part_{parts}" not in global_names
+        # The third host's shard of `tiny` is fed from a dummy: never checkpointed.
+        assert {"dummy_2_tiny", "dummy_2_tiny/Adam/m", "dummy_2_tiny/Adam/v"} <= local_names
+        assert not any("dummy" in n for n in global_names)
+    finally:
+        graph.close()
+
+
+@pytest.mark.parametrize("strategy", ["div", "mod"])
+def test_checkpoint_after_retrieve_restores_into_tf_variables(strategy, tmp_path):
+    trained = make_graph(strategy)
+    try:
+        model = harness.train_and_compare(trained, steps=2)
+        saved = trained.read()
+        path = trained.save(str(tmp_path / "ckpt"))
+    finally:
+        trained.close()
+    keys = dict(tf.train.list_variables(path))
+    for table, config in trained.emb.table_to_config_dict.items():
+        for name in (table, f"{table}/Adam/m", f"{table}/Adam/v"):
+            assert keys[name] == [config.vocabulary_size, config.dimension]
+    # The gradient accumulator is the engine's hidden slot, as on TPU.
+    assert not any("accum" in k.lower() for k in keys)
+
+    engine.reset()
+    fresh = make_graph(strategy)
+    try:
+        fresh.run_init()
+        fresh.restore(path)
+        restored = fresh.read()
+    finally:
+        fresh.close()
+    assert_state_equal(restored, saved)
+    for table, state in model.state.items():
+        np.testing.assert_allclose(restored[table].w, state.w, rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("strategy", ["div", "mod"])
+def test_tf_checkpoint_loads_into_engine_and_retrieves_unchanged(strategy, tmp_path):
+    writer = make_graph(strategy)
+    try:
+        writer.run_init()
+        want = random_state(writer, seed=7)
+        writer.write(want)
+        path = writer.save(str(tmp_path / "ckpt"))
+    finally:
+        writer.close()
+
+    engine.reset()
+    reader = make_graph(strategy)
+    try:
+        reader.run_init()
+        reader.restore(path)
+        reader.load()
+        # Scramble TF's copies so that only the engine still holds the checkpoint.
+        reader.run_init()
+        assert_state_equal(reader.retrieve(), want)
+    finally:
+        reader.close()
+
+
+def test_tf_checkpoint_then_training_matches_the_reference(tmp_path):
+    writer = make_graph("mod")
+    try:
+        writer.run_init()
+        writer.write(random_state(writer, seed=3))
+        path = writer.save(str(tmp_path / "ckpt"))
+    finally:
+        writer.close()
+
+    engine.reset()
+    reader = make_graph("mod")
+
+    def restore(graph: harness.EmbeddingGraph) -> None:
+        graph.run_init()
+        graph.restore(path)
+
+    try:
+        harness.train_and_compare(reader, steps=2, initialize=restore)
+    finally:
+        reader.close()
+
+
+def test_div_checkpoint_from_three_hosts_restores_into_one_host(tmp_path):
+    """`div` parts are contiguous id ranges, so TF re-slices them for another host count."""
+    trained = make_graph("div")
+    try:
+        harness.train_and_compare(trained, steps=1)
+        saved = trained.read()
+        path = trained.save(str(tmp_path / "ckpt"))
+    finally:
+        trained.close()
+
+    engine.reset()
+    single = make_graph("div", num_hosts=1)
+    try:
+        single.run_init()
+        single.restore(path)
+        single.load()
+        single.run_init()
+        assert_state_equal(single.retrieve(), saved)
+    finally:
+        single.close()

@@ -1,0 +1,634 @@
+"""TF's own v1 `TPUEmbedding` training graph on a local CPU cluster, and a numpy model of it.
+
+`EmbeddingGraph` builds `tensorflow.python.tpu.tpu_embedding.TPUEmbedding` exactly
+as a TPU user would (`create_variables_and_ops` -> load ops -> `generate_enqueue_ops`
+-> `get_activations` -> a loss -> `tf.compat.v1.gradients` ->
+`generate_send_gradients_op` -> `retrieve_ops`), on an in-process cluster of
+`tf.distribute.Server` workers (one per host, each with one logical CPU device per
+core), or for one host as `/job:localhost` in a plain `Session`. `NumpyModel`
+computes the same step with numpy: the lookup with each table's combiner and
+weights, the backward pass to one gradient row per id, and
+`tpu_embed_adam.reference.adam_update` per table. Tests drive both with the same
+`Batch` and compare activations, losses, tables and slots.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import socket
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+from tensorflow.python.tpu import tpu, tpu_embedding
+
+from tpu_embed_adam.reference import adam_update
+
+JOB = "/job:worker"
+LOCAL_JOB = "/job:localhost"
+_F32 = np.float32
+
+
+def core_device(host: int, core: int, job: str = JOB) -> str:
+    """Returns the logical CPU device standing for `core` of `host`."""
+    return f"{job}/replica:0/task:{host}/device:CPU:{core}"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+@functools.cache
+def cluster(num_hosts: int, cores_per_host: int = 1) -> tuple[tf.distribute.Server, ...]:
+    """Starts (once per shape, for the life of the process) a local worker cluster.
+
+    One worker per host, each with one logical CPU device per core; a session
+    on the first one's `target` is the master. In-process servers cannot be
+    stopped, so clusters are cached and shared by every test that asks for the
+    same shape; the engine is reset between tests.
+    """
+    spec = tf.train.ClusterSpec({"worker": [f"localhost:{_free_port()}" for _ in range(num_hosts)]})
+    config = tf.compat.v1.ConfigProto(device_count={"CPU": cores_per_host})
+    servers = tuple(
+        tf.distribute.Server(spec, job_name="worker", task_index=i, config=config, start=True)
+        for i in range(num_hosts)
+    )
+    return servers
+
+
+def shard_ids(vocab: int, num_shards: int, strategy: str) -> list[np.ndarray]:
+    """Global ids held by each shard, in local-row order.
+
+    `div`: contiguous blocks, the first `vocab % num_shards` shards one row
+    longer; `mod`: shard i holds i, i + S, i + 2S, ... Both give TF's
+    `fixed_size_partitioner` part sizes, which is why TF builds the same
+    variables for both.
+    """
+    if strategy == "mod":
+        return [np.arange(i, vocab, num_shards) for i in range(num_shards)]
+    sizes = [vocab // num_shards + (i < vocab % num_shards) for i in range(num_shards)]
+    bounds = np.cumsum([0, *sizes])
+    return [np.arange(bounds[i], bounds[i + 1]) for i in range(num_shards)]
+
+
+def num_parts(vocab: int, num_hosts: int) -> int:
+    """Number of real `part_i` variables TF creates (the rest are dummies)."""
+    return min(vocab, num_hosts)
+
+
+def split_table(full: np.ndarray, num_hosts: int, strategy: str) -> list[np.ndarray]:
+    """Splits a [vocab, dim] array into the rows of each `part_i` variable."""
+    return [full[ids] for ids in shard_ids(len(full), num_parts(len(full), num_hosts), strategy)]
+
+
+def join_table(parts: Sequence[np.ndarray], vocab: int, strategy: str) -> np.ndarray:
+    """Inverse of `split_table`: assembles `part_i` values into [vocab, dim]."""
+    full = np.zeros((vocab, parts[0].shape[1]), _F32)
+    for ids, part in zip(shard_ids(vocab, len(parts), strategy), parts, strict=True):
+        full[ids] = part
+    return full
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureInput:
+    """One feature's ids on one core, sorted by sample.
+
+    `sample_indices` is [nnz, 2] (sample, position within the sample), or None
+    for one id per sample (TF's dense case).
+    """
+
+    ids: np.ndarray
+    sample_indices: np.ndarray | None = None
+    weights: np.ndarray | None = None
+
+    def samples(self) -> np.ndarray:
+        if self.sample_indices is None:
+            return np.arange(len(self.ids))
+        return self.sample_indices[:, 0]
+
+    def positions(self) -> np.ndarray:
+        if self.sample_indices is None:
+            return np.zeros(len(self.ids), np.int64)
+        return self.sample_indices[:, 1]
+
+    def row_splits(self, batch_size: int) -> np.ndarray:
+        """The same ids as a ragged tensor's [batch_size + 1] row splits."""
+        counts = np.bincount(self.samples(), minlength=batch_size)
+        return np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+
+
+# One dict per core (global core order: host-major), feature name -> input.
+Batch = list[dict[str, FeatureInput]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Slots:
+    """A whole table and its Adam slots, each [vocab, dim] float32."""
+
+    w: np.ndarray
+    m: np.ndarray
+    v: np.ndarray
+
+
+def table_params(emb: tpu_embedding.TPUEmbedding, table: str) -> tpu_embedding.AdamParameters:
+    """The table's own `AdamParameters`, else the global ones (TF's rule)."""
+    return (
+        emb.table_to_config_dict[table].optimization_parameters or emb.optimization_parameters
+    )
+
+
+def constant_learning_rate(emb: tpu_embedding.TPUEmbedding, table: str) -> float | None:
+    """The table's constant learning rate as TF writes it in the proto; None if dynamic."""
+    config = emb.table_to_config_dict[table]
+    if config.learning_rate:  # TF tests truthiness too: 0.0 falls through.
+        return config.learning_rate
+    if config.learning_rate_fn:
+        return None
+    return table_params(emb, table).learning_rate
+
+
+def activation_shape(emb: tpu_embedding.TPUEmbedding, feature: str) -> tuple[int, ...]:
+    """[batch_per_core, dim], or [batch_per_core, max_sequence_length, dim]."""
+    config = emb.feature_to_config_dict[feature]
+    dim = emb.table_to_config_dict[config.table_id].dimension
+    if config.max_sequence_length:
+        return (emb.batch_size_per_core, config.max_sequence_length, dim)
+    return (emb.batch_size_per_core, dim)
+
+
+def random_batch(
+    rng: np.random.Generator,
+    emb: tpu_embedding.TPUEmbedding,
+    *,
+    min_ids_per_sample: int = 1,
+    max_ids_per_sample: int = 3,
+    weighted: Sequence[str] = (),
+    one_id_per_sample: Sequence[str] = (),
+) -> Batch:
+    """Draws ids for every feature on every core.
+
+    Samples hold `min_ids_per_sample`..`max_ids_per_sample` ids (sequence
+    features: up to one past `max_sequence_length`, so that the TPU's
+    truncation is exercised), duplicates included, so that one row gets
+    several gradients per step; with a minimum of 0 some samples are empty
+    (but never a whole feature). Features in `weighted` get positive per-id
+    weights; features in `one_id_per_sample` are enqueued without sample
+    indices (TF's dense case).
+    """
+    batch: Batch = []
+    for _ in range(emb.num_cores):
+        core: dict[str, FeatureInput] = {}
+        for feature, config in emb.feature_to_config_dict.items():
+            vocab = emb.table_to_config_dict[config.table_id].vocabulary_size
+            b = emb.batch_size_per_core
+            if feature in one_id_per_sample:
+                counts = np.ones(b, np.int64)
+                indices = None
+            else:
+                most = config.max_sequence_length + 1 if config.max_sequence_length else (
+                    max_ids_per_sample)
+                counts = rng.integers(min_ids_per_sample, most + 1, b)
+                counts[0] = max(counts[0], 1)
+                rows = np.repeat(np.arange(b), counts)
+                cols = np.concatenate([np.arange(c) for c in counts])
+                indices = np.stack([rows, cols], 1).astype(np.int64)
+            ids = rng.integers(0, vocab, counts.sum()).astype(np.int64)
+            weights = rng.uniform(0.5, 1.5, len(ids)).astype(_F32) if feature in weighted else None
+            core[feature] = FeatureInput(ids, indices, weights)
+        batch.append(core)
+    return batch
+
+
+def random_targets(
+    rng: np.random.Generator, emb: tpu_embedding.TPUEmbedding
+) -> list[dict[str, np.ndarray]]:
+    """Regression targets, one array of the activation's shape per core and feature."""
+    return [
+        {f: rng.normal(size=activation_shape(emb, f)).astype(_F32)
+         for f in emb.feature_to_config_dict}
+        for _ in range(emb.num_cores)
+    ]
+
+
+class NumpyModel:
+    """The step TF's graph runs, in numpy: lookup, loss 0.5*|act - target|^2, Adam per table."""
+
+    def __init__(self, emb: tpu_embedding.TPUEmbedding, state: Mapping[str, Slots]):
+        self.emb = emb
+        self.state = {t: Slots(s.w.copy(), s.m.copy(), s.v.copy()) for t, s in state.items()}
+
+    def _lookup_plan(
+        self, feature: str, x: FeatureInput
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+        """Returns (kept ids' positions in `x`, their activation slots, scales, slot count).
+
+        A slot is a sample, or a (sample, position) cell of a sequence feature;
+        ids at positions past `max_sequence_length` are dropped, as the TPU
+        truncates. Each kept id contributes `scale * row` to its slot: its
+        weight times the combiner's factor for the slot.
+        """
+        config = self.emb.feature_to_config_dict[feature]
+        seq_len = config.max_sequence_length
+        b = self.emb.batch_size_per_core
+        kept = np.arange(len(x.ids))
+        slots, n_slots = x.samples(), b
+        if seq_len:
+            kept = kept[x.positions() < seq_len]
+            slots, n_slots = x.samples()[kept] * seq_len + x.positions()[kept], b * seq_len
+        w = np.ones(len(kept), _F32) if x.weights is None else x.weights[kept].astype(_F32)
+        combiner = self.emb.table_to_config_dict[config.table_id].combiner or "sum"
+        if combiner == "sum":
+            return kept, slots, w, n_slots
+        total = np.zeros(n_slots, _F32)
+        np.add.at(total, slots, w if combiner == "mean" else w * w)
+        norm = total if combiner == "mean" else np.sqrt(total)
+        factor = np.divide(_F32(1), norm, out=np.zeros(n_slots, _F32), where=norm > 0)
+        return kept, slots, w * factor[slots], n_slots
+
+    def activations(self, core: Mapping[str, FeatureInput]) -> dict[str, np.ndarray]:
+        """The lookup of one core, in the activations' shapes."""
+        out = {}
+        for feature, config in self.emb.feature_to_config_dict.items():
+            x, table = core[feature], self.state[config.table_id].w
+            kept, slots, scale, n_slots = self._lookup_plan(feature, x)
+            act = np.zeros((n_slots, table.shape[1]), _F32)
+            np.add.at(act, slots, scale[:, None] * table[x.ids[kept]])
+            out[feature] = act.reshape(activation_shape(self.emb, feature))
+        return out
+
+    def forward_backward(
+        self,
+        batch: Batch,
+        targets: Sequence[Mapping[str, np.ndarray]],
+        backprop_from: Sequence[Mapping[str, np.ndarray]] | None = None,
+    ) -> tuple[list[dict[str, np.ndarray]], float, dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """Returns each core's activations, the loss, and each table's (ids, gradient rows).
+
+        The loss gradient is taken at `backprop_from` (the activations TF
+        computed the sent gradients from) when given, else at the numpy
+        activations. Why: Adam scales every gradient element to a step of
+        about the learning rate, so an element near 0 (activation ~ target)
+        turns a 1-ulp difference between two correct lookups into a visible
+        difference of the weights; the update must be checked on the gradients
+        actually sent, the lookup separately.
+        """
+        acts = [self.activations(core) for core in batch]
+        at = acts if backprop_from is None else backprop_from
+        loss = 0.0
+        ids: dict[str, list[np.ndarray]] = {t: [] for t in self.state}
+        grads: dict[str, list[np.ndarray]] = {t: [] for t in self.state}
+        for core, act, act_at, target in zip(batch, acts, at, targets, strict=True):
+            for feature, config in self.emb.feature_to_config_dict.items():
+                x, table = core[feature], config.table_id
+                error = (act[feature] - target[feature]).astype(np.float64)
+                loss += 0.5 * float(np.sum(error**2))
+                d_act = act_at[feature] - target[feature]
+                kept, slots, scale, n_slots = self._lookup_plan(feature, x)
+                ids[table].append(x.ids[kept])
+                grads[table].append(scale[:, None] * d_act.reshape(n_slots, -1)[slots])
+        return (
+            acts,
+            loss,
+            {t: np.concatenate(i) for t, i in ids.items()},
+            {t: np.concatenate(g) for t, g in grads.items()},
+        )
+
+    def step(
+        self,
+        batch: Batch,
+        targets: Sequence[Mapping[str, np.ndarray]],
+        learning_rates: Mapping[str, float],
+        backprop_from: Sequence[Mapping[str, np.ndarray]] | None = None,
+    ) -> tuple[list[dict[str, np.ndarray]], float]:
+        """Runs one training step; returns each core's activations and the loss.
+
+        `backprop_from`: as for `forward_backward`.
+        """
+        acts, loss, ids, grads = self.forward_backward(batch, targets, backprop_from)
+        for table, st in self.state.items():
+            self.state[table] = Slots(
+                *adam_update(
+                    st.w, st.m, st.v, ids[table], grads[table],
+                    table_params(self.emb, table), learning_rates[table],
+                )
+            )
+        return acts, loss
+
+
+class EmbeddingGraph:
+    """TF's own `TPUEmbedding` training graph, with a session on a local cluster.
+
+    Args:
+      table_to_config_dict: as for `TPUEmbedding`.
+      feature_to_config_dict: as for `TPUEmbedding`.
+      batch_size_per_core: samples per core and step.
+      optimization_parameters: the global `AdamParameters`.
+      num_hosts: hosts, each a worker task holding its shard of every table.
+      cores_per_host: cores per host, each a logical CPU device of its worker.
+      partition_strategy: 'div' or 'mod'.
+      weighted: features fed with per-id weights.
+      one_id_per_sample: features fed without sample indices.
+      mode_override: passed to `generate_enqueue_ops`.
+      ragged: enqueue `RaggedEnqueueData` (row splits) instead of `EnqueueData`.
+      min_ids_per_sample: 0 lets `random_batch` draw empty samples.
+      local: one host as `/job:localhost` in a plain `Session` (no cluster).
+      initialize_system: whether `load()` first runs TF's
+        `initialize_system_for_tpu_embedding` (`ConfigureTPUEmbedding`), as a
+        TPU program does; if not, the config attr of TF's first load op is
+        the engine's only source of configuration.
+    """
+
+    def __init__(
+        self,
+        table_to_config_dict: Mapping[str, tpu_embedding.TableConfig],
+        feature_to_config_dict: Mapping[str, tpu_embedding.FeatureConfig],
+        *,
+        batch_size_per_core: int = 4,
+        optimization_parameters: Any = None,
+        num_hosts: int = 1,
+        cores_per_host: int = 1,
+        partition_strategy: str = "div",
+        weighted: Sequence[str] = (),
+        one_id_per_sample: Sequence[str] = (),
+        mode_override: str | None = None,
+        initialize_system: bool = True,
+        ragged: bool = False,
+        min_ids_per_sample: int = 1,
+        local: bool = False,
+    ):
+        if local and num_hosts != 1:
+            raise ValueError(f"local=True runs one host; got num_hosts={num_hosts}.")
+        self.num_hosts = num_hosts
+        self.job = LOCAL_JOB if local else JOB
+        self.mode_override = mode_override
+        self.ragged = ragged
+        self.min_ids_per_sample = min_ids_per_sample
+        self.target = "" if local else cluster(num_hosts, cores_per_host)[0].target
+        self.weighted = tuple(weighted)
+        self.one_id_per_sample = tuple(one_id_per_sample)
+        self.strategy = partition_strategy
+        self.graph = tf.Graph()
+        with self.graph.as_default():
+            self.emb = tpu_embedding.TPUEmbedding(
+                dict(table_to_config_dict),
+                dict(feature_to_config_dict),
+                batch_size=batch_size_per_core * num_hosts * cores_per_host,
+                mode=tpu_embedding.TRAINING,
+                optimization_parameters=optimization_parameters,
+                partition_strategy=partition_strategy,
+                device_config=tpu_embedding.DeviceConfig(
+                    num_hosts, num_hosts * cores_per_host, self.job
+                ),
+            )
+            self.vars = self.emb.create_variables_and_ops()
+            self.load_ops = self.vars.load_ops()
+            self.retrieve_ops = self.vars.retrieve_ops()
+            self._build_enqueue()
+            self._build_train()
+            self.init_ops = [
+                tf.compat.v1.global_variables_initializer(),
+                tf.compat.v1.local_variables_initializer(),
+            ]
+            self.saver = tf.compat.v1.train.Saver()
+            self.initialize_system_op = (
+                tpu.initialize_system_for_tpu_embedding(
+                    self.emb.config_proto, job=self.job.removeprefix("/job:")
+                )
+                if initialize_system
+                else None
+            )
+        # TF pins the configure op to `device:TPU_SYSTEM:0`; soft placement moves
+        # it to a CPU. Every other op names a device that exists.
+        self.session = tf.compat.v1.Session(
+            self.target,
+            graph=self.graph,
+            config=tf.compat.v1.ConfigProto(
+                allow_soft_placement=True, device_count={"CPU": cores_per_host}
+            ),
+        )
+
+    @property
+    def tables(self) -> list[str]:
+        return list(self.emb.table_to_config_dict)
+
+    def _build_enqueue(self) -> None:
+        # Per core and feature: (ids, sample indices or row splits or None, weights or None).
+        self._inputs: list[dict[str, tuple[Any, Any, Any]]] = []
+        datas = []
+        for c in range(self.emb.num_cores):
+            inputs, data = {}, {}
+            with tf.device(core_device(c // self.emb.num_cores_per_host, 0, self.job)):
+                for feature in self.emb.feature_to_config_dict:
+                    ids = tf.compat.v1.placeholder(tf.int64, [None], f"ids_{c}_{feature}")
+                    where = None
+                    if feature not in self.one_id_per_sample:
+                        shape = [self.emb.batch_size_per_core + 1] if self.ragged else [None, 2]
+                        where = tf.compat.v1.placeholder(tf.int64, shape, f"where_{c}_{feature}")
+                    wts = (
+                        tf.compat.v1.placeholder(tf.float32, [None], f"w_{c}_{feature}")
+                        if feature in self.weighted
+                        else None
+                    )
+                    inputs[feature] = (ids, where, wts)
+                    data[feature] = (
+                        tpu_embedding.RaggedEnqueueData(ids, where, wts)
+                        if self.ragged
+                        else tpu_embedding.EnqueueData(ids, where, wts)
+                    )
+            self._inputs.append(inputs)
+            datas.append(data)
+        self.enqueue_ops = self.emb.generate_enqueue_ops(
+            datas, mode_override=self.mode_override, ragged=self.ragged
+        )
+
+    def _build_train(self) -> None:
+        self.step_ph = tf.compat.v1.placeholder(tf.int64, [], "global_step")
+        self._targets: list[dict[str, tf.Tensor]] = []
+        self.activations: list[dict[str, tf.Tensor]] = []
+        self.send_ops = []
+        losses = []
+        for c in range(self.emb.num_cores):
+            host, core = divmod(c, self.emb.num_cores_per_host)
+            with tf.device(core_device(host, core, self.job)):
+                acts = self.emb.get_activations()
+                targets = {
+                    f: tf.compat.v1.placeholder(tf.float32, a.shape, f"target_{c}_{f}")
+                    for f, a in acts.items()
+                }
+                loss = tf.add_n(
+                    [0.5 * tf.reduce_sum(tf.square(acts[f] - targets[f])) for f in acts]
+                )
+                grads = tf.compat.v1.gradients(loss, list(acts.values()))
+                self.send_ops.append(
+                    self.emb.generate_send_gradients_op(
+                        dict(zip(acts, grads, strict=True)), step=self.step_ph
+                    )
+                )
+            self._targets.append(targets)
+            self.activations.append(acts)
+            losses.append(loss)
+        self.loss = tf.add_n(losses)
+        # TF's own evaluation of each table's dynamic rate, for the numpy model.
+        self.learning_rates = {
+            t: tf.cast(c.learning_rate_fn(self.step_ph), tf.float32)
+            for t, c in self.emb.table_to_config_dict.items()
+            if constant_learning_rate(self.emb, t) is None
+        }
+
+    def run_init(self) -> None:
+        """Runs TF's variable initializers (tables from their initializers, slots 0)."""
+        self.session.run(self.init_ops)
+
+    def read(self) -> dict[str, Slots]:
+        """Reads TF's variables (not the engine) as whole tables."""
+        out = {}
+        for t in self.tables:
+            vocab = self.emb.table_to_config_dict[t].vocabulary_size
+            n = num_parts(vocab, self.num_hosts)
+            w, m, v = self.session.run(
+                (self.vars.embedding_variables_by_table[t][:n],
+                 self.vars.slot_variables_by_table[t].m[:n],
+                 self.vars.slot_variables_by_table[t].v[:n])
+            )
+            out[t] = Slots(*(join_table(p, vocab, self.strategy) for p in (w, m, v)))
+        return out
+
+    def write(self, state: Mapping[str, Slots]) -> None:
+        """Assigns whole tables into TF's `part_i` variables (not the engine)."""
+        with self.graph.as_default():
+            for t, s in state.items():
+                n = num_parts(len(s.w), self.num_hosts)
+                groups = (
+                    self.vars.embedding_variables_by_table[t][:n],
+                    self.vars.slot_variables_by_table[t].m[:n],
+                    self.vars.slot_variables_by_table[t].v[:n],
+                )
+                for variables, full in zip(groups, (s.w, s.m, s.v), strict=True):
+                    for var, part in zip(
+                        variables, split_table(full, self.num_hosts, self.strategy),
+                        strict=True,
+                    ):
+                        var.load(part, self.session)
+
+    def save(self, path: str) -> str:
+        """Writes TF's global variables with `tf.compat.v1.train.Saver`; returns the prefix."""
+        with self.graph.as_default():
+            return self.saver.save(self.session, path)
+
+    def restore(self, path: str) -> None:
+        """Restores TF's global variables from a `Saver` checkpoint."""
+        with self.graph.as_default():
+            self.saver.restore(self.session, path)
+
+    def load(self) -> None:
+        """Runs TF's load ops (variables -> engine), after configuring if asked to."""
+        if self.initialize_system_op is not None:
+            self.session.run(self.initialize_system_op)
+        self.session.run(self.load_ops)
+
+    def retrieve(self) -> dict[str, Slots]:
+        """Runs TF's retrieve ops (engine -> variables) and reads the variables."""
+        self.session.run(self.retrieve_ops)
+        return self.read()
+
+    def enqueue(self, batch: Batch) -> None:
+        """Runs TF's enqueue ops, one per core, on `batch`."""
+        feed: dict[Any, np.ndarray | None] = {}
+        for inputs, core in zip(self._inputs, batch, strict=True):
+            for feature, (ids, where, wts) in inputs.items():
+                x = core[feature]
+                feed[ids] = x.ids
+                if where is not None:
+                    feed[where] = (
+                        x.row_splits(self.emb.batch_size_per_core)
+                        if self.ragged
+                        else x.sample_indices
+                    )
+                if wts is not None:
+                    feed[wts] = x.weights
+        self.session.run(self.enqueue_ops, feed)
+
+    def train_step(
+        self, batch: Batch, targets: Sequence[Mapping[str, np.ndarray]], step: int
+    ) -> tuple[list[dict[str, np.ndarray]], float, dict[str, float]]:
+        """Enqueues, receives, sends gradients; returns activations, loss, learning rates."""
+        self.enqueue(batch)
+        feed: dict[Any, Any] = {self.step_ph: step}
+        for phs, target in zip(self._targets, targets, strict=True):
+            feed.update({phs[f]: target[f] for f in phs})
+        acts, loss, rates, _ = self.session.run(
+            (self.activations, self.loss, self.learning_rates, self.send_ops), feed
+        )
+        for t in self.tables:
+            rate = constant_learning_rate(self.emb, t)
+            if rate is not None:
+                rates[t] = rate
+        return acts, float(loss), rates
+
+    def random_batch(self, rng: np.random.Generator, **kwargs: Any) -> Batch:
+        return random_batch(
+            rng, self.emb, weighted=self.weighted, one_id_per_sample=self.one_id_per_sample,
+            min_ids_per_sample=self.min_ids_per_sample, **kwargs,
+        )
+
+    def close(self) -> None:
+        """Closes the session and drops the workers' variables.
+
+        Workers keep resource variables across sessions by name; the next test
+        may build `users/part_0` with another shape on the same cached cluster.
+        """
+        self.session.close()
+        if self.target:
+            tf.compat.v1.Session.reset(self.target)
+
+
+def train_and_compare(
+    graph: EmbeddingGraph,
+    steps: int,
+    seed: int = 0,
+    rtol: float = 2e-5,
+    atol: float = 2e-6,
+    initialize: Callable[[EmbeddingGraph], None] = EmbeddingGraph.run_init,
+) -> NumpyModel:
+    """Initializes, loads, trains `steps` steps through TF's ops and the numpy model, retrieves.
+
+    Asserts, step by step, that the activations and the loss match the numpy
+    lookup, and at the end that every table and slot matches
+    `reference.adam_update`. Returns the numpy model (its final state).
+
+    Args:
+      graph: the graph to train.
+      steps: training steps.
+      seed: seeds the ids, weights and targets.
+      rtol: relative tolerance (the engine may sum gradients in another order).
+      atol: absolute tolerance.
+      initialize: sets TF's variables before the load (default: initializers).
+    """
+    rng = np.random.default_rng(seed)
+    initialize(graph)
+    model = NumpyModel(graph.emb, graph.read())
+    graph.load()
+    compare = functools.partial(_assert_close, rtol=rtol, atol=atol)
+    for step in range(1, steps + 1):
+        batch = graph.random_batch(rng)
+        targets = random_targets(rng, graph.emb)
+        got_acts, got_loss, rates = graph.train_step(batch, targets, step)
+        want_acts, want_loss = model.step(batch, targets, rates, backprop_from=got_acts)
+        for c, (got, want) in enumerate(zip(got_acts, want_acts, strict=True)):
+            for f in want:
+                compare(f"step {step} core {c} activation {f}", got[f], want[f])
+        np.testing.assert_allclose(got_loss, want_loss, rtol=1e-4, err_msg=f"step {step} loss")
+    final = graph.retrieve()
+    for t in graph.tables:
+        for slot in ("w", "m", "v"):
+            got, want = getattr(final[t], slot), getattr(model.state[t], slot)
+            compare(f"table {t} slot {slot}", got, want)
+    return model
+
+
+def _assert_close(what: str, got: np.ndarray, want: np.ndarray, rtol: float, atol: float) -> None:
+    np.testing.assert_allclose(got, want, rtol=rtol, atol=atol, err_msg=what)
