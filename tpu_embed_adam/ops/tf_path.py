@@ -133,9 +133,23 @@ def _groups(ids: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]
     """
     perm = tf.argsort(ids, stable=True)
     sorted_ids = tf.gather(ids, perm)
-    first = tf.searchsorted(sorted_ids, sorted_ids, side="left", out_type=tf.int32)
-    end = tf.searchsorted(sorted_ids, sorted_ids, side="right", out_type=tf.int32)
-    return perm, sorted_ids, first, end - first
+    # Not `tf.searchsorted`, nor `tf.cumsum` over run starts: XLA on CPU lowers
+    # them to an [n, n] comparison (17 GB for 65,536 ids) and to an O(n^2)
+    # reduce-window. A doubling max-scan of the run starts' positions is
+    # log2(n) rounds of O(n).
+    n = tf.size(ids, out_type=tf.int32)
+    positions = tf.range(n)
+    starts = tf.concat([[True], tf.not_equal(sorted_ids[1:], sorted_ids[:-1])], 0)[:n]
+
+    def widen(shift: tf.Tensor, first: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        earlier = tf.gather(first, tf.maximum(positions - shift, 0))
+        return shift * 2, tf.maximum(first, earlier)
+
+    _, first = tf.while_loop(
+        lambda shift, _: shift < n, widen, [tf.constant(1), tf.where(starts, positions, 0)]
+    )
+    count = tf.gather(tf.math.unsorted_segment_sum(tf.ones_like(first), first, n), first)
+    return perm, sorted_ids, first, count
 
 
 def _accumulated(ids: tf.Tensor, grads: tf.Tensor, xla: bool) -> tuple[tf.Tensor, tf.Tensor]:
@@ -240,7 +254,10 @@ def _runtime_checks(
         checks = [c for c in checks if c is not None]
     with tf.control_dependencies(checks):
         rows = tf.cast(shape[0], ids.dtype)
-        bad = tf.logical_or(ids < 0, ids >= rows)
+        # Grappler does not keep these ops behind the rank checks (in TF1
+        # graphs they can run first), so they must not fail on ids of any rank.
+        flat_ids = tf.reshape(ids, [-1])
+        bad = tf.logical_or(flat_ids < 0, flat_ids >= rows)
         in_range = tf.logical_not(tf.reduce_any(bad))
         finite = None
         if check_numerics:
@@ -251,7 +268,7 @@ def _runtime_checks(
         # argmax over `bad` plus a sentinel True: the first bad position, and
         # well-defined when ids is empty.
         position = tf.argmax(tf.concat([bad, [True]], 0), output_type=tf.int32)
-        first_bad = tf.concat([ids, tf.constant([-1], ids.dtype)], 0)[position]
+        first_bad = tf.concat([flat_ids, tf.constant([-1], ids.dtype)], 0)[position]
         message = tf.strings.format(
             "`ids` must lie in [0, {}) (the rows of `var`); first bad id: {} at position {}.",
             (rows, first_bad, position),
@@ -318,6 +335,9 @@ def tf_apply_adam(
     xla = control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
     checks, valid = _runtime_checks(var, m, v, ids, grads, hp.lr, check_numerics, xla)
     with tf.control_dependencies(checks):
+        # In TF1 graphs, Grappler's constant folding can start the update
+        # before a failed rank check stops the step: flat ids cannot fail first.
+        ids = tf.reshape(ids, [-1])
         update = _Updater(var, m, v, hp, keep=valid if xla else None)
         if not params.use_gradient_accumulation:
             writes = [_per_occurrence(update, ids, grads, xla)]
