@@ -1,19 +1,22 @@
 r"""One sparse Adam step, side by side: the fused op, the TF-ops path and peers.
 
 On the same table and ids, per case and mode (lazy, non-lazy), the median
-wall time of one step over `--steps` steps after `--warmup` steps of:
+wall time of one step over `--steps` steps after `--warmup` steps of the
+implementations below, all alive at once and timed round-robin (one step of
+each in turn), so that load from elsewhere on the machine is shared fairly:
 
 * `fused`: the `TpuEmbedAdamApply` kernel (`ops/fused.py`), in `tf.function`;
 * `tf_path`: the pure-TF path (`ops/tf_path.py`) in `tf.function`, and
   `tf_path_xla` with `jit_compile=True`;
-* `numpy_reference`: `reference.adam_update` (`--reference_steps` steps: it is
-  slow and copies the table);
+* `numpy_reference`: `reference.adam_update`, timed on its own
+  (`--reference_steps` steps: it is slow and copies the table);
 * `lazy_adam_tfa` (lazy): TF-Addons `LazyAdam`, and `sparse_adam_torch` (lazy):
   `torch.optim.SparseAdam`, when installed (`requirements-bench.txt`);
 * `dense_adam_tf1` (non-lazy): `tf.compat.v1.train.AdamOptimizer` on the
   dense gradient (precomputed outside the timed step).
 
-A copy-bandwidth probe (numpy copies on every core) runs in the same process.
+A copy-bandwidth probe (numpy copies on every core) runs in the same process,
+before and after the cases; the higher of the two is the reference.
 Effective GB/s = (N + 6 x distinct rows) x D x 4 B / time: the gradients read
 once, and table, m and v each read and written once per distinct row.
 
@@ -58,9 +61,12 @@ _OUT_DIR = flags.DEFINE_string(
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the ids and gradients.")
 _XLA_MAX_ELEMENTS = flags.DEFINE_integer(
     "xla_max_elements",
-    20_000_000,
-    "Largest table (rows x dim) for tf_path_xla: on 1M x 128 it took over 20 GB and was "
-    "killed by the OOM killer on a 23 GB machine.",
+    0,
+    "Largest table (rows x dim) for tf_path_xla; 0: no limit (on 1M x 128 it needs about "
+    "as much memory as tf_path).",
+)
+_ONLY = flags.DEFINE_list(
+    "only", [], "Run only these implementations (e.g. tf_path_xla,fused); empty: all."
 )
 
 LEARNING_RATE = 0.01
@@ -127,7 +133,7 @@ def _tf_path(p: Problem, jit_compile: bool) -> Callable[[], Any]:
         from tpu_embed_adam.ops.tf_path import tf_apply_adam
     except ImportError as e:
         raise Skip(f"tpu_embed_adam.ops.tf_path: {e}") from e
-    if jit_compile and p.table.size > _XLA_MAX_ELEMENTS.value:
+    if jit_compile and 0 < _XLA_MAX_ELEMENTS.value < p.table.size:
         raise Skip(f"table over --xla_max_elements={_XLA_MAX_ELEMENTS.value} (memory)")
     var, m, v = _variables(p)
     ids, grads = tf.constant(p.ids), tf.constant(p.grads)
@@ -241,48 +247,91 @@ def _problem(case: Case, lazy: bool, rng: np.random.Generator) -> Problem:
     )
 
 
+def _interleaved_medians(
+    steps: dict[str, Callable[[], Any]], count: int, warmup: int
+) -> dict[str, float]:
+    """Median seconds per step of each function, timed round-robin.
+
+    One step of each in turn, the order rotating every round, so that a burst
+    of load from elsewhere on the machine hits every implementation alike
+    instead of whichever happened to be running.
+    """
+    names = list(steps)
+    for name in names:
+        for _ in range(warmup):
+            steps[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for i in range(count):
+        for name in names[i % len(names) :] + names[: i % len(names)]:
+            start = time.perf_counter()
+            steps[name]()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def run(cases: tuple[Case, ...], steps: int, warmup: int, reference_steps: int) -> dict[str, Any]:
     """Runs every implementation on every case and mode; returns the results."""
     probe = copy_bandwidth()
     logging.info("copy bandwidth probe: %.1f GB/s", probe)
-    rows = []
+    rows: list[dict[str, Any]] = []
     rng = np.random.default_rng(_SEED.value)
     for case in cases:
         for lazy in (True, False):
             p = _problem(case, lazy, rng)
             useful_bytes = (case.ids + 6 * p.distinct) * case.dim * 4
-            stream_floor_ms = 1e3 * (6 * case.rows + case.ids) * case.dim * 4 / (probe * 1e9)
-            fused_ms = None
+            stream_bytes = (6 * case.rows + case.ids) * case.dim * 4
+            skipped: dict[str, str] = {}
+            made: dict[str, Callable[[], Any]] = {}
             for name, make in IMPLEMENTATIONS.items():
-                row: dict[str, Any] = {"case": case.name, "mode": p.mode, "impl": name}
+                if _ONLY.value and name not in _ONLY.value:
+                    skipped[name] = "not in --only"
+                    continue
                 try:
-                    step = make(p)
-                    n = reference_steps if name == "numpy_reference" else steps
-                    seconds = _median_seconds(step, n, 1 if name == "numpy_reference" else warmup)
+                    made[name] = make(p)
                 except Skip as e:
-                    row["skipped"] = str(e)
+                    skipped[name] = str(e)
+            # The reference is slow and copies the table: timed on its own.
+            reference = made.pop("numpy_reference", None)
+            seconds = _interleaved_medians(made, steps, warmup)
+            counts = dict.fromkeys(made, steps)
+            if reference is not None:
+                seconds["numpy_reference"] = _median_seconds(reference, reference_steps, 1)
+                counts["numpy_reference"] = reference_steps
+            # Frees every implementation's copy of the table and slots.
+            del made, reference
+            gc.collect()
+            fused_ms = 1e3 * seconds["fused"] if "fused" in seconds else None
+            for name in IMPLEMENTATIONS:
+                row: dict[str, Any] = {"case": case.name, "mode": p.mode, "impl": name}
+                if name in skipped:
+                    row["skipped"] = skipped[name]
                     rows.append(row)
                     continue
-                finally:
-                    # Frees this implementation's copy of the table and slots.
-                    step = None
-                    gc.collect()
-                ms = 1e3 * seconds
-                fused_ms = ms if name == "fused" else fused_ms
+                ms = 1e3 * seconds[name]
                 row.update(
                     ms=ms,
-                    steps=n,
+                    steps=counts[name],
                     distinct=p.distinct,
-                    gb_per_s=useful_bytes / seconds / 1e9,
-                    pct_probe=100 * useful_bytes / seconds / 1e9 / probe,
-                    stream_floor_ms=None if lazy else stream_floor_ms,
+                    gb_per_s=useful_bytes / seconds[name] / 1e9,
+                    stream_bytes=None if lazy else stream_bytes,
+                    x_fused=ms / fused_ms if fused_ms else None,
                 )
                 rows.append(row)
                 logging.info("%s %s %s: %.2f ms", case.name, p.mode, name, ms)
-            for row in rows:
-                if row["case"] == case.name and row["mode"] == p.mode and "ms" in row:
-                    row["x_fused"] = row["ms"] / fused_ms if fused_ms else None
-    return {"probe_gb_per_s": probe, "cpus": os.cpu_count(), "results": rows}
+    probe_after = copy_bandwidth()
+    logging.info("copy bandwidth probe after the cases: %.1f GB/s", probe_after)
+    best = max(probe, probe_after)
+    for row in rows:
+        if "ms" in row:
+            row["pct_probe"] = 100 * row["gb_per_s"] / best
+            stream_bytes = row.pop("stream_bytes")
+            row["stream_floor_ms"] = stream_bytes and 1e3 * stream_bytes / (best * 1e9)
+    return {
+        "probe_gb_per_s": best,
+        "probe_runs_gb_per_s": [probe, probe_after],
+        "cpus": os.cpu_count(),
+        "results": rows,
+    }
 
 
 def format_table(results: dict[str, Any]) -> str:

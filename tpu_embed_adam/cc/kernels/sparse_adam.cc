@@ -4,18 +4,22 @@
 // the IEEE-exact instructions numpy uses.
 //
 // Plan of one step: hash-partition the input positions by row (parallel over
-// input chunks), dedupe each partition with a small open-addressing table into
-// groups of positions per distinct row kept in input order (parallel over
-// partitions), then update the distinct rows in parallel, one fused pass over
-// `dim` per row. Non-lazy mode sorts the distinct rows and streams the whole
-// table in parallel row ranges, stepping absent runs of rows as flat spans.
+// input chunks) and dedupe each partition with a small open-addressing table
+// into groups, one per distinct row (parallel over partitions). With
+// accumulation, one thread sums each group's gradients in one forward pass
+// over the gradients while the others update the rows whose sums are
+// complete, one fused pass over `dim` per row; without, list each group's
+// positions and step the rows in parallel, once per occurrence. Non-lazy mode
+// sums first, sorts the distinct rows and streams the whole table in parallel
+// row ranges, stepping absent runs of rows as flat spans.
 #include "tpu_embed_adam/cc/kernels/sparse_adam.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
-#include <memory>
 #include <numeric>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -155,11 +159,30 @@ void AddTo(float* __restrict acc, const float* __restrict g, int64_t len) {
   for (int64_t j = 0; j < len; ++j) acc[j] += g[j];
 }
 
-// Input positions grouped by distinct row: group u is row `row[u]` and its
-// positions are positions[begin[u], end[u]), in input order.
-struct RowGroups {
-  std::unique_ptr<int64_t[]> positions;
-  std::vector<int64_t> row, begin, end;
+// The distinct rows of one step's ids. Positions are hash-partitioned by id;
+// partition p holds part_pos[part_begin[p], part_begin[p + 1]) in input order,
+// and position part_pos[t] belongs to its partition's group local[t]. Groups
+// are numbered partition by partition: group u = first[p] + local[t] is row
+// row[u]. One Grouping per calling thread is reused from step to step, so its
+// buffers keep their capacity (O(ids x dim), never O(table)): fresh buffers
+// of this size page-fault on every step, which cost as much as the grouping.
+struct Grouping {
+  int pbits = 0;
+  std::vector<int64_t> part_pos, part_begin, cursor, local, first;
+  // Per group u: its row, and the positions of its first and last
+  // occurrences.
+  std::vector<int64_t> part_row, part_first_pos, part_last_pos;
+  std::vector<int64_t> row, first_pos, last_pos;
+  // Filled on demand: per-group gradient sums [groups, dim], the group of
+  // each position, and the groups (and their rows) in the order their sums
+  // complete; or the positions of each group,
+  // positions[offset[u], offset[u + 1]), in input order.
+  std::vector<float> sums;
+  std::vector<int64_t> group_of, ready, ready_row;
+  std::vector<int64_t> positions, offset;
+
+  int64_t num_parts() const { return int64_t{1} << pbits; }
+  int64_t groups() const { return first.back(); }
 };
 
 // Fibonacci hashing: the top bits of the product are well mixed even for
@@ -181,27 +204,27 @@ int PartitionBits(int64_t n) {
 }
 
 template <typename Index>
-RowGroups GroupByRow(const Index* ids, int64_t n, int64_t rows,
-                     const ParallelFor& parallel_for) {
-  const int pbits = PartitionBits(n);
-  const int64_t num_parts = int64_t{1} << pbits;
+void GroupByRow(const Index* ids, int64_t n, int64_t rows,
+                const ParallelFor& parallel_for, Grouping& gr) {
+  const int pbits = gr.pbits = PartitionBits(n);
+  const int64_t num_parts = gr.num_parts();
   auto part_of = [pbits](int64_t id) -> int64_t {
     return pbits == 0 ? 0 : static_cast<int64_t>(Hash(id) >> (64 - pbits));
   };
 
   // Stage 1: scatter positions into partitions, partition-major and chunk by
   // chunk, so that each partition lists its positions in input order.
-  std::unique_ptr<int64_t[]> part_pos(new int64_t[n]);
-  std::vector<int64_t> part_begin(num_parts + 1, 0);
+  gr.part_pos.resize(n);
+  gr.part_begin.assign(num_parts + 1, 0);
   if (num_parts == 1) {
-    std::iota(part_pos.get(), part_pos.get() + n, int64_t{0});
+    std::iota(gr.part_pos.begin(), gr.part_pos.end(), int64_t{0});
   } else {
     const int64_t chunk = std::max<int64_t>(kPartitionTarget, (n + 63) / 64);
     const int64_t num_chunks = (n + chunk - 1) / chunk;
-    std::vector<int64_t> cursor(num_chunks * num_parts, 0);
+    gr.cursor.assign(num_chunks * num_parts, 0);
     parallel_for(num_chunks, chunk * 4, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
-        int64_t* hist = &cursor[c * num_parts];
+        int64_t* hist = &gr.cursor[c * num_parts];
         for (int64_t i = c * chunk, e = std::min(n, i + chunk); i < e; ++i) {
           ++hist[part_of(ids[i])];
         }
@@ -209,146 +232,241 @@ RowGroups GroupByRow(const Index* ids, int64_t n, int64_t rows,
     });
     int64_t offset = 0;
     for (int64_t p = 0; p < num_parts; ++p) {
-      part_begin[p] = offset;
+      gr.part_begin[p] = offset;
       for (int64_t c = 0; c < num_chunks; ++c) {
-        const int64_t count = cursor[c * num_parts + p];
-        cursor[c * num_parts + p] = offset;
+        int64_t& cur = gr.cursor[c * num_parts + p];
+        const int64_t count = cur;
+        cur = offset;
         offset += count;
       }
     }
     parallel_for(num_chunks, chunk * 4, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
-        int64_t* next = &cursor[c * num_parts];
+        int64_t* next = &gr.cursor[c * num_parts];
         for (int64_t i = c * chunk, e = std::min(n, i + chunk); i < e; ++i) {
-          part_pos[next[part_of(ids[i])]++] = i;
+          gr.part_pos[next[part_of(ids[i])]++] = i;
         }
       }
     });
   }
-  part_begin[num_parts] = n;
+  gr.part_begin[num_parts] = n;
 
-  // Stage 2: dedupe each partition. Partition p writes its groups into
-  // [part_begin[p], part_begin[p] + distinct[p]) of the scratch arrays and
-  // its grouped positions into positions[part_begin[p], part_begin[p + 1]).
-  RowGroups groups;
-  groups.positions.reset(new int64_t[n]);
-  std::unique_ptr<int64_t[]> scratch_row(new int64_t[n]);
-  std::unique_ptr<int64_t[]> scratch_end(new int64_t[n]);
+  // Stage 2: dedupe each partition; its groups' rows go to
+  // part_row[part_begin[p], part_begin[p] + distinct).
+  gr.local.resize(n);
+  gr.part_row.resize(n);
+  gr.part_first_pos.resize(n);
+  gr.part_last_pos.resize(n);
   std::vector<int64_t> distinct(num_parts, 0);
   const int64_t cost_per_part = 40 * (n / num_parts + 1);
   parallel_for(num_parts, cost_per_part, [&](int64_t p0, int64_t p1) {
-    std::vector<int64_t> slot_key, slot_group, group_of, count;
+    std::vector<int64_t> slot_key, slot_group;
     for (int64_t p = p0; p < p1; ++p) {
-      const int64_t base = part_begin[p];
-      const int64_t size = part_begin[p + 1] - base;
+      const int64_t base = gr.part_begin[p];
+      const int64_t size = gr.part_begin[p + 1] - base;
       if (size == 0) continue;
       int sbits = 3;
       while ((int64_t{1} << sbits) < 2 * std::min(size, rows)) ++sbits;
       const uint64_t mask = (uint64_t{1} << sbits) - 1;
       slot_key.resize(mask + 1);
       slot_group.assign(mask + 1, -1);
-      group_of.resize(size);
-      count.clear();
-      int64_t* group_row = &scratch_row[base];
-      for (int64_t t = 0; t < size; ++t) {
-        const int64_t id = static_cast<int64_t>(ids[part_pos[base + t]]);
+      int64_t count = 0;
+      for (int64_t t = base; t < base + size; ++t) {
+        const int64_t id = static_cast<int64_t>(ids[gr.part_pos[t]]);
         // The bits below the partition bits: the partition bits are equal
         // within a partition.
         uint64_t s = (Hash(id) << pbits) >> (64 - sbits);
         while (slot_group[s] >= 0 && slot_key[s] != id) s = (s + 1) & mask;
         if (slot_group[s] < 0) {
-          slot_group[s] = static_cast<int64_t>(count.size());
+          slot_group[s] = count;
           slot_key[s] = id;
-          group_row[count.size()] = id;
-          count.push_back(0);
+          gr.part_row[base + count] = id;
+          gr.part_first_pos[base + count++] = gr.part_pos[t];
         }
-        ++count[slot_group[s]];
-        group_of[t] = slot_group[s];
+        gr.local[t] = slot_group[s];
+        gr.part_last_pos[base + slot_group[s]] = gr.part_pos[t];
       }
-      // Counts become cursors into positions, then ends once filled.
-      int64_t offset = base;
-      for (int64_t& c : count) {
-        const int64_t size_g = c;
-        c = offset;
-        offset += size_g;
-      }
-      for (int64_t t = 0; t < size; ++t) {
-        groups.positions[count[group_of[t]]++] = part_pos[base + t];
-      }
-      std::copy(count.begin(), count.end(), &scratch_end[base]);
-      distinct[p] = static_cast<int64_t>(count.size());
+      distinct[p] = count;
     }
   });
 
-  // Stage 3: compact the partitions' groups into one list.
-  std::vector<int64_t> first(num_parts + 1, 0);
-  for (int64_t p = 0; p < num_parts; ++p) first[p + 1] = first[p] + distinct[p];
-  const int64_t total = first[num_parts];
-  groups.row.resize(total);
-  groups.begin.resize(total);
-  groups.end.resize(total);
+  // Stage 3: number the groups and list their rows.
+  gr.first.assign(num_parts + 1, 0);
   for (int64_t p = 0; p < num_parts; ++p) {
-    const int64_t base = part_begin[p];
-    for (int64_t k = 0; k < distinct[p]; ++k) {
-      const int64_t u = first[p] + k;
-      groups.row[u] = scratch_row[base + k];
-      groups.end[u] = scratch_end[base + k];
-      groups.begin[u] = k == 0 ? base : scratch_end[base + k - 1];
-    }
+    gr.first[p + 1] = gr.first[p] + distinct[p];
   }
-  return groups;
+  gr.row.resize(gr.groups());
+  gr.first_pos.resize(gr.groups());
+  gr.last_pos.resize(gr.groups());
+  for (int64_t p = 0; p < num_parts; ++p) {
+    const int64_t base = gr.part_begin[p];
+    std::copy_n(&gr.part_row[base], distinct[p], &gr.row[gr.first[p]]);
+    std::copy_n(&gr.part_first_pos[base], distinct[p],
+                &gr.first_pos[gr.first[p]]);
+    std::copy_n(&gr.part_last_pos[base], distinct[p],
+                &gr.last_pos[gr.first[p]]);
+  }
+
+  // Stage 4: the group of each position.
+  gr.group_of.resize(n);
+  parallel_for(num_parts, 4 * (n / num_parts + 1), [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      for (int64_t t = gr.part_begin[p]; t < gr.part_begin[p + 1]; ++t) {
+        gr.group_of[gr.part_pos[t]] = gr.first[p] + gr.local[t];
+      }
+    }
+  });
 }
 
 // Rows of a sparse step are scattered over the table, so the hardware
-// prefetcher sees one short stream per row and every row start misses; asking
-// for rows a few groups ahead overlaps those misses.
-constexpr int64_t kPrefetchAhead = 4;
+// prefetcher sees only short streams and every row start misses; asking for
+// rows several steps ahead keeps enough misses in flight to approach the
+// memory bandwidth rather than its latency.
+constexpr int64_t kRowsAhead = 4;
+constexpr int64_t kGradsAhead = 8;
 
 inline void PrefetchRow(const float* row, int64_t dim) {
   constexpr int64_t kFloatsPerLine = 64 / sizeof(float);
   for (int64_t j = 0; j < dim; j += kFloatsPerLine) __builtin_prefetch(row + j);
 }
 
-void PrefetchGroup(const TableShard& shard, const float* grads,
-                   const RowGroups& groups, int64_t u) {
-  const int64_t dim = shard.dim;
-  const int64_t offset = groups.row[u] * dim;
-  PrefetchRow(shard.w + offset, dim);
-  PrefetchRow(shard.m + offset, dim);
-  PrefetchRow(shard.v + offset, dim);
-  PrefetchRow(grads + groups.positions[groups.begin[u]] * dim, dim);
+// Sums each group's gradients into gr.sums, from zero and in input order as
+// the reference sums, and calls done(u) once group u's sum is complete. One
+// thread reads the gradients in input order: a forward stream that the
+// hardware prefetcher follows at full speed. Splitting it (each thread
+// walking its partitions' positions, or its half of the columns) measured
+// slower in total than one thread on the whole stream.
+template <typename DoneFn>
+void SumGradients(const float* grads, int64_t dim, Grouping& gr,
+                  DoneFn done) {
+  const int64_t n = gr.part_begin.back();
+  gr.sums.resize(gr.groups() * dim);
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t u = gr.group_of[i];
+    float* sum = &gr.sums[u * dim];
+    if (gr.first_pos[u] == i) std::fill(sum, sum + dim, 0.0f);
+    AddTo(sum, grads + i * dim, dim);
+    if (gr.last_pos[u] == i) done(u);
+  }
 }
 
-// Updates the row of group u: one step with the float32 sum of its
-// gradients (accumulation on), or one step per occurrence in input order.
-void StepGroup(const AdamConfig& cfg, const Consts<float>& c,
-               const TableShard& shard, const float* grads,
-               const RowGroups& groups, int64_t u, std::vector<float>& acc) {
+// Lists each group's positions in input order (for stepping per occurrence).
+void ListPositions(const ParallelFor& parallel_for, Grouping& gr) {
+  const int64_t n = gr.part_begin.back();
+  gr.positions.resize(n);
+  gr.offset.resize(gr.groups() + 1);
+  gr.offset.back() = n;
+  parallel_for(gr.num_parts(), 8 * (n / gr.num_parts() + 1),
+               [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      // Counts become cursors into positions.
+      int64_t* cursor = &gr.offset[gr.first[p]];
+      const int64_t groups = gr.first[p + 1] - gr.first[p];
+      std::fill(cursor, cursor + groups, 0);
+      for (int64_t t = gr.part_begin[p]; t < gr.part_begin[p + 1]; ++t) {
+        ++cursor[gr.local[t]];
+      }
+      int64_t offset = gr.part_begin[p];
+      for (int64_t k = 0; k < groups; ++k) {
+        const int64_t size = cursor[k];
+        cursor[k] = offset;
+        offset += size;
+      }
+      for (int64_t t = gr.part_begin[p]; t < gr.part_begin[p + 1]; ++t) {
+        gr.positions[cursor[gr.local[t]]++] = gr.part_pos[t];
+      }
+      // Each cursor now sits at the next group's start: shift back.
+      std::copy_backward(cursor, cursor + groups - 1, cursor + groups);
+      if (groups > 0) cursor[0] = gr.part_begin[p];
+    }
+  });
+}
+
+// Calls step(u, w, m, v) for the groups [u0, u1) with their rows' pointers,
+// prefetching the rows of later groups.
+template <typename StepFn>
+void ForEachGroupRow(const TableShard& shard, const int64_t* row, int64_t u0,
+                     int64_t u1, StepFn step) {
   const int64_t dim = shard.dim;
-  const int64_t offset = groups.row[u] * dim;
-  float* w = shard.w + offset;
-  float* m = shard.m + offset;
-  float* v = shard.v + offset;
-  const int64_t* pos = groups.positions.get();
-  const int64_t b = groups.begin[u], e = groups.end[u];
-  if (!cfg.gradient_accumulation) {
-    for (int64_t k = b; k < e; ++k) {
-      if (k + kPrefetchAhead < e) PrefetchRow(grads + pos[k + kPrefetchAhead] * dim, dim);
-      StepSpan<true>(c, grads + pos[k] * dim, w, m, v, dim);
+  int64_t fetched = u0;
+  for (int64_t u = u0; u < u1; ++u) {
+    for (const int64_t stop = std::min(u1, u + kRowsAhead); fetched < stop;
+         ++fetched) {
+      const int64_t offset = row[fetched] * dim;
+      PrefetchRow(shard.w + offset, dim);
+      PrefetchRow(shard.m + offset, dim);
+      PrefetchRow(shard.v + offset, dim);
     }
-    return;
+    const int64_t offset = row[u] * dim;
+    step(u, shard.w + offset, shard.m + offset, shard.v + offset);
   }
-  const float* g = grads + pos[b] * dim;
-  if (e - b > 1) {
-    // Summed from zero in input order, as the reference sums.
-    std::fill(acc.begin(), acc.end(), 0.0f);
-    for (int64_t k = b; k < e; ++k) {
-      if (k + kPrefetchAhead < e) PrefetchRow(grads + pos[k + kPrefetchAhead] * dim, dim);
-      AddTo(acc.data(), grads + pos[k] * dim, dim);
+}
+
+// Lazy mode with accumulation: one worker sums the gradients (SumGradients)
+// and queues each group as its sum completes; the others step queued rows
+// meanwhile (the sum alone takes about half the step), and the summing worker
+// joins them when done. The others wait only for a summing worker that has
+// started, so the step completes whatever order, and on whichever threads,
+// ParallelFor runs the workers.
+void StepAsSummed(const Consts<float>& c, const TableShard& shard,
+                  const float* grads, const ParallelFor& parallel_for,
+                  Grouping& gr) {
+  const int64_t dim = shard.dim;
+  const int64_t total = gr.groups();
+  gr.ready.resize(total);
+  gr.ready_row.resize(total);
+  // ready[0, published) may be stepped; claimed counts those taken.
+  std::atomic<int64_t> published{0}, claimed{0};
+  enum { kNotStarted, kSumming, kDone };
+  std::atomic<int> summer{kNotStarted};
+  // Groups are published and claimed this many at a time.
+  constexpr int64_t kBatch = 16;
+  // Claims queued groups a batch at a time and steps them, waiting for more
+  // while the summing worker runs. A worker that finds the summing one not
+  // started gives it a short while, then leaves: ParallelFor may run both on
+  // this thread, after this one.
+  auto step_queued = [&]() {
+    constexpr int kStartYields = 100;
+    for (int yields = 0;;) {
+      int64_t k = claimed.load(std::memory_order_relaxed);
+      if (k >= total) return;
+      const int64_t avail = published.load(std::memory_order_acquire);
+      if (k >= avail) {
+        const int state = summer.load(std::memory_order_acquire);
+        if (state == kDone) continue;
+        if (state == kNotStarted && ++yields > kStartYields) return;
+        std::this_thread::yield();
+        continue;
+      }
+      const int64_t end = std::min(avail, k + kBatch);
+      if (!claimed.compare_exchange_weak(k, end)) continue;
+      ForEachGroupRow(shard, gr.ready_row.data(), k, end,
+                      [&](int64_t j, float* w, float* m, float* v) {
+                        StepSpan<true>(c, &gr.sums[gr.ready[j] * dim], w, m,
+                                       v, dim);
+                      });
     }
-    g = acc.data();
-  }
-  StepSpan<true>(c, g, w, m, v, dim);
+  };
+  const int64_t n = gr.part_begin.back();
+  // Workers beyond the threads available start late and find little or
+  // nothing left to claim.
+  const int64_t workers = std::min<int64_t>(8, 1 + total / 1024);
+  parallel_for(workers, 4 * dim * (n + total), [&](int64_t w0, int64_t w1) {
+    if (w0 == 0) {
+      summer.store(kSumming, std::memory_order_release);
+      int64_t queued = 0;
+      SumGradients(grads, dim, gr, [&](int64_t u) {
+        gr.ready[queued] = u;
+        gr.ready_row[queued] = gr.row[u];
+        if (++queued % kBatch == 0) {
+          published.store(queued, std::memory_order_release);
+        }
+      });
+      published.store(queued, std::memory_order_release);
+      summer.store(kDone, std::memory_order_release);
+    }
+    step_queued();
+  });
 }
 
 }  // namespace
@@ -399,44 +517,65 @@ void ApplySparseAdam(const AdamConfig& cfg, float lr, const TableShard& shard,
   // lazy_adam says (TF forbids that combination with non-lazy Adam).
   const bool stream_table = !cfg.lazy && cfg.gradient_accumulation;
   if (dim == 0 || (n == 0 && !stream_table)) return;
-  const RowGroups groups = GroupByRow(ids, n, shard.rows, parallel_for);
-  const int64_t total = static_cast<int64_t>(groups.row.size());
+  // Concurrent steps (on other variables) run on other calling threads. The
+  // reference makes lambdas run by other threads use this thread's instance.
+  thread_local Grouping scratch;
+  Grouping& gr = scratch;
+  GroupByRow(ids, n, shard.rows, parallel_for, gr);
+  const int64_t total = gr.groups();
+  const int64_t* row = gr.row.data();
 
-  if (!stream_table) {
+  if (!cfg.gradient_accumulation) {
+    ListPositions(parallel_for, gr);
+    const int64_t* pos = gr.positions.data();
+    const int64_t* offset = gr.offset.data();
     const int64_t cost = dim * (4 * n / std::max<int64_t>(total, 1) + 20);
     parallel_for(total, cost, [&](int64_t u0, int64_t u1) {
-      std::vector<float> acc(dim);
-      for (int64_t u = u0; u < u1; ++u) {
-        if (u + kPrefetchAhead < u1) {
-          PrefetchGroup(shard, grads, groups, u + kPrefetchAhead);
-        }
-        StepGroup(cfg, c, shard, grads, groups, u, acc);
-      }
+      // The groups' positions are contiguous: one flat sequence of gradient
+      // rows to prefetch along.
+      int64_t fetched = offset[u0];
+      ForEachGroupRow(
+          shard, row, u0, u1, [&](int64_t u, float* w, float* m, float* v) {
+            for (int64_t k = offset[u]; k < offset[u + 1]; ++k) {
+              for (const int64_t stop = std::min(offset[u1], k + kGradsAhead);
+                   fetched < stop; ++fetched) {
+                PrefetchRow(grads + pos[fetched] * dim, dim);
+              }
+              StepSpan<true>(c, grads + pos[k] * dim, w, m, v, dim);
+            }
+          });
     });
+    return;
+  }
+
+  if (!stream_table) {
+    StepAsSummed(c, shard, grads, parallel_for, gr);
     return;
   }
 
   // Non-lazy: present rows in table order, so each range of the table finds
   // its present rows by binary search and steps the runs between them flat.
+  SumGradients(grads, dim, gr, [](int64_t) {});
+  const float* sums = gr.sums.data();
   std::vector<std::pair<int64_t, int64_t>> present(total);
-  for (int64_t u = 0; u < total; ++u) present[u] = {groups.row[u], u};
+  for (int64_t u = 0; u < total; ++u) present[u] = {row[u], u};
   std::sort(present.begin(), present.end());
-  const int64_t cost = dim * (4 * n / std::max<int64_t>(shard.rows, 1) + 20);
-  parallel_for(shard.rows, cost, [&](int64_t r0, int64_t r1) {
-    std::vector<float> acc(dim);
+  parallel_for(shard.rows, dim * 20, [&](int64_t r0, int64_t r1) {
     auto it = std::lower_bound(present.begin(), present.end(),
                                std::make_pair(r0, int64_t{0}));
     int64_t r = r0;
     while (r < r1) {
-      const int64_t next = (it != present.end() && it->first < r1) ? it->first : r1;
+      const int64_t next =
+          (it != present.end() && it->first < r1) ? it->first : r1;
+      const int64_t offset = r * dim;
+      float* w = shard.w + offset;
+      float* m = shard.m + offset;
+      float* v = shard.v + offset;
       if (next > r) {
-        const int64_t offset = r * dim;
-        StepSpan<false>(c, nullptr, shard.w + offset, shard.m + offset,
-                        shard.v + offset, (next - r) * dim);
+        StepSpan<false>(c, nullptr, w, m, v, (next - r) * dim);
         r = next;
-      }
-      if (r < r1) {
-        StepGroup(cfg, c, shard, grads, groups, it->second, acc);
+      } else {
+        StepSpan<true>(c, sums + it->second * dim, w, m, v, dim);
         ++it;
         ++r;
       }
