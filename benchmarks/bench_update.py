@@ -65,6 +65,14 @@ _XLA_MAX_ELEMENTS = flags.DEFINE_integer(
     "Largest table (rows x dim) for tf_path_xla; 0: no limit (on 1M x 128 it needs about "
     "as much memory as tf_path).",
 )
+_SCHEDULE = flags.DEFINE_enum(
+    "schedule",
+    "sequential",
+    ["sequential", "interleaved"],
+    "sequential: each implementation's steps back to back, as in a training loop "
+    "(caches and TLBs warm with its own table); interleaved: one step of each in "
+    "turn, so load bursts from elsewhere hit all alike (every step starts cold).",
+)
 _ONLY = flags.DEFINE_list(
     "only", [], "Run only these implementations (e.g. tf_path_xla,fused); empty: all."
 )
@@ -292,7 +300,10 @@ def run(cases: tuple[Case, ...], steps: int, warmup: int, reference_steps: int) 
                     skipped[name] = str(e)
             # The reference is slow and copies the table: timed on its own.
             reference = made.pop("numpy_reference", None)
-            seconds = _interleaved_medians(made, steps, warmup)
+            if _SCHEDULE.value == "interleaved":
+                seconds = _interleaved_medians(made, steps, warmup)
+            else:
+                seconds = {name: _median_seconds(f, steps, warmup) for name, f in made.items()}
             counts = dict.fromkeys(made, steps)
             if reference is not None:
                 seconds["numpy_reference"] = _median_seconds(reference, reference_steps, 1)
@@ -327,6 +338,7 @@ def run(cases: tuple[Case, ...], steps: int, warmup: int, reference_steps: int) 
             stream_bytes = row.pop("stream_bytes")
             row["stream_floor_ms"] = stream_bytes and 1e3 * stream_bytes / (best * 1e9)
     return {
+        "schedule": _SCHEDULE.value,
         "probe_gb_per_s": best,
         "probe_runs_gb_per_s": [probe, probe_after],
         "cpus": os.cpu_count(),
@@ -336,7 +348,8 @@ def run(cases: tuple[Case, ...], steps: int, warmup: int, reference_steps: int) 
 
 def format_table(results: dict[str, Any]) -> str:
     lines = [
-        f"copy bandwidth probe: {results['probe_gb_per_s']:.1f} GB/s on {results['cpus']} CPUs",
+        f"copy bandwidth probe: {results['probe_gb_per_s']:.1f} GB/s on {results['cpus']} CPUs; "
+        f"{results['schedule']} schedule",
         f"{'case':<10} {'mode':<9} {'implementation':<18} {'ms/step':>9} {'steps':>5} "
         f"{'x fused':>8} {'GB/s':>7} {'% probe':>8}",
     ]
