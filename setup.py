@@ -67,7 +67,15 @@ setup(
         "numpy<2",
     ],
     extras_require={
-        "test": ["pytest>=7", "hypothesis>=6", "ruff", "mypy", "grpcio-tools>=1.50,<1.63"],
+        "test": [
+            "pytest>=7",
+            "hypothesis>=6",
+            "ruff",
+            "mypy",
+            "grpcio-tools>=1.50,<1.63",
+            # Peer check of the lazy update against LazyAdam (tests/test_reference.py).
+            "tensorflow-addons==0.23.0",
+        ],
         "bench": ["tensorflow-addons==0.23.0", "torch==2.13.0", "matplotlib"],
     },
     ext_modules=_EXT_MODULES,
