@@ -7,7 +7,7 @@ LIB := tpu_embed_adam/_tpu_embed_adam_ops.so
 CC_SRCS := $(shell find tpu_embed_adam/cc -name '*.cc' | sort)
 CC_HDRS := $(shell find tpu_embed_adam/cc -name '*.h' | sort)
 OBJS := $(patsubst tpu_embed_adam/cc/%.cc,build/obj/%.o,$(CC_SRCS))
-CXXFLAGS_EXTRA ?= -O3 -march=native -fPIC -Wall -Wno-sign-compare -Wno-unused-function
+CXXFLAGS_EXTRA ?= -Wall -Wno-sign-compare -Wno-unused-function
 TF_FLAGS := build/tf_flags.mk
 
 .PHONY: venv lib demo test test-all lint bench bazel-test clean proto
@@ -21,8 +21,9 @@ $(STAMP): setup.py requirements.txt
 	TPU_EMBED_ADAM_SKIP_BUILD=1 $(PY) -m pip install -q --no-build-isolation -e '.[test]'
 	touch $(STAMP)
 
-# Compiler flags come from the installed TensorFlow (tf.sysconfig), cached once.
-$(TF_FLAGS): | $(STAMP)
+# Compiler flags: the installed TensorFlow's (tf.sysconfig) and the project's
+# (tools/build_flags.py, shared with setup.py), cached in build/.
+$(TF_FLAGS): tools/build_flags.py tools/tf_flags.py | $(STAMP)
 	mkdir -p build
 	$(PY) tools/tf_flags.py > $@
 

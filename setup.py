@@ -10,31 +10,52 @@ incrementally in a development checkout.
 
 import glob
 import os
+import sys
 
 from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 
 class _TfBuildExt(build_ext):
-    """Adds TensorFlow's compile and link flags to the kernel library."""
+    """Adds TensorFlow's and the project's flags (tools/build_flags.py)."""
 
     def build_extensions(self) -> None:
-        import tensorflow as tf
+        sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "tools"))
+        from build_flags import compile_flags, link_flags
 
-        lib_dir = tf.sysconfig.get_lib()
         for ext in self.extensions:
-            ext.extra_compile_args = [
-                *tf.sysconfig.get_compile_flags(),
-                "-O3",
-                "-fPIC",
-                "-I.",
-            ]
-            ext.extra_link_args = [
-                *tf.sysconfig.get_link_flags(),
-                "-l:libtensorflow_cc.so.2",
-                f"-Wl,-rpath,{lib_dir}",
-            ]
+            ext.extra_compile_args = [*compile_flags(), "-I."]
+            ext.extra_link_args = link_flags()
         super().build_extensions()
+
+
+def _tf_distribution() -> str:
+    """Returns which TensorFlow distribution to require.
+
+    `tensorflow-cpu` by default; `tensorflow` (the GPU build, same API and
+    ops) when TPU_EMBED_ADAM_TF_PACKAGE=tensorflow, or when `tensorflow` is
+    already installed without `tensorflow-cpu`, so that a GPU environment does
+    not get a second, CPU-only TensorFlow beside its own.
+    """
+    chosen = os.environ.get("TPU_EMBED_ADAM_TF_PACKAGE")
+    if chosen:
+        if chosen not in ("tensorflow", "tensorflow-cpu"):
+            raise SystemExit(
+                f"TPU_EMBED_ADAM_TF_PACKAGE must be tensorflow or tensorflow-cpu; got {chosen!r}"
+            )
+        return chosen
+    from importlib import metadata
+
+    def installed(name: str) -> bool:
+        try:
+            metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return False
+        return True
+
+    if installed("tensorflow") and not installed("tensorflow-cpu"):
+        return "tensorflow"
+    return "tensorflow-cpu"
 
 
 _EXT_MODULES = []
@@ -60,7 +81,7 @@ setup(
     python_requires=">=3.11",
     packages=find_packages(include=["tpu_embed_adam", "tpu_embed_adam.*"]),
     install_requires=[
-        "tensorflow-cpu==2.15.1",
+        f"{_tf_distribution()}==2.15.1",
         "tensorflow-estimator==2.15.0",
         "protobuf>=3.20.3,<5",
         "absl-py>=1.0",

@@ -44,4 +44,5 @@ def test_bad_input_exits_2_naming_the_argument(tmp_path):
 def test_info_reports_the_kernel_library():
     out = _cli("info")
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "kernel library:" in out.stdout
+    assert "kernel library: loaded" in out.stdout
+    assert "LoadTPUEmbeddingADAMParameters" in out.stdout

@@ -95,6 +95,15 @@ def test_rejects_everything_tf_rejects(learning_rate, overrides):
          r"`weight_decay_factor`.*-0\.5"),
         (dict(learning_rate=0.1, multiply_weight_decay_factor_by_learning_rate=True),
          ValueError, r"`multiply_weight_decay_factor_by_learning_rate`.*`weight_decay_factor`"),
+        (dict(learning_rate=1e39), ValueError, r"`learning_rate`.*float32.*1e\+39"),
+        (dict(learning_rate=1e-50), ValueError, r"`learning_rate`.*float32.*1e-50"),
+        (dict(learning_rate=0.1, beta2=0.99999999), ValueError, r"`beta2`.*float32"),
+        (dict(learning_rate=0.1, epsilon=1e-50), ValueError, r"`epsilon`.*float32"),
+        (dict(learning_rate=0.1, clip_gradient_max=1e39), ValueError,
+         r"`clip_gradient_max`.*float32"),
+        (dict(learning_rate=0.1, weight_decay_factor=0.0,
+              multiply_weight_decay_factor_by_learning_rate=True),
+         ValueError, r"`multiply_weight_decay_factor_by_learning_rate`.*or 0"),
         (dict(learning_rate=0.1, weight_decay_factor=0.1,
               multiply_weight_decay_factor_by_learning_rate="yes"),
          TypeError, r"`multiply_weight_decay_factor_by_learning_rate`.*'yes'"),
@@ -117,6 +126,12 @@ def test_stricter_cases_are_accepted_by_tf():
         TFAdam(**kwargs)
         with pytest.raises((TypeError, ValueError)):
             AdamParameters(**kwargs)
+
+
+def test_zero_weight_decay_is_no_decay_and_round_trips():
+    params = AdamParameters(0.1, weight_decay_factor=0.0)
+    assert params.weight_decay_factor is None and params == AdamParameters(0.1)
+    assert AdamParameters.from_proto(params.to_proto()) == params
 
 
 def test_numpy_scalars_are_normalised():

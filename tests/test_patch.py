@@ -3,6 +3,7 @@
 import subprocess
 import sys
 
+import pytest
 import tensorflow as tf
 from tensorflow.python.tpu import tpu_embedding as tf_tpu_embedding
 
@@ -44,12 +45,10 @@ def test_install_uninstall_round_trip():
 
 
 def test_installed_context_manager_restores_even_on_error():
-    try:
+    with pytest.raises(KeyError, match="boom"):
         with tpu_embed_adam.installed():
             assert _alias() is tpu_embed_adam.AdamParameters
             raise KeyError("boom")
-    except KeyError:
-        pass
     assert _alias() is tf_tpu_embedding.AdamParameters
 
 

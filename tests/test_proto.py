@@ -33,7 +33,7 @@ def _params(draw):
         if kind == "gradient" and not accumulation:
             low = high = None
         bounds += [low, high]
-    decay = maybe(st.floats(0, 1, width=32))
+    decay = maybe(st.floats(2**-20, 1, width=32))
     return AdamParameters(
         learning_rate=draw(st.floats(2**-20, 8, width=32)),
         beta1=draw(unit),

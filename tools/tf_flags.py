@@ -1,19 +1,11 @@
-"""Prints TensorFlow's compile and link flags as Makefile variables.
+"""Prints the kernel library's compile and link flags as Makefile variables."""
 
-The shared library also links `libtensorflow_cc.so.2`, whose symbols include
-TF's protos (`TPUEmbeddingConfiguration`) that the engine parses.
-"""
+import pathlib
+import sys
 
-import os
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+from build_flags import compile_flags, link_flags  # noqa: E402
 
-import tensorflow as tf  # noqa: E402
-
-lib_dir = tf.sysconfig.get_lib()
-print("TF_CFLAGS := " + " ".join(tf.sysconfig.get_compile_flags()))
-print(
-    "TF_LFLAGS := "
-    + " ".join(tf.sysconfig.get_link_flags())
-    + f" -l:libtensorflow_cc.so.2 -Wl,-rpath,{lib_dir}"
-)
+print("TF_CFLAGS := " + " ".join(compile_flags()))
+print("TF_LFLAGS := " + " ".join(link_flags()))

@@ -2,7 +2,7 @@
 
     tpu-embed-adam params --learning_rate=0.05 --clip_gradient_max=1 --format=text
     tpu-embed-adam decode params.pb          # a serialized OptimizationParameters
-    tpu-embed-adam info                      # version, kernel library, engine state
+    tpu-embed-adam info                      # version, kernel library, registered kernels
 
 `params` prints the configuration as JSON (the `to_json` form), proto text, or
 the serialized proto in hex; `decode` reads a serialized proto (ours or TF's:
@@ -13,7 +13,18 @@ import sys
 
 from absl import app, flags
 
+from tpu_embed_adam.params import AdamParameters
+
 _COMMANDS = ("params", "decode", "info")
+# TF's own ops that the software embedding engine serves on CPU.
+_ENGINE_OPS = (
+    "ConfigureTPUEmbedding",
+    "LoadTPUEmbeddingADAMParameters",
+    "RetrieveTPUEmbeddingADAMParameters",
+    "EnqueueTPUEmbeddingArbitraryTensorBatch",
+    "RecvTPUEmbeddingActivations",
+    "SendTPUEmbeddingGradients",
+)
 
 _LEARNING_RATE = flags.DEFINE_float("learning_rate", 0.001, "The learning rate.")
 _BETA1 = flags.DEFINE_float("beta1", 0.9, "Decay rate of the first moment.")
@@ -35,9 +46,7 @@ _CLIP_GRADIENT_MAX = flags.DEFINE_float("clip_gradient_max", None, "Upper gradie
 _FORMAT = flags.DEFINE_enum("format", "json", ["json", "text", "hex"], "Output of `params`.")
 
 
-def _params_from_flags():
-    from tpu_embed_adam.params import AdamParameters
-
+def _params_from_flags() -> AdamParameters:
     return AdamParameters(
         learning_rate=_LEARNING_RATE.value,
         beta1=_BETA1.value,
@@ -55,7 +64,7 @@ def _params_from_flags():
     )
 
 
-def _render(params, fmt: str) -> str:
+def _render(params: AdamParameters, fmt: str) -> str:
     if fmt == "json":
         return params.to_json(indent=2)
     if fmt == "text":
@@ -72,8 +81,6 @@ def main(argv: list[str]) -> int:
     Returns:
       0 on success, 2 on a usage or input error (printed to stderr).
     """
-    from tpu_embed_adam.params import AdamParameters
-
     if len(argv) < 2 or argv[1] not in _COMMANDS:
         print(f"usage: tpu-embed-adam {{{'|'.join(_COMMANDS)}}} [flags]", file=sys.stderr)
         return 2
@@ -102,11 +109,19 @@ def _info() -> str:
     lines = [f"tpu_embed_adam {tpu_embed_adam.__version__}"]
     library = _loader.load_library()
     lines.append(
-        "kernel library: loaded" if library is not None
+        "kernel library: loaded"
+        if library is not None
         else f"kernel library: not loaded ({_loader.load_error()}); pure-TF path only"
     )
     if library is not None:
-        lines.append(f"engine: {tpu_embed_adam.engine.info()}")
+        from tensorflow.python.framework import kernels
+
+        registered = [
+            op
+            for op in _ENGINE_OPS
+            if any(k.device_type == "CPU" for k in kernels.get_registered_kernels_for_op(op).kernel)
+        ]
+        lines.append(f"CPU kernels for TF's TPU embedding ops: {', '.join(registered) or 'none'}")
     return "\n".join(lines)
 
 

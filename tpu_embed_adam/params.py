@@ -67,16 +67,24 @@ class DynamicLearningRate:
 
 
 def _real(name: str, value: Any) -> float:
-    """Returns `value` as a finite float, or raises naming the argument."""
+    """Returns `value` as a float finite in float32, or raises naming the argument.
+
+    The proto, the kernels and the TPU hold float32: a value that overflows
+    float32 (1e39) would serialize as inf and no longer read back.
+    """
     if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Real):
         raise TypeError(
             f"Argument `{name}` must be a real number; received: {value!r} "
             f"({type(value).__name__})."
         )
     result = float(value)
-    if not math.isfinite(result):
+    with np.errstate(over="ignore"):
+        finite = math.isfinite(result) and math.isfinite(np.float32(result))
+    if not finite:
         hint = " (use None for no bound)" if name.startswith("clip_") else ""
-        raise ValueError(f"Argument `{name}` must be finite{hint}; received: {value!r}.")
+        raise ValueError(
+            f"Argument `{name}` must be finite in float32{hint}; received: {value!r}."
+        )
     return result
 
 
@@ -99,15 +107,24 @@ def _validated(kwargs: dict[str, Any]) -> dict[str, Any]:
         out["learning_rate"] = lr
     else:
         out["learning_rate"] = _real("learning_rate", lr)
-        if out["learning_rate"] <= 0:
-            raise ValueError(f"Argument `learning_rate` must be > 0; received: {lr!r}.")
+        if out["learning_rate"] <= 0 or np.float32(out["learning_rate"]) <= 0:
+            raise ValueError(
+                f"Argument `learning_rate` must be > 0 (also in float32); received: {lr!r}."
+            )
     for name in ("beta1", "beta2"):
         out[name] = _real(name, kwargs[name])
-        if not 0.0 <= out[name] < 1.0:
-            raise ValueError(f"Argument `{name}` must be >= 0 and < 1; received: {kwargs[name]!r}.")
+        # Checked in float32 too: 0.99999999 rounds to 1.0 there, and the
+        # moment would never decay.
+        if not (0.0 <= out[name] < 1.0 and np.float32(out[name]) < 1.0):
+            raise ValueError(
+                f"Argument `{name}` must be >= 0 and < 1 (also in float32); "
+                f"received: {kwargs[name]!r}."
+            )
     out["epsilon"] = _real("epsilon", kwargs["epsilon"])
-    if out["epsilon"] <= 0:
-        raise ValueError(f"Argument `epsilon` must be > 0; received: {kwargs['epsilon']!r}.")
+    if out["epsilon"] <= 0 or np.float32(out["epsilon"]) <= 0:
+        raise ValueError(
+            f"Argument `epsilon` must be > 0 (also in float32); received: {kwargs['epsilon']!r}."
+        )
     for name in _BOOL_FIELDS:
         out[name] = _flag(name, kwargs[name])
     for name in ("clip_weight_min", "clip_weight_max", "clip_gradient_min", "clip_gradient_max"):
@@ -123,11 +140,15 @@ def _validated(kwargs: dict[str, Any]) -> dict[str, Any]:
     out["weight_decay_factor"] = None if wd is None else _real("weight_decay_factor", wd)
     if out["weight_decay_factor"] is not None and out["weight_decay_factor"] < 0:
         raise ValueError(f"Argument `weight_decay_factor` must be >= 0; received: {wd!r}.")
+    if out["weight_decay_factor"] == 0:
+        # A factor of 0 is no decay: TF writes no field for it, so it is
+        # stored as None and reads back from the proto equal.
+        out["weight_decay_factor"] = None
     multiply = "multiply_weight_decay_factor_by_learning_rate"
     out[multiply] = _flag(multiply, kwargs[multiply], optional=True)
     if out[multiply] and out["weight_decay_factor"] is None:
         raise ValueError(
-            f"Argument `{multiply}` is True but `weight_decay_factor` is None; "
+            f"Argument `{multiply}` is True but `weight_decay_factor` is None (or 0); "
             "set a weight decay factor or leave the flag unset."
         )
     # TF's own two cross-argument rules, with its reasons in the messages.
@@ -155,7 +176,8 @@ class AdamParameters(_tf_tpu_embedding.AdamParameters):
 
     Beyond TF's checks (betas in [0, 1), epsilon > 0, non-lazy Adam and
     gradient clipping need gradient accumulation), it requires: a learning rate
-    that is finite and > 0 (or a `DynamicLearningRate`); every float finite;
+    that is finite and > 0 (or a `DynamicLearningRate`); every float finite in
+    float32, where the proto and the kernels hold it;
     booleans to be bools; `clip_*_min <= clip_*_max`; `weight_decay_factor >= 0`;
     and no multiply flag without a weight decay factor. Errors are `TypeError`
     or `ValueError` naming the argument and the value received.
@@ -198,7 +220,8 @@ class AdamParameters(_tf_tpu_embedding.AdamParameters):
           use_gradient_accumulation: sum a row's gradients before one step.
           clip_weight_min: lower bound of the weights after a step; None: none.
           clip_weight_max: upper bound of the weights after a step; None: none.
-          weight_decay_factor: decoupled weight decay, >= 0; None: no decay.
+          weight_decay_factor: decoupled weight decay, >= 0; None (or 0, stored
+            as None): no decay.
           multiply_weight_decay_factor_by_learning_rate: scale the decay by the
             learning rate; needs `weight_decay_factor`.
           clip_gradient_min: lower bound of the accumulated gradient; None: none.
@@ -411,6 +434,3 @@ def _check_names(names: dict[str, Any], where: str) -> None:
             f"{where}: unknown argument(s) {unknown}; expected names among {list(_FIELDS)}."
         )
 
-
-def _rebuild(config: dict[str, Any]) -> "AdamParameters":
-    return AdamParameters.from_dict(config)

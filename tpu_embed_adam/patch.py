@@ -56,15 +56,11 @@ def uninstall() -> None:
         _SAVED.clear()
 
 
-def is_installed() -> bool:
-    """Returns whether `install()` is in effect."""
-    return bool(_SAVED)
-
-
 @contextlib.contextmanager
 def installed() -> Iterator[None]:
     """Context manager: `install()` on entry; on exit, `uninstall()` unless it was already on."""
-    was_installed = is_installed()
+    with _LOCK:
+        was_installed = bool(_SAVED)
     install()
     try:
         yield

@@ -517,8 +517,10 @@ void ApplySparseAdam(const AdamConfig& cfg, float lr, const TableShard& shard,
   // lazy_adam says (TF forbids that combination with non-lazy Adam).
   const bool stream_table = !cfg.lazy && cfg.gradient_accumulation;
   if (dim == 0 || (n == 0 && !stream_table)) return;
-  // Concurrent steps (on other variables) run on other calling threads. The
-  // reference makes lambdas run by other threads use this thread's instance.
+  // Concurrent steps (on other variables) run on other calling threads, so
+  // the scratch is per calling thread; binding it to a C++ reference makes
+  // the lambdas that pool threads run use this thread's instance. It keeps
+  // its capacity (O(ids x dim) of the largest step) for the thread's life.
   thread_local Grouping scratch;
   Grouping& gr = scratch;
   GroupByRow(ids, n, shard.rows, parallel_for, gr);

@@ -1,6 +1,6 @@
 """A tour of `tpu_embed_adam.AdamParameters`: build, validate, serialize, use.
 
-Run with `make demo` (or `python examples/demo.py` inside the venv).
+Run with `.venv/bin/python examples/params_tour.py` (after `make venv`).
 """
 
 from absl import app, logging
@@ -35,7 +35,7 @@ def main(argv: list[str]) -> None:
     with tpu_embed_adam.installed():
         logging.info("installed:  tf.compat.v1.tpu.experimental.AdamParameters is ours: %s",
                      tf.compat.v1.tpu.experimental.AdamParameters is AdamParameters)
-    print(f"demo ok: {params!r}")
+    print(f"tour ok: {params!r}")
 
 
 if __name__ == "__main__":
