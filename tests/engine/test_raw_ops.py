@@ -8,6 +8,7 @@ input against an unchanged engine.
 from __future__ import annotations
 
 import threading
+import time
 import types
 import zlib
 
@@ -467,6 +468,119 @@ def test_two_cores_make_one_update_per_step() -> None:
         np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-7)
 
 
+class _TwoCores:
+    """A two-core graph: per core an enqueue of 2 ids and a Recv -> Send step."""
+
+    def __init__(self, cfg: bytes) -> None:
+        self.graph = tf.Graph()
+        with self.graph.as_default():
+            self.ids = [tf.compat.v1.placeholder(tf.int64, [2]) for _ in range(2)]
+            self.grads = [tf.compat.v1.placeholder(tf.float32, [2, 2]) for _ in range(2)]
+            self.enqueue, self.step = [], []
+            for c in range(2):
+                empty = (tf.zeros([0], tf.int64), self.ids[c], tf.zeros([0], tf.float32))
+                self.enqueue.append(_enqueue("arbitrary", [empty], [], [0], ordinal=c))
+                with tf.device(f"/device:CPU:{c}"):
+                    (act,) = raw.RecvTPUEmbeddingActivations(num_outputs=1, config=cfg)
+                    with tf.control_dependencies([act]):
+                        self.step.append(
+                            raw.SendTPUEmbeddingGradients(
+                                inputs=[self.grads[c]], learning_rates=[], config=cfg
+                            )
+                        )
+        config = tf.compat.v1.ConfigProto(device_count={"CPU": 2})
+        self.sess = tf.compat.v1.Session(graph=self.graph, config=config)
+
+    def run(self, ops, feed: dict | None = None) -> None:
+        self.sess.run(ops, feed)
+
+
+def test_step_closes_when_a_core_stops_training() -> None:
+    rng = np.random.default_rng(9)
+    p = _params(0.1)
+    cfg = _config([("t", 8, 2, p)], [(0, [2])], cores_per_host=2)
+    state = _random_state(rng, 8, 2)
+    _load_all(cfg, "t", state, 1, False)
+    g = _TwoCores(cfg)
+    ids = [np.array([1, 5], np.int64), np.array([5, 6], np.int64)]
+    grads = [rng.normal(size=(2, 2)).astype(np.float32) for _ in range(3)]
+    feed = {g.ids[0]: ids[0], g.ids[1]: ids[1], g.grads[0]: grads[0], g.grads[1]: grads[1]}
+    g.run(g.enqueue, feed)
+    g.run(g.step, feed)
+    want = reference.adam_update(*state, np.concatenate(ids), np.concatenate(grads[:2]), p)
+    # Core 1 drops out: core 0's step alone is the whole step, applied at once
+    # (before, it waited for core 1 and Retrieve returned the table without it).
+    g.run(g.enqueue[0], {g.ids[0]: ids[1]})
+    g.run(g.step[0], {g.grads[0]: grads[2]})
+    want = reference.adam_update(*want, ids[1], grads[2], p)
+    assert engine.info()["queued_batches"] == 0
+    for w, have in zip(want, _retrieve_all("t", 8, 2, 1, False), strict=True):
+        np.testing.assert_allclose(have, w, rtol=1e-6, atol=1e-7)
+    g.sess.close()
+
+
+def test_retrieve_and_load_apply_the_open_step() -> None:
+    rng = np.random.default_rng(10)
+    p = _params(0.1)
+    cfg = _config([("t", 8, 2, p)], [(0, [2])], cores_per_host=2)
+    state = _random_state(rng, 8, 2)
+    _load_all(cfg, "t", state, 1, False)
+    g = _TwoCores(cfg)
+    ids = [np.array([1, 5], np.int64), np.array([2, 6], np.int64)]
+    grads = [rng.normal(size=(2, 2)).astype(np.float32) for _ in range(2)]
+    g.run(g.enqueue, {g.ids[0]: ids[0], g.ids[1]: ids[1]})
+    # Core 1 holds its batch, so core 0's Send leaves the step open ...
+    g.run(g.step[0], {g.grads[0]: grads[0]})
+    # ... and Retrieve closes it: its gradients are part of the table.
+    want = reference.adam_update(*state, ids[0], grads[0], p)
+    for w, have in zip(want, _retrieve_all("t", 8, 2, 1, False), strict=True):
+        np.testing.assert_allclose(have, w, rtol=1e-6, atol=1e-7)
+    # Core 1's gradients open the next step; a load closes it before writing.
+    g.run(g.step[1], {g.grads[1]: grads[1]})
+    want = reference.adam_update(*want, ids[1], grads[1], p)
+    for w, have in zip(want, _retrieve_all("t", 8, 2, 1, False), strict=True):
+        np.testing.assert_allclose(have, w, rtol=1e-6, atol=1e-7)
+    g.run(g.enqueue, {g.ids[0]: ids[0], g.ids[1]: ids[1]})
+    g.run(g.step[0], {g.grads[0]: grads[0]})
+    fresh = _random_state(rng, 8, 2)
+    _load_all(b"", "t", fresh, 1, False)
+    for w, have in zip(fresh, _retrieve_all("t", 8, 2, 1, False), strict=True):
+        np.testing.assert_array_equal(have, w)  # the open step did not land on the load
+    g.sess.close()
+
+
+def test_recv_fails_when_the_engine_is_reset_while_it_waits(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    small = _config([("t", 4, 1, _params())], [(0, [1])])
+    big = _config([("t", 4, 256, _params())], [(0, [64])])
+    _load_all(small, "t", _random_state(np.random.default_rng(11), 4, 1), 1, False)
+    monkeypatch.setenv("TPU_EMBED_ADAM_RECV_TIMEOUT_MS", "20000")
+    result: list[object] = []
+
+    def recv() -> None:
+        try:
+            result.append(raw.RecvTPUEmbeddingActivations(num_outputs=1, config=small))
+        except tf.errors.OpError as e:
+            result.append(e)
+
+    thread = threading.Thread(target=recv)
+    thread.start()
+    time.sleep(1.0)  # Recv waits for core 0's batch
+    # A new, larger configuration with a batch for the same core: Recv's
+    # outputs were sized for the old one.
+    raw.ConfigureTPUEmbedding(config=big)
+    _load_all(b"", "t", _random_state(np.random.default_rng(12), 4, 256), 1, False)
+    _enqueue("arbitrary", _ids([1] * 64), [], [0])
+    thread.join()
+    assert len(result) == 1 and isinstance(result[0], tf.errors.OpError), result
+    assert isinstance(result[0], tf.errors.AbortedError | tf.errors.FailedPreconditionError)
+    # The batch stays queued for a Recv of the new configuration.
+    monkeypatch.setenv("TPU_EMBED_ADAM_RECV_TIMEOUT_MS", "0")
+    (act,) = raw.RecvTPUEmbeddingActivations(num_outputs=1, config=big)
+    assert act.shape == (64, 256)
+
+
 # --------------------------------------------------------------------------
 # Bad input: a clear error, and the engine exactly as before.
 
@@ -636,6 +750,136 @@ def test_bad_enqueue_details(loaded: bytes) -> None:
     _assert_unchanged(before)
 
 
+_MONOTONE = r"row splits must be non-decreasing within \[0, 5\]; "
+_FEATURE_R = r"feature 0 \(table 'r'\): "
+
+
+@pytest.mark.parametrize("kind", ["ragged", "arbitrary"])
+@pytest.mark.parametrize(
+    "splits,pattern",
+    [
+        # Splits past the ids used to fill slots far beyond them (heap overflow).
+        ([0, 100, 4, 5], _MONOTONE + "entry 1 is 100 after 0"),
+        ([0, 3, 2, 5], _MONOTONE + "entry 2 is 2 after 3"),
+        ([0, -2, 3, 5], _MONOTONE + "entry 1 is -2 after 0"),
+        ([0, 2, 3, 6], r"row splits of size 4 must have batch \+ 1 = 4 entries from 0 to 5"),
+    ],
+)
+def test_bad_row_splits_fail_before_any_write(kind: str, splits: list[int], pattern: str) -> None:
+    cfg = _config([("r", 10, 2, _params())], [(0, [3])])
+    _load_all(cfg, "r", _random_state(np.random.default_rng(8), 10, 2), 1, False)
+    before = _snapshot()
+    feat = (np.array(splits, np.int64), np.arange(5, dtype=np.int64), np.zeros((0,), np.float32))
+    with pytest.raises(tf.errors.InvalidArgumentError, match=_FEATURE_R + pattern):
+        _enqueue(kind, [feat], [], [0])
+    _assert_unchanged(before)
+    # Good splits still work.
+    _enqueue(kind, [(np.array([0, 2, 3, 5], np.int64), feat[1], feat[2])], [], [0])
+    assert engine.info()["queued_batches"] == 1
+
+
+@pytest.mark.parametrize(
+    "index,shape,pattern",
+    [
+        ([[0, 0], [3, 0]], [3], r"sample index 3 at 1 is outside the batch \[0, 3\)"),
+        ([[0, 0], [-1, 0]], [3], r"sample index -1 at 1 is outside the batch \[0, 3\)"),
+        ([[0, 0], [1, -1]], [3, 2], r"sequence position -1 at 1 is negative"),
+        ([[0, 0]], [3], r"sample indices of 2 values with 2 columns for 2 embedding_indices"),
+    ],
+)
+def test_bad_sample_indices(index, shape: list[int], pattern: str) -> None:
+    cfg = _config([("r", 10, 2, _params())], [(0, shape)])
+    raw.ConfigureTPUEmbedding(config=cfg)
+    before = _snapshot()
+    feat = (np.array(index, np.int64), np.array([1, 2], np.int64), np.zeros((0,), np.float32))
+    with pytest.raises(tf.errors.InvalidArgumentError, match=_FEATURE_R + pattern):
+        _enqueue("sparse", [feat], [], [0])
+    _assert_unchanged(before)
+
+
+def test_bad_weights_length(loaded: bytes) -> None:
+    before = _snapshot()
+    ids, index = np.array([1, 2], np.int64), np.array([0, 1, 2], np.int64)
+    feats = [(index, ids, np.ones((3,), np.float32)), _ids([1, 2])[0]]
+    with pytest.raises(
+        tf.errors.InvalidArgumentError,
+        match="aggregation_weights has 3 values for 2 embedding_indices",
+    ):
+        _enqueue("arbitrary", feats, [], [0, 1])
+    _assert_unchanged(before)
+
+
+def test_ids_in_dummy_padding_are_outside_the_vocabulary() -> None:
+    # vocab 2 < 3 hosts: the third shard holds a dummy row that id 2 must not reach.
+    cfg = _config([("tiny", 2, 2, _params())], [(0, [1])], num_hosts=3)
+    raw.ConfigureTPUEmbedding(config=cfg)
+    before = _snapshot()
+    with pytest.raises(
+        tf.errors.InvalidArgumentError,
+        match=r"feature 0 \(table 'tiny'\): embedding_indices\[0\] = 2 is outside the "
+        r"vocabulary \[0, 2\)",
+    ):
+        _enqueue("arbitrary", _ids([2]), [], [0])
+    _assert_unchanged(before)
+    _enqueue("arbitrary", _ids([1]), [], [0])
+
+
+def _set_lr_none(o) -> None:
+    o.learning_rate.Clear()
+
+
+def _set(path: str, value: float):
+    def apply(o) -> None:
+        *parents, leaf = path.split(".")
+        for name in parents:
+            o = getattr(o, name)
+        setattr(o, leaf, value)
+
+    return apply
+
+
+@pytest.mark.parametrize(
+    "mutate,pattern",
+    [
+        (_set_lr_none, "learning_rate sets neither constant nor dynamic"),
+        (_set("learning_rate.dynamic.tag", -1), "dynamic learning rate tag -1 is negative"),
+        (_set("learning_rate.constant", float("inf")), "learning_rate constant inf is not finite"),
+        (_set("adam.beta1", 1.0), r"Adam beta1 1 is outside \[0, 1\)"),
+        (_set("adam.beta2", -0.1), r"Adam beta2 -0.1 is outside \[0, 1\)"),
+        (_set("adam.beta1", float("nan")), r"Adam beta1 nan is outside \[0, 1\)"),
+        (_set("adam.epsilon", 0.0), "Adam epsilon 0 must be positive and finite"),
+        (_set("adam.epsilon", float("inf")), "Adam epsilon inf must be positive and finite"),
+        (_set("weight_decay_factor", -1.0), "weight_decay_factor -1 must be non-negative"),
+        (_set("clipping_limits.lower.value", 2.0), None),  # with upper 1 below
+        (_set("gradient_clipping_limits.upper.value", float("nan")), "gradient_clipping_limits"),
+    ],
+)
+def test_invalid_table_parameters(mutate, pattern: str | None) -> None:
+    serialized = _config([("t", 4, 2, _params())], [(0, [1])])
+    cfg = cfg_pb2.TPUEmbeddingConfiguration.FromString(serialized)
+    o = cfg.table_descriptor[0].optimization_parameters
+    mutate(o)
+    if pattern is None:
+        o.clipping_limits.upper.value = 1.0
+        pattern = r"clipping_limits \[2, 1\] is not an interval"
+    with pytest.raises(tf.errors.InvalidArgumentError, match=f"table 't': {pattern}"):
+        raw.ConfigureTPUEmbedding(config=cfg.SerializeToString())
+    assert not engine.info()["configured"]
+
+
+def test_deferred_loads_are_capped() -> None:
+    z = np.zeros((1, 2), np.float32)
+    for _ in range(4096):
+        raw.LoadTPUEmbeddingADAMParameters(
+            parameters=z, momenta=z, velocities=z, num_shards=1, shard_id=0, table_name="t"
+        )
+    with pytest.raises(tf.errors.ResourceExhaustedError, match="4096 loads already wait"):
+        raw.LoadTPUEmbeddingADAMParameters(
+            parameters=z, momenta=z, velocities=z, num_shards=1, shard_id=0, table_name="t"
+        )
+    assert engine.info()["deferred_loads"] == 4096
+
+
 def test_send_before_enqueue(loaded: bytes) -> None:
     before = _snapshot()
     g = [np.zeros((2, 4), np.float32), np.zeros((2, 2), np.float32)]
@@ -766,4 +1010,79 @@ def test_concurrent_session_runs_never_tear_rows() -> None:
             assert not errors, errors
             w, m, v = sess.run(retrieve)
     assert np.isfinite(w).all() and np.isfinite(m).all() and (v > 0).all()
+    assert engine.info()["queued_batches"] == 0
+
+
+def test_concurrent_lookups_and_updates_never_tear_rows() -> None:
+    # Every element of a row starts equal and gets the same gradient (no
+    # clipping), so each row stays uniform; a lookup that overlaps an update
+    # of its row would mix two steps' values within one activation row.
+    rows, dim, batch = 16, 64, 8
+    trainers, readers = 2, 2
+    p = _params(0.05)
+    cfg = _config([("u", rows, dim, p)], [(0, [batch])], cores_per_host=trainers + readers)
+    w0 = np.repeat(np.linspace(-1, 1, rows, dtype=np.float32)[:, None], dim, axis=1)
+    _load_all(cfg, "u", [w0, np.zeros_like(w0), np.full_like(w0, 0.5)], 1, False)
+    errors: list[BaseException] = []
+    with tf.Graph().as_default():
+        ids = tf.compat.v1.placeholder(tf.int64, [batch])
+        empty = (tf.zeros([0], tf.int64), ids, tf.zeros([0], tf.float32))
+        steps, lookups = [], []
+        for c in range(trainers + readers):
+            training = c < trainers
+            enq = raw.EnqueueTPUEmbeddingArbitraryTensorBatch(
+                sample_indices_or_row_splits=[empty[0]],
+                embedding_indices=[ids],
+                aggregation_weights=[empty[2]],
+                mode_override="training" if training else "inference",
+                device_ordinal=c,
+                combiners=["sum"],
+            )
+            with tf.device(f"/device:CPU:{c}"), tf.control_dependencies([enq]):
+                (act,) = raw.RecvTPUEmbeddingActivations(num_outputs=1, config=cfg)
+                if training:
+                    steps.append(
+                        raw.SendTPUEmbeddingGradients(
+                            inputs=[act * 0.0 + 1.0], learning_rates=[], config=cfg
+                        )
+                    )
+                else:
+                    lookups.append(act)
+        config = tf.compat.v1.ConfigProto(
+            device_count={"CPU": trainers + readers}, inter_op_parallelism_threads=8
+        )
+        with tf.compat.v1.Session(config=config) as sess:
+
+            def trainer(c: int) -> None:
+                rng = np.random.default_rng(c)
+                for _ in range(40):
+                    sess.run(steps[c], {ids: rng.integers(0, rows, batch)})
+
+            def reader(c: int) -> None:
+                rng = np.random.default_rng(100 + c)
+                for _ in range(80):
+                    act = sess.run(lookups[c], {ids: rng.integers(0, rows, batch)})
+                    spread = act.max(axis=1) - act.min(axis=1)
+                    if (spread > 1e-6 * (1 + np.abs(act).max(axis=1))).any():
+                        raise AssertionError(f"torn activation row: spread {spread.max()}")
+
+            def guard(fn, c: int):
+                def run() -> None:
+                    try:
+                        fn(c)
+                    except BaseException as e:  # noqa: BLE001 - reported below
+                        errors.append(e)
+
+                return run
+
+            threads = [threading.Thread(target=guard(trainer, c)) for c in range(trainers)]
+            threads += [threading.Thread(target=guard(reader, c)) for c in range(readers)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+    assert not errors, errors
+    w, m, v = _retrieve_all("u", rows, dim, 1, False)
+    assert not np.array_equal(w, w0)  # the trainers did update rows
+    assert (np.ptp(w, axis=1) <= 1e-6 * (1 + np.abs(w).max(axis=1))).all()
     assert engine.info()["queued_batches"] == 0

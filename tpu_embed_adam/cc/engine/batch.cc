@@ -4,8 +4,8 @@
 #include <map>
 
 #include "absl/strings/str_cat.h"
-#include "absl/strings/str_join.h"
 #include "tensorflow/core/platform/errors.h"
+#include "tpu_embed_adam/cc/engine/shape_util.h"
 
 namespace tpu_embed_adam {
 namespace engine {
@@ -14,10 +14,6 @@ namespace {
 
 using tensorflow::Status;
 using tensorflow::errors::InvalidArgument;
-
-std::string ShapeString(const std::vector<int64_t>& shape) {
-  return absl::StrCat("[", absl::StrJoin(shape, ", "), "]");
-}
 
 // Slot of the id at `pos` in a sample, or -1 when a sequence feature's
 // length cuts it off.
@@ -35,9 +31,10 @@ Status BuildEntries(const std::string& what,
                     std::vector<Entry>* out) {
   const int64_t n = in.ids.size();
   const int rank = input_shape.size();
-  int64_t slots = 1;
-  for (int64_t d : input_shape) slots *= d;
-  if (rank < 1 || rank > 2) {
+  // The configuration guarantees a positive product; a bad one must not
+  // size the buffers below.
+  const int64_t slots = CheckedProduct(input_shape);
+  if (rank < 1 || rank > 2 || slots <= 0) {
     return InvalidArgument(what, ": input_shape ", ShapeString(input_shape),
                            " is not [batch] or [batch, max_sequence_length]");
   }
@@ -84,10 +81,15 @@ Status BuildEntries(const std::string& what,
                                " must have batch + 1 = ", input_shape[0] + 1,
                                " entries from 0 to ", n);
       }
+      // Every split bounds the slot_of writes below: check them all first.
       for (int64_t b = 0; b < input_shape[0]; ++b) {
-        if (s[b + 1] < s[b]) {
-          return InvalidArgument(what, ": row splits decrease at ", b + 1);
+        if (s[b + 1] < s[b] || s[b + 1] > n) {
+          return InvalidArgument(what, ": row splits must be non-decreasing ",
+                                 "within [0, ", n, "]; entry ", b + 1, " is ",
+                                 s[b + 1], " after ", s[b]);
         }
+      }
+      for (int64_t b = 0; b < input_shape[0]; ++b) {
         for (int64_t i = s[b]; i < s[b + 1]; ++i) {
           slot_of[i] = SequenceSlot(input_shape, b, i - s[b]);
         }
@@ -96,7 +98,9 @@ Status BuildEntries(const std::string& what,
     }
     case Layout::kSampleIndices: {
       const int64_t cols = in.index_cols;
-      if (cols < 1 || static_cast<int64_t>(in.index.size()) != n * cols) {
+      // Divides rather than multiplies: n * cols may overflow.
+      const int64_t size = in.index.size();
+      if (cols < 1 || size % cols != 0 || size / cols != n) {
         return InvalidArgument(what, ": sample indices of ", in.index.size(),
                                " values with ", cols, " columns for ", n,
                                " embedding_indices");

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <limits>
 
@@ -9,6 +10,7 @@
 #include "absl/strings/str_join.h"
 #include "tensorflow/core/platform/errors.h"
 #include "tensorflow/core/protobuf/tpu/tpu_embedding_configuration.pb.h"
+#include "tpu_embed_adam/cc/engine/shape_util.h"
 
 namespace tpu_embed_adam {
 namespace engine {
@@ -22,9 +24,10 @@ namespace tpu = tensorflow::tpu;
 
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
-std::string ShapeString(const std::vector<int64_t>& shape) {
-  return absl::StrCat("[", absl::StrJoin(shape, ", "), "]");
-}
+// Loads that may wait for a configuration: more than TF's load ops of any
+// realistic model (one per table and host), so that a stream of loads without
+// a configuration fails instead of copying without bound.
+constexpr size_t kMaxDeferredLoads = 4096;
 
 std::string Canonical(const tpu::TPUEmbeddingConfiguration& proto) {
   std::string out;
@@ -69,11 +72,66 @@ Status TableFromProto(const tpu::TPUEmbeddingConfiguration_TableDescriptor& d,
                            OptimizerName(p),
                            "'; the engine supports only Adam");
   }
+  if (CheckedProduct({d.vocabulary_size(), d.dimension()}) < 0) {
+    return InvalidArgument("table '", d.name(), "': vocabulary_size ",
+                           d.vocabulary_size(), " x dimension ", d.dimension(),
+                           " overflows int64");
+  }
+  // Out-of-range values would silently train with a zero learning rate or
+  // produce NaNs in every row: refuse them here, naming the table.
+  const auto bad = [&](const auto&... what) {
+    return InvalidArgument("table '", d.name(), "': ", what...);
+  };
+  switch (p.learning_rate().learning_rate_case()) {
+    case tpu::LearningRate::kConstant:
+      if (!std::isfinite(p.learning_rate().constant())) {
+        return bad("learning_rate constant ", p.learning_rate().constant(),
+                   " is not finite");
+      }
+      break;
+    case tpu::LearningRate::kDynamic:
+      if (p.learning_rate().dynamic().tag() < 0) {
+        return bad("dynamic learning rate tag ",
+                   p.learning_rate().dynamic().tag(), " is negative");
+      }
+      break;
+    case tpu::LearningRate::LEARNING_RATE_NOT_SET:
+      return bad("learning_rate sets neither constant nor dynamic");
+  }
+  const auto& adam = p.adam();
+  for (const auto& [name, value] : {std::pair<const char*, float>{"beta1", adam.beta1()},
+                                    {"beta2", adam.beta2()}}) {
+    // Written so that NaN fails too.
+    if (!(value >= 0.0f && value < 1.0f)) {
+      return bad("Adam ", name, " ", value, " is outside [0, 1)");
+    }
+  }
+  if (!(adam.epsilon() > 0.0f) || !std::isfinite(adam.epsilon())) {
+    return bad("Adam epsilon ", adam.epsilon(), " must be positive and finite");
+  }
+  if (!(p.weight_decay_factor() >= 0.0f) ||
+      !std::isfinite(p.weight_decay_factor())) {
+    return bad("weight_decay_factor ", p.weight_decay_factor(),
+               " must be non-negative and finite");
+  }
+  // Infinite limits mean "no limit"; NaN or crossed limits mean nothing.
+  for (const auto& [name, limits] :
+       {std::pair<const char*, const tpu::ClippingLimits*>{
+            "gradient_clipping_limits", &p.gradient_clipping_limits()},
+        {"clipping_limits", &p.clipping_limits()}}) {
+    const float lo = limits->has_lower() ? limits->lower().value() : -kInf;
+    const float hi = limits->has_upper() ? limits->upper().value() : kInf;
+    if (std::isnan(lo) || std::isnan(hi) || lo > hi) {
+      return bad(name, " [", lo, ", ", hi, "] is not an interval");
+    }
+  }
   t->name = d.name();
   t->id = id;
+  t->vocabulary_size = d.vocabulary_size();
   // As TF's TPUEmbedding does: at least one row per shard, the extra shards
   // holding dummy rows that no valid id reaches.
-  t->vocabulary_size = std::max<int64_t>(d.vocabulary_size(), num_shards);
+  t->padded_vocabulary_size =
+      std::max<int64_t>(d.vocabulary_size(), num_shards);
   t->dim = d.dimension();
   if (p.learning_rate().has_dynamic()) {
     t->dynamic_lr_tag = p.learning_rate().dynamic().tag();
@@ -81,11 +139,11 @@ Status TableFromProto(const tpu::TPUEmbeddingConfiguration_TableDescriptor& d,
     t->constant_lr = p.learning_rate().constant();
   }
   AdamConfig& a = t->adam;
-  a.beta1 = p.adam().beta1();
-  a.beta2 = p.adam().beta2();
-  a.epsilon = p.adam().epsilon();
-  a.lazy = !p.adam().use_non_lazy_adam();
-  a.sum_inside_sqrt = p.adam().use_sum_inside_sqrt();
+  a.beta1 = adam.beta1();
+  a.beta2 = adam.beta2();
+  a.epsilon = adam.epsilon();
+  a.lazy = !adam.use_non_lazy_adam();
+  a.sum_inside_sqrt = adam.use_sum_inside_sqrt();
   a.gradient_accumulation =
       p.gradient_accumulation_status() != tpu::GradientAccumulationStatus::DISABLED;
   const auto& gc = p.gradient_clipping_limits();
@@ -99,18 +157,12 @@ Status TableFromProto(const tpu::TPUEmbeddingConfiguration_TableDescriptor& d,
       p.multiply_weight_decay_factor_by_learning_rate();
 
   t->shards.resize(num_shards);
-  const int64_t base = t->vocabulary_size / num_shards;
-  const int64_t extra = t->vocabulary_size % num_shards;
+  const int64_t base = t->padded_vocabulary_size / num_shards;
+  const int64_t extra = t->padded_vocabulary_size % num_shards;
   for (int64_t s = 0; s < num_shards; ++s) {
     t->shards[s].rows = base + (s < extra ? 1 : 0);
   }
   return tensorflow::OkStatus();
-}
-
-int64_t Product(const std::vector<int64_t>& shape) {
-  int64_t n = 1;
-  for (int64_t d : shape) n *= d;
-  return n;
 }
 
 std::string JsonString(const std::string& s) {
@@ -133,8 +185,8 @@ std::string JsonString(const std::string& s) {
 RowLocation Locate(const Table& t, int64_t id) {
   const int64_t shards = t.shards.size();
   if (t.mod_sharding) return {static_cast<int>(id % shards), id / shards};
-  const int64_t base = t.vocabulary_size / shards;
-  const int64_t extra = t.vocabulary_size % shards;
+  const int64_t base = t.padded_vocabulary_size / shards;
+  const int64_t extra = t.padded_vocabulary_size % shards;
   const int64_t big = extra * (base + 1);  // ids in the larger shards
   if (id < big) return {static_cast<int>(id / (base + 1)), id % (base + 1)};
   return {static_cast<int>(extra + (id - big) / base), (id - big) % base};
@@ -223,11 +275,17 @@ Status Engine::InstallLocked(const std::string& serialized) {
     const bool positive = std::all_of(f.input_shape.begin(),
                                       f.input_shape.end(),
                                       [](int64_t d) { return d > 0; });
-    if (f.input_shape.empty() || f.input_shape.size() > 2 || !positive) {
+    std::vector<int64_t> activation = f.input_shape;
+    activation.push_back(tables[f.table_id]->dim);
+    // Recv and Send index activations as slot * dim: that must fit int64.
+    if (f.input_shape.empty() || f.input_shape.size() > 2 || !positive ||
+        CheckedProduct(activation) < 0) {
       return InvalidArgument("feature ", i, " (table '",
                              tables[f.table_id]->name, "'): input_shape ",
                              ShapeString(f.input_shape),
-                             " must be [batch] or [batch, max_sequence_length]");
+                             " must be [batch] or [batch, max_sequence_length] ",
+                             "of positive sizes, with [..., dimension] ",
+                             "fitting int64");
     }
   }
   // Loads that ran before any configuration: all valid, or none applied.
@@ -246,14 +304,18 @@ Status Engine::InstallLocked(const std::string& serialized) {
   table_ids_ = std::move(ids);
   features_ = std::move(features);
   canonical_config_ = Canonical(proto);
-  for (const auto& d : deferred) {
-    const Status s = LoadLocked(d->request);
+  std::vector<ShardRef> refs(deferred.size());
+  for (size_t i = 0; i < deferred.size(); ++i) {
+    const Status s = CheckLoadLocked(deferred[i]->request, &refs[i]);
     if (!s.ok()) {
       ClearLocked();
       return Status(s.code(),
                     absl::StrCat("a load op that ran before the ",
                                  "configuration: ", s.message()));
     }
+  }
+  for (size_t i = 0; i < deferred.size(); ++i) {
+    WriteLoadLocked(refs[i], deferred[i]->request);
   }
   return tensorflow::OkStatus();
 }
@@ -276,13 +338,13 @@ void Engine::ClearLocked() {
   table_ids_.clear();
   features_.clear();
   cores_.clear();
-  training_cores_.clear();
   sent_.clear();
   step_learning_rates_.clear();
   deferred_loads_.clear();
   num_hosts_ = 1;
   cores_per_host_ = 1;
   training_mode_ = true;
+  ++generation_;
 }
 
 Status Engine::ResolveShard(const std::string& config, int64_t table_id,
@@ -334,14 +396,21 @@ Status Engine::ResolveShardLocked(int64_t table_id,
   return tensorflow::OkStatus();
 }
 
-Status Engine::Load(const std::string& config, const LoadRequest& req) {
+Status Engine::Load(const std::string& config, const LoadRequest& req,
+                    const ParallelFor& parallel_for) {
   std::lock_guard<std::mutex> lock(mu_);
   if (config.empty() && canonical_config_.empty()) {
+    if (deferred_loads_.size() >= kMaxDeferredLoads) {
+      return tensorflow::errors::ResourceExhausted(
+          "LoadTPUEmbeddingADAMParameters: ", deferred_loads_.size(),
+          " loads already wait for a configuration (the limit); run ",
+          "ConfigureTPUEmbedding, or give a load op the config attr");
+    }
     auto deferred = std::make_unique<DeferredLoad>();
     deferred->request = req;
     for (int i = 0; i < 3; ++i) {
-      int64_t n = 1;
-      for (int64_t d : req.shapes[i]) n *= d;
+      // The shapes are a tensor's: their product is its element count.
+      const int64_t n = CheckedProduct(req.shapes[i]);
       deferred->copies[i].assign(req.data[i], req.data[i] + n);
       deferred->request.data[i] = deferred->copies[i].data();
     }
@@ -349,38 +418,48 @@ Status Engine::Load(const std::string& config, const LoadRequest& req) {
     return tensorflow::OkStatus();
   }
   TF_RETURN_IF_ERROR(CheckConfigLocked(config));
-  return LoadLocked(req);
+  ShardRef ref;
+  TF_RETURN_IF_ERROR(CheckLoadLocked(req, &ref));
+  ApplyStepLocked(parallel_for);
+  WriteLoadLocked(ref, req);
+  return tensorflow::OkStatus();
 }
 
-Status Engine::LoadLocked(const LoadRequest& req) {
+Status Engine::CheckLoadLocked(const LoadRequest& req, ShardRef* ref) {
   static constexpr const char* kNames[3] = {"parameters", "momenta",
                                             "velocities"};
-  ShardRef ref;
   TF_RETURN_IF_ERROR(ResolveShardLocked(req.table_id, req.table_name,
-                                        req.num_shards, req.shard_id, &ref));
-  Table& t = *ref.table;
-  const std::vector<int64_t> expected{ref.rows, t.dim};
+                                        req.num_shards, req.shard_id, ref));
+  const Table& t = *ref->table;
+  const std::vector<int64_t> expected{ref->rows, t.dim};
   for (int i = 0; i < 3; ++i) {
     if (req.shapes[i] != expected) {
       return InvalidArgument("LoadTPUEmbeddingADAMParameters: table '", t.name,
-                             "' shard ", ref.shard, " is ",
+                             "' shard ", ref->shard, " is ",
                              ShapeString(expected), " but ", kNames[i], " is ",
                              ShapeString(req.shapes[i]));
     }
   }
+  return tensorflow::OkStatus();
+}
+
+void Engine::WriteLoadLocked(const ShardRef& ref, const LoadRequest& req) {
+  Table& t = *ref.table;
   std::lock_guard<std::mutex> table_lock(t.mu);
   Shard& s = t.shards[ref.shard];
-  const int64_t n = s.rows * t.dim;
+  const int64_t n = s.rows * t.dim;  // fits: TableFromProto checked vocab x dim
   s.w.assign(req.data[0], req.data[0] + n);
   s.m.assign(req.data[1], req.data[1] + n);
   s.v.assign(req.data[2], req.data[2] + n);
   s.loaded = true;
-  return tensorflow::OkStatus();
 }
 
-Status Engine::Retrieve(const ShardRef& ref, float* w, float* m, float* v) {
+Status Engine::Retrieve(const ShardRef& ref, float* w, float* m, float* v,
+                        const ParallelFor& parallel_for) {
+  std::lock_guard<std::mutex> lock(mu_);
+  ApplyStepLocked(parallel_for);
   Table& t = *ref.table;
-  std::lock_guard<std::mutex> lock(t.mu);
+  std::lock_guard<std::mutex> table_lock(t.mu);
   const Shard& s = t.shards[ref.shard];
   if (!s.loaded) {
     return FailedPrecondition("table '", t.name, "' shard ", ref.shard,
@@ -450,53 +529,53 @@ Status Engine::Enqueue(int64_t task, int64_t core,
         absl::StrCat("feature ", i, " (table '", t.name, "')"), f.input_shape,
         t.vocabulary_size, inputs[i], &batch.features[i]));
   }
-  const CoreKey key{task, core};
-  if (batch.training) training_cores_.insert(key);
-  cores_[key].queued.push_back(std::move(batch));
+  Core& c = cores_[CoreKey{task, core}];
+  if (batch.training) ++c.training_batches;
+  c.queued.push_back(std::move(batch));
   lock.unlock();
   enqueued_.notify_all();
   return tensorflow::OkStatus();
 }
 
-Status Engine::ActivationShapes(const std::string& config,
-                                std::vector<std::vector<int64_t>>* shapes) {
-  std::lock_guard<std::mutex> lock(mu_);
-  TF_RETURN_IF_ERROR(CheckConfigLocked(config));
-  shapes->clear();
-  for (const Feature& f : features_) {
-    shapes->push_back(f.input_shape);
-    shapes->back().push_back(tables_[f.table_id]->dim);
-  }
-  return tensorflow::OkStatus();
-}
-
-Status Engine::Recv(int64_t task, int64_t core, int64_t timeout_ms,
-                    const std::vector<float*>& outputs) {
+Status Engine::Recv(const std::string& config, int64_t task, int64_t core,
+                    int64_t timeout_ms, int num_outputs,
+                    const AllocateOutput& allocate) {
   std::unique_lock<std::mutex> lock(mu_);
-  TF_RETURN_IF_ERROR(CheckConfigLocked(""));
+  TF_RETURN_IF_ERROR(CheckConfigLocked(config));
   TF_RETURN_IF_ERROR(CheckCoreLocked(task, core));
-  if (outputs.size() != features_.size()) {
-    return InvalidArgument("Recv has ", outputs.size(), " outputs; the ",
-                           "configuration has ", features_.size(), " features");
+  if (num_outputs != static_cast<int>(features_.size())) {
+    return InvalidArgument("RecvTPUEmbeddingActivations has ", num_outputs,
+                           " outputs; the configuration has ",
+                           features_.size(), " features");
   }
   const CoreKey key{task, core};
+  const uint64_t generation = generation_;
   // The enqueue of the same step may still be running on another thread.
   enqueued_.wait_for(lock, std::chrono::milliseconds(timeout_ms), [&] {
+    if (generation_ != generation) return true;
     auto it = cores_.find(key);
     return it != cores_.end() && !it->second.queued.empty();
   });
+  // The wait released the lock: the checks above hold only for the same
+  // configuration.
+  if (generation_ != generation) {
+    return tensorflow::errors::Aborted(
+        "RecvTPUEmbeddingActivations on core ", core, " of task ", task,
+        ": the engine was reset or reconfigured while it waited for a batch");
+  }
   auto it = cores_.find(key);
   if (it == cores_.end() || it->second.queued.empty()) {
     return FailedPrecondition("RecvTPUEmbeddingActivations on core ", core,
                               " of task ", task, ": nothing was enqueued ",
                               "for this core");
   }
-  const Batch& front = it->second.queued.front();
+  Core& c = it->second;
+  const Batch& front = c.queued.front();
   std::vector<std::shared_ptr<Table>> tables(features_.size());
   for (size_t i = 0; i < features_.size(); ++i) {
     tables[i] = tables_[features_[i].table_id];
-    Table& t = *tables[i];
-    std::lock_guard<std::mutex> table_lock(t.mu);
+    // `loaded` changes only under mu_ too, so reading it needs no table lock.
+    const Table& t = *tables[i];
     for (const Entry& e : front.features[i]) {
       const int shard = Locate(t, e.id).shard;
       if (!t.shards[shard].loaded) {
@@ -506,13 +585,19 @@ Status Engine::Recv(int64_t task, int64_t core, int64_t timeout_ms,
       }
     }
   }
-  auto batch = std::make_shared<const Batch>(std::move(it->second.queued.front()));
-  it->second.queued.pop_front();
-  it->second.received = batch;
-  std::vector<int64_t> slots(features_.size());
+  std::vector<float*> outputs(features_.size());
+  std::vector<int64_t> sizes(features_.size());
   for (size_t i = 0; i < features_.size(); ++i) {
-    slots[i] = Product(features_[i].input_shape);
+    std::vector<int64_t> shape = features_[i].input_shape;
+    shape.push_back(tables[i]->dim);
+    sizes[i] = CheckedProduct(shape);  // fits: checked at install
+    TF_RETURN_IF_ERROR(allocate(i, shape, &outputs[i]));
   }
+  auto batch = std::make_shared<const Batch>(std::move(c.queued.front()));
+  c.queued.pop_front();
+  // A received batch that was never sent drops out of the step.
+  if (c.received != nullptr && c.received->training) --c.training_batches;
+  c.received = batch;
   lock.unlock();
 
   // Rows change only under their table's lock, so every activation is built
@@ -520,7 +605,7 @@ Status Engine::Recv(int64_t task, int64_t core, int64_t timeout_ms,
   for (size_t i = 0; i < batch->features.size(); ++i) {
     Table& t = *tables[i];
     float* out = outputs[i];
-    std::fill(out, out + slots[i] * t.dim, 0.0f);
+    std::fill(out, out + sizes[i], 0.0f);
     std::lock_guard<std::mutex> table_lock(t.mu);
     for (const Entry& e : batch->features[i]) {
       const RowLocation loc = Locate(t, e.id);
@@ -596,16 +681,22 @@ Status Engine::Send(int64_t task, int64_t core,
     }
   }
   it->second.received.reset();
+  --it->second.training_batches;
   sent_.insert(key);
   step_learning_rates_ = learning_rates;
-  if (std::includes(sent_.begin(), sent_.end(), training_cores_.begin(),
-                    training_cores_.end())) {
-    ApplyStepLocked(parallel_for);
-  }
+  if (!StepOutstandingLocked()) ApplyStepLocked(parallel_for);
   return tensorflow::OkStatus();
 }
 
+bool Engine::StepOutstandingLocked() const {
+  for (const auto& [key, core] : cores_) {
+    if (core.training_batches > 0 && sent_.count(key) == 0) return true;
+  }
+  return false;
+}
+
 void Engine::ApplyStepLocked(const ParallelFor& parallel_for) {
+  if (sent_.empty()) return;
   for (const auto& tp : tables_) {
     Table& t = *tp;
     const float lr = t.dynamic_lr_tag >= 0

@@ -17,12 +17,14 @@
 //
 // Locking: `mu_` guards the configuration and the queues; each table has its
 // own mutex guarding its shards' rows. `mu_` is always taken before a table's.
+// A shard's `loaded` flag is written under both, so either lock reads it.
 #ifndef TPU_EMBED_ADAM_CC_ENGINE_ENGINE_H_
 #define TPU_EMBED_ADAM_CC_ENGINE_ENGINE_H_
 
 #include <cstdint>
 #include <condition_variable>
 #include <deque>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -52,7 +54,10 @@ struct Shard {
 struct Table {
   std::string name;
   int id = 0;
-  int64_t vocabulary_size = 0;  // padded to at least the number of shards
+  int64_t vocabulary_size = 0;  // as configured: valid ids are below it
+  // At least one row per shard (TF pads small tables with dummy rows): the
+  // size that sharding splits.
+  int64_t padded_vocabulary_size = 0;
   int64_t dim = 0;
   bool mod_sharding = false;  // else div: contiguous blocks
   AdamConfig adam;
@@ -112,13 +117,17 @@ class Engine {
                                   int64_t num_shards, int64_t shard_id,
                                   ShardRef* out);
   // Validates the request against the configuration and copies it into the
-  // shard. TF puts the config on one load op only, and in a cluster another
-  // may run first: a load without config before any configuration is kept
-  // (copied) and applied, or rejected, when the configuration arrives.
-  tensorflow::Status Load(const std::string& config, const LoadRequest& req);
-  // Copies the shard out; FailedPrecondition if it was never loaded here.
+  // shard, after closing any open step (so that the step's gradients are not
+  // applied to the rows the load brings). TF puts the config on one load op
+  // only, and in a cluster another may run first: a load without config
+  // before any configuration is kept (copied, up to kMaxDeferredLoads) and
+  // applied, or rejected, when the configuration arrives.
+  tensorflow::Status Load(const std::string& config, const LoadRequest& req,
+                          const ParallelFor& parallel_for);
+  // Closes any open step (its gradients belong in what is retrieved), then
+  // copies the shard out; FailedPrecondition if it was never loaded here.
   tensorflow::Status Retrieve(const ShardRef& ref, float* w, float* m,
-                              float* v);
+                              float* v, const ParallelFor& parallel_for);
 
   // Validates every feature of one enqueue op and queues the batch for the
   // core; nothing is queued if any feature is bad. `combiners` holds one
@@ -128,17 +137,21 @@ class Engine {
                              const std::vector<std::string>& combiners,
                              const std::string& mode_override);
 
-  // Shapes of Recv's outputs (and of Send's gradients): input_shape + [dim].
-  tensorflow::Status ActivationShapes(
-      const std::string& config, std::vector<std::vector<int64_t>>* shapes);
-  // Pops the core's oldest batch (waiting up to timeout_ms for one) and
-  // writes the combined activations into `outputs` (sized as
-  // ActivationShapes).
-  tensorflow::Status Recv(int64_t task, int64_t core, int64_t timeout_ms,
-                          const std::vector<float*>& outputs);
+  // Allocates Recv's output `index` of `shape` (input_shape + [dim]) and
+  // returns its buffer.
+  using AllocateOutput = std::function<tensorflow::Status(
+      int index, const std::vector<int64_t>& shape, float** data)>;
+  // Checks `config`, pops the core's oldest batch (waiting up to timeout_ms
+  // for one), allocates the `num_outputs` outputs through `allocate` and
+  // writes the combined activations into them. Shapes, allocation and the
+  // pop happen in one hold of the engine's lock, so a concurrent reset
+  // cannot leave buffers sized for another configuration.
+  tensorflow::Status Recv(const std::string& config, int64_t task,
+                          int64_t core, int64_t timeout_ms, int num_outputs,
+                          const AllocateOutput& allocate);
   // Backpropagates `grads` through the batch the core last received into the
-  // tables' accumulators; when every core that enqueues for training has
-  // sent, applies one ApplySparseAdam per table shard.
+  // tables' accumulators; when no core that has not sent in this step still
+  // holds a training batch, applies one ApplySparseAdam per table shard.
   tensorflow::Status Send(int64_t task, int64_t core,
                           const std::vector<const float*>& grads,
                           const std::vector<std::vector<int64_t>>& shapes,
@@ -152,6 +165,9 @@ class Engine {
   struct Core {
     std::deque<Batch> queued;
     std::shared_ptr<const Batch> received;  // awaiting Send
+    // Training batches queued or received and not yet sent: while the core
+    // has not sent in the open step, these keep the step open.
+    int64_t training_batches = 0;
   };
 
   struct DeferredLoad {
@@ -164,11 +180,17 @@ class Engine {
                                         const std::string& table_name,
                                         int64_t num_shards, int64_t shard_id,
                                         ShardRef* out);
-  tensorflow::Status LoadLocked(const LoadRequest& req);
+  // Validates a load; `ref` names the shard it writes.
+  tensorflow::Status CheckLoadLocked(const LoadRequest& req, ShardRef* ref);
+  void WriteLoadLocked(const ShardRef& ref, const LoadRequest& req);
   tensorflow::Status CheckConfigLocked(const std::string& serialized);
   void ClearLocked();
   tensorflow::Status CheckCoreLocked(int64_t task, int64_t core) const;
-  // Runs the accumulated step on every table and clears the accumulators.
+  // Whether a core that has not sent in the open step still holds a
+  // training batch, i.e. the step must wait for its gradients.
+  bool StepOutstandingLocked() const;
+  // Runs the accumulated step on every table and clears the accumulators;
+  // nothing when no core has sent since the last step.
   void ApplyStepLocked(const ParallelFor& parallel_for);
 
   std::mutex mu_;
@@ -181,10 +203,12 @@ class Engine {
   std::map<std::string, int> table_ids_;
   std::vector<Feature> features_;
   std::map<CoreKey, Core> cores_;
-  // The step barrier: cores that ever enqueued a training batch, and those
-  // that have sent gradients in the step now accumulating.
-  std::set<CoreKey> training_cores_;
+  // The step barrier: cores that have sent gradients in the step now
+  // accumulating (see StepOutstandingLocked for the cores it waits for).
   std::set<CoreKey> sent_;
+  // Bumped by every reset or reconfiguration: a Recv that waited across one
+  // fails instead of mixing two configurations.
+  uint64_t generation_ = 0;
   std::vector<float> step_learning_rates_;
   std::vector<std::unique_ptr<DeferredLoad>> deferred_loads_;
 };

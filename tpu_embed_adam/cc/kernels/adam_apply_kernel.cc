@@ -17,7 +17,7 @@
 #include "tensorflow/core/framework/tensor.h"
 #include "tensorflow/core/framework/tensor_shape.h"
 #include "tensorflow/core/kernels/training_op_helpers.h"
-#include "tensorflow/core/lib/core/threadpool.h"
+#include "tpu_embed_adam/cc/kernels/parallel_for.h"
 #include "tpu_embed_adam/cc/kernels/sparse_adam.h"
 
 namespace tpu_embed_adam {
@@ -33,15 +33,6 @@ using CPUDevice = Eigen::ThreadPoolDevice;
 
 constexpr int kVar = 0, kM = 1, kV = 2, kIds = 3, kGrads = 4, kLr = 5;
 constexpr const char* kVarNames[] = {"var", "m", "v"};
-
-ParallelFor MakeParallelFor(OpKernelContext* ctx) {
-  tensorflow::thread::ThreadPool* pool =
-      ctx->device()->tensorflow_cpu_worker_threads()->workers;
-  return [pool](int64_t total, int64_t cost_per_unit,
-                const std::function<void(int64_t, int64_t)>& fn) {
-    pool->ParallelFor(total, cost_per_unit, fn);
-  };
-}
 
 // Position of the first non-finite value, searched in parallel slices.
 int64_t FindNonFiniteParallel(const float* values, int64_t n,

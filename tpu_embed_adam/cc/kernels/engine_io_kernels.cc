@@ -9,8 +9,8 @@
 
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/tensor.h"
-#include "tensorflow/core/util/work_sharder.h"
 #include "tpu_embed_adam/cc/engine/engine.h"
+#include "tpu_embed_adam/cc/kernels/parallel_for.h"
 
 namespace tpu_embed_adam {
 namespace {
@@ -181,21 +181,17 @@ class RecvOp : public OpKernel {
   }
 
   void Compute(OpKernelContext* ctx) override {
-    std::vector<std::vector<int64_t>> shapes;
-    OP_REQUIRES_OK(ctx, Engine::Get().ActivationShapes(config_, &shapes));
-    OP_REQUIRES(ctx, static_cast<int>(shapes.size()) == num_outputs(),
-                InvalidArgument("RecvTPUEmbeddingActivations has ",
-                                num_outputs(), " outputs; the configuration ",
-                                "has ", shapes.size(), " features"));
-    std::vector<float*> outputs(shapes.size());
-    for (size_t i = 0; i < shapes.size(); ++i) {
+    const auto allocate = [ctx](int index, const std::vector<int64_t>& shape,
+                                float** data) {
       Tensor* out = nullptr;
-      OP_REQUIRES_OK(ctx, ctx->allocate_output(
-                              i, tensorflow::TensorShape(shapes[i]), &out));
-      outputs[i] = out->flat<float>().data();
-    }
-    OP_REQUIRES_OK(ctx, Engine::Get().Recv(Task(ctx), DeviceCore(ctx),
-                                           RecvTimeoutMs(), outputs));
+      TF_RETURN_IF_ERROR(
+          ctx->allocate_output(index, tensorflow::TensorShape(shape), &out));
+      *data = out->flat<float>().data();
+      return tensorflow::OkStatus();
+    };
+    OP_REQUIRES_OK(ctx, Engine::Get().Recv(config_, Task(ctx), DeviceCore(ctx),
+                                           RecvTimeoutMs(), num_outputs(),
+                                           allocate));
   }
 
  private:
@@ -228,15 +224,9 @@ class SendOp : public OpKernel {
                                   rates[i].shape().DebugString()));
       learning_rates.push_back(rates[i].flat<float>()(0));
     }
-    auto* pool = ctx->device()->tensorflow_cpu_worker_threads()->workers;
-    const ParallelFor parallel_for =
-        [pool](int64_t total, int64_t cost,
-               const std::function<void(int64_t, int64_t)>& fn) {
-          pool->ParallelFor(total, cost, fn);
-        };
     OP_REQUIRES_OK(ctx, Engine::Get().Send(Task(ctx), DeviceCore(ctx), grads,
                                            shapes, learning_rates,
-                                           parallel_for));
+                                           MakeParallelFor(ctx)));
   }
 
  private:

@@ -4,6 +4,7 @@
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/tensor.h"
 #include "tpu_embed_adam/cc/engine/engine.h"
+#include "tpu_embed_adam/cc/kernels/parallel_for.h"
 
 namespace tpu_embed_adam {
 namespace {
@@ -89,7 +90,7 @@ class LoadAdamOp : public ShardOpBase {
       req.shapes[i].assign(dims.begin(), dims.end());
       req.data[i] = t.flat<float>().data();
     }
-    OP_REQUIRES_OK(ctx, Engine::Get().Load(config_, req));
+    OP_REQUIRES_OK(ctx, Engine::Get().Load(config_, req, MakeParallelFor(ctx)));
   }
 };
 
@@ -109,7 +110,8 @@ class RetrieveAdamOp : public ShardOpBase {
     OP_REQUIRES_OK(ctx, Engine::Get().Retrieve(
                             ref, out[0]->flat<float>().data(),
                             out[1]->flat<float>().data(),
-                            out[2]->flat<float>().data()));
+                            out[2]->flat<float>().data(),
+                            MakeParallelFor(ctx)));
   }
 };
 
