@@ -105,6 +105,13 @@ def test_nan_gradient_propagates():
     assert np.isnan(w).all() and np.isnan(m).all() and np.isnan(v).all()
 
 
+def test_decay_term_applies_when_unset():
+    # w - 0 * w: the identity for a finite weight, NaN for an infinite one.
+    with np.errstate(invalid="ignore"):
+        w, _, _ = _one_row([0.5], ids=[1], w=np.inf, rows=3)
+    assert np.isnan(w[1, 0]) and np.isinf(w[[0, 2], 0]).all()
+
+
 def test_inputs_are_not_modified():
     table, slot = np.ones((2, 1), np.float32), np.zeros((2, 1), np.float32)
     adam_update(table, slot, slot, np.array([1]), np.ones((1, 1), np.float32),

@@ -7,7 +7,7 @@ reasons for the [inferred] choices, are in `docs/semantics.md`.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -45,8 +45,41 @@ def bias_corrected_learning_rate(
     return float(learning_rate * np.sqrt(1.0 - beta2**step) / (1.0 - beta1**step))
 
 
-def _bound(value: float | None, default: float) -> np.float32:
-    return _F32(default if value is None else value)
+class _Constants(NamedTuple):
+    """A step's constants that do not depend on the learning rate, in float32.
+
+    Every implementation takes them from here, so that each rounds them (and
+    fills in unset parameters) exactly as the reference does.
+    """
+
+    beta1: np.float32
+    one_minus_beta1: np.float32
+    beta2: np.float32
+    one_minus_beta2: np.float32
+    epsilon: np.float32
+    weight_decay: np.float32  # 0 when unset: the decay term is always applied.
+    gradient_bounds: tuple[np.float32, np.float32]  # -inf/+inf where unset.
+    weight_bounds: tuple[np.float32, np.float32]
+
+
+def _bounds(low: float | None, high: float | None) -> tuple[np.float32, np.float32]:
+    """A clipping range; an unset (None) bound is -inf/+inf, as in the proto."""
+    return _F32(-np.inf if low is None else low), _F32(np.inf if high is None else high)
+
+
+def _constants(params: Any) -> _Constants:
+    """Reads `params` (ours or TF's `AdamParameters`, by attribute) into float32."""
+    beta1, beta2 = _F32(params.beta1), _F32(params.beta2)
+    return _Constants(
+        beta1=beta1,
+        one_minus_beta1=_F32(1) - beta1,
+        beta2=beta2,
+        one_minus_beta2=_F32(1) - beta2,
+        epsilon=_F32(params.epsilon),
+        weight_decay=_F32(params.weight_decay_factor or 0.0),
+        gradient_bounds=_bounds(params.clip_gradient_min, params.clip_gradient_max),
+        weight_bounds=_bounds(params.clip_weight_min, params.clip_weight_max),
+    )
 
 
 def adam_update(
@@ -69,6 +102,10 @@ def adam_update(
         w = w - a * m / sqrt(v + epsilon^2)     if sum_inside_sqrt
         w = w - a * m / (sqrt(v) + epsilon)     otherwise
         w = clip(w, clip_weight_min, clip_weight_max)
+
+    Unset clipping bounds are -inf/+inf and an unset decay factor is 0. The
+    decay term is applied even then: it is the identity for a finite weight,
+    but turns an infinite one into NaN (`0 * inf`), in every implementation.
 
     Which rows, and with which `g_r`:
 
@@ -110,25 +147,21 @@ def adam_update(
         raise ValueError(f"ids must lie in [0, {w.shape[0]}); got {ids.min()}..{ids.max()}.")
 
     lr = _F32(params.learning_rate if learning_rate is None else learning_rate)
-    b1, b2, eps = _F32(params.beta1), _F32(params.beta2), _F32(params.epsilon)
-    gmin = _bound(params.clip_gradient_min, -np.inf)
-    gmax = _bound(params.clip_gradient_max, np.inf)
-    wmin = _bound(params.clip_weight_min, -np.inf)
-    wmax = _bound(params.clip_weight_max, np.inf)
-    decay = _F32(params.weight_decay_factor or 0.0)
+    c = _constants(params)
+    decay = c.weight_decay
     if params.multiply_weight_decay_factor_by_learning_rate:
         decay = decay * lr
 
     def step(r: np.ndarray | int, g: np.ndarray) -> None:
-        g = np.clip(g, gmin, gmax)
+        g = np.clip(g, *c.gradient_bounds)
         w[r] = w[r] - decay * w[r]
-        m[r] = b1 * m[r] + (_F32(1) - b1) * g
-        v[r] = b2 * v[r] + (_F32(1) - b2) * g * g
+        m[r] = c.beta1 * m[r] + c.one_minus_beta1 * g
+        v[r] = c.beta2 * v[r] + c.one_minus_beta2 * g * g
         if params.sum_inside_sqrt:
-            w[r] = w[r] - lr * m[r] / np.sqrt(v[r] + eps * eps)
+            w[r] = w[r] - lr * m[r] / np.sqrt(v[r] + c.epsilon * c.epsilon)
         else:
-            w[r] = w[r] - lr * m[r] / (np.sqrt(v[r]) + eps)
-        w[r] = np.clip(w[r], wmin, wmax)
+            w[r] = w[r] - lr * m[r] / (np.sqrt(v[r]) + c.epsilon)
+        w[r] = np.clip(w[r], *c.weight_bounds)
 
     if not params.use_gradient_accumulation:
         for i, r in enumerate(ids):

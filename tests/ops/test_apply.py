@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import tensorflow as tf
+from _ops_helpers import assert_state_close, assert_state_equal, random_state
 
 from tpu_embed_adam.ops import _loader, apply, options
 from tpu_embed_adam.ops.apply import apply_adam
@@ -29,20 +30,11 @@ def implementation(request):
 
 
 def _state(seed=0):
-    rng = np.random.default_rng(seed)
-    return (rng.standard_normal((ROWS, DIM)).astype(np.float32),
-            (0.1 * rng.standard_normal((ROWS, DIM))).astype(np.float32),
-            (0.01 * rng.random((ROWS, DIM))).astype(np.float32))
+    return random_state(seed, ROWS, DIM)
 
 
 def _variables(state):
     return [tf.Variable(x) for x in state]
-
-
-def _assert_state(variables, want):
-    for name, x, w in zip("wmv", variables, want, strict=True):
-        got = x if isinstance(x, np.ndarray) else x.numpy()
-        np.testing.assert_allclose(got, w, rtol=1e-6, atol=1e-7, err_msg=name)
 
 
 _IDS = np.array([4, 1, 4, 0, 4])
@@ -66,7 +58,7 @@ def test_indexed_slices_from_gradient_tape(implementation, params, dtype):
     assert isinstance(grads, tf.IndexedSlices)
     apply_adam(*variables, None, grads, params, implementation=implementation)
     dense = np.repeat(np.arange(1, 6, dtype=np.float32)[:, None], DIM, axis=1)
-    _assert_state(variables, adam_update(*state, _IDS, dense, params))
+    assert_state_equal(variables, adam_update(*state, _IDS, dense, params))
 
 
 def test_embedding_lookup_gradient_in_tf1_session(implementation):
@@ -83,7 +75,7 @@ def test_embedding_lookup_gradient_in_tf1_session(implementation):
             sess.run(update, {lr: 0.03})
             got = sess.run(variables)
     want = adam_update(*state, ids.reshape(-1), np.ones((4, DIM), np.float32), _PARAMS, 0.03)
-    _assert_state(got, want)
+    assert_state_equal(got, want)
 
 
 def test_tf_function_with_dynamic_rate(implementation):
@@ -98,7 +90,7 @@ def test_tf_function_with_dynamic_rate(implementation):
     for lr in (0.1, 0.05):
         step(tf.constant(lr))
         state = adam_update(*state, _IDS, grads, _PARAMS, learning_rate=lr)
-    _assert_state(variables, state)
+    assert_state_equal(variables, state)
 
 
 def test_dynamic_params_rate_needs_learning_rate(implementation):
@@ -122,7 +114,7 @@ def test_bad_ids_raise_and_write_nothing(implementation, mode):
 
     with pytest.raises(tf.errors.InvalidArgumentError, match=rf"(?s)ids.*{ROWS}"):
         (step if mode == "eager" else tf.function(step))()
-    _assert_state(variables, state)
+    assert_state_equal(variables, state)
 
 
 def test_check_numerics(implementation):
@@ -132,9 +124,36 @@ def test_check_numerics(implementation):
     with pytest.raises(tf.errors.InvalidArgumentError):
         apply_adam(*variables, [2], grads, _PARAMS, implementation=implementation,
                    check_numerics=True)
-    _assert_state(variables, state)
+    assert_state_equal(variables, state)
     apply_adam(*variables, [2], grads, _PARAMS, implementation=implementation)
     assert np.isnan(variables[0].numpy()[2, 1])
+
+
+@pytest.mark.parametrize("mode", ["eager", "function", "jit"])
+@pytest.mark.parametrize(
+    "params",
+    [AdamParameters(0.1), AdamParameters(0.1, lazy_adam=False, weight_decay_factor=0.2),
+     AdamParameters(0.1, use_gradient_accumulation=False)],
+    ids=["no_decay", "decay_non_lazy", "no_accumulation"],
+)
+def test_infinite_weights_as_in_the_reference(implementation, mode, params):
+    # The decay term is applied even with no decay factor (d = 0), so an
+    # infinite weight that steps becomes NaN (0 * inf) on every path.
+    if mode == "jit" and implementation == "fused":
+        pytest.skip("the fused op has no XLA kernel")
+    state = _state(7)
+    state[0][[0, 1, 4], 0] = [np.inf, -np.inf, np.inf]  # rows 0 and 4 step, row 1 only if dense
+    variables = _variables(state)
+    grads = np.ones((len(_IDS), DIM), np.float32)
+
+    def step():
+        apply_adam(*variables, _IDS, grads, params, implementation=implementation)
+
+    (step if mode == "eager" else tf.function(step, jit_compile=mode == "jit"))()
+    with np.errstate(invalid="ignore"):
+        want = adam_update(*state, _IDS, grads, params)
+    assert np.isnan(want[0][[0, 4], 0]).all()
+    (assert_state_close if mode == "jit" else assert_state_equal)(variables, want)
 
 
 # Dispatch.
@@ -214,6 +233,24 @@ def test_auto_uses_tf_path_for_gpu_and_ref_variables(spies, fake_library):
     assert (spies[0].calls, spies[1].calls) == (2, 0)
 
 
+@pytest.mark.parametrize("slot", ["m", "v"])
+def test_auto_checks_the_slots_too(spies, fake_library, caplog, slot):
+    # The kernel writes all three variables: a ref or non-CPU slot rules it out.
+    index = "wmv".index(slot)
+    with tf.Graph().as_default():
+        ref = _variables(_state())
+        ref[index] = tf.compat.v1.Variable(_state()[index], use_resource=False)
+        _call(variables=ref)
+        on_gpu = _variables(_state())
+        with tf.device("/device:GPU:0"):
+            on_gpu[index] = tf.Variable(_state()[index])
+        _call(variables=on_gpu)
+    assert (spies[0].calls, spies[1].calls) == (2, 0)
+    messages = " ".join(r.getMessage() for r in caplog.records)
+    assert f"`{slot}` is not a resource variable" in messages
+    assert f"`{slot}` is on /device:GPU:0" in messages
+
+
 def test_auto_under_jit_compile_uses_tf_path(fake_library):
     state = _state(5)
     variables = _variables(state)
@@ -224,7 +261,7 @@ def test_auto_under_jit_compile_uses_tf_path(fake_library):
         apply_adam(*variables, _IDS, grads, _PARAMS)
 
     step()
-    _assert_state(variables, adam_update(*state, _IDS, grads, _PARAMS))
+    assert_state_close(variables, adam_update(*state, _IDS, grads, _PARAMS))
 
 
 def test_unknown_implementation():
@@ -245,7 +282,7 @@ def test_tf_adam_parameters_accepted(implementation):
     variables = _variables(state)
     grads = np.ones((len(_IDS), DIM), np.float32)
     apply_adam(*variables, _IDS, grads, params, implementation=implementation)
-    _assert_state(variables, adam_update(*state, _IDS, grads, params))
+    assert_state_equal(variables, adam_update(*state, _IDS, grads, params))
 
 
 @pytest.mark.parametrize(

@@ -3,13 +3,20 @@ numerics checks, concurrency and the library loader."""
 
 from __future__ import annotations
 
-import dataclasses
 import re
 import threading
 
 import numpy as np
 import pytest
 import tensorflow as tf
+from _ops_helpers import (
+    Flags,
+    assert_state_equal,
+    flag_sets,
+    problems,
+    random_state,
+    reference_steps,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -22,129 +29,73 @@ pytestmark = pytest.mark.skipif(
     _loader.load_library() is None, reason=f"kernel library not built: {_loader.load_error()}"
 )
 
-RTOL = ATOL = 1e-6
-
-
-@dataclasses.dataclass(frozen=True)
-class Flags:
-    """Every attribute the kernel reads, free of AdamParameters' validation, so
-    that combinations TF rejects (non-lazy or clipping without accumulation)
-    are covered too: the kernel follows the reference for them."""
-
-    learning_rate: float = 0.05
-    beta1: float = 0.9
-    beta2: float = 0.999
-    epsilon: float = 1e-8
-    lazy_adam: bool = True
-    sum_inside_sqrt: bool = True
-    use_gradient_accumulation: bool = True
-    clip_weight_min: float | None = None
-    clip_weight_max: float | None = None
-    weight_decay_factor: float | None = None
-    multiply_weight_decay_factor_by_learning_rate: bool | None = None
-    clip_gradient_min: float | None = None
-    clip_gradient_max: float | None = None
-
-
-def _state(rng, rows, dim):
-    w = rng.standard_normal((rows, dim)).astype(np.float32)
-    m = (0.1 * rng.standard_normal((rows, dim))).astype(np.float32)
-    v = (0.1 * rng.random((rows, dim))).astype(np.float32)
-    return w, m, v
-
 
 def _variables(w, m, v):
     return tf.Variable(w), tf.Variable(m), tf.Variable(v)
 
 
-def _assert_state(variables, expected):
-    for name, var, want in zip(("var", "m", "v"), variables, expected, strict=True):
-        np.testing.assert_allclose(var.numpy(), want, rtol=RTOL, atol=ATOL, err_msg=name)
-
-
-_bounds = st.sampled_from([(None, None), (-0.5, 0.5), (None, 0.3), (-0.2, None), (0.1, 0.4)])
-
-flag_sets = st.builds(
-    Flags,
-    learning_rate=st.sampled_from([0.05, 1.0]),
-    beta1=st.sampled_from([0.0, 0.5, 0.9]),
-    beta2=st.sampled_from([0.0, 0.9, 0.999]),
-    epsilon=st.sampled_from([1e-8, 0.1]),
-    lazy_adam=st.booleans(),
-    sum_inside_sqrt=st.booleans(),
-    use_gradient_accumulation=st.booleans(),
-    weight_decay_factor=st.sampled_from([None, 0.0, 0.01, 0.5]),
-    multiply_weight_decay_factor_by_learning_rate=st.sampled_from([None, False, True]),
-).flatmap(
-    lambda f: st.tuples(_bounds, _bounds).map(
-        lambda b: dataclasses.replace(
-            f,
-            clip_gradient_min=b[0][0],
-            clip_gradient_max=b[0][1],
-            clip_weight_min=None if b[1][0] is None else b[1][0] * 4,
-            clip_weight_max=None if b[1][1] is None else b[1][1] * 4,
-        )
-    )
-)
-
-
-@st.composite
-def problems(draw):
-    """A table, ids of one of three shapes (duplicate-heavy, all distinct,
-    uniform), gradients and a few learning rates, from a drawn seed."""
-    rows = draw(st.integers(1, 40))
-    dim = draw(st.sampled_from([1, 3, 8, 13, 32]))
-    kind = draw(st.sampled_from(["duplicates", "distinct", "uniform"]))
-    n = draw(st.integers(0, rows if kind == "distinct" else 60))
-    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
-    if kind == "duplicates":
-        ids = rng.integers(0, min(rows, 3), n)
-    elif kind == "distinct":
-        ids = rng.permutation(rows)[:n]
-    else:
-        ids = rng.integers(0, rows, n)
-    ids = ids.astype(draw(st.sampled_from([np.int32, np.int64])))
-    steps = draw(st.integers(1, 3))
-    grads = [rng.standard_normal((n, dim)).astype(np.float32) for _ in range(steps)]
-    dynamic = draw(st.booleans())
-    lrs = [float(rng.uniform(0.01, 0.5)) if dynamic else None for _ in range(steps)]
-    return _state(rng, rows, dim), ids, grads, lrs
-
-
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(problem=problems(), flags=flag_sets)
 def test_matches_reference_eager(problem, flags):
-    state, ids, grads, lrs = problem
+    # Same float32 operations in the same order, no FMA: bit for bit, not merely close.
+    state, batches, lrs = problem
     variables = _variables(*state)
     expected = state
-    for g, lr in zip(grads, lrs, strict=True):
+    for (ids, g), lr in zip(batches, lrs, strict=True):
         assert fused_apply_adam(*variables, ids, g, flags, learning_rate=lr) is None
         expected = adam_update(*expected, ids, g, flags, learning_rate=lr)
-        _assert_state(variables, expected)
+        assert_state_equal(variables, expected)
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(problem=problems(), flags=flag_sets)
 def test_matches_reference_in_tf_function(problem, flags):
-    state, ids, grads, lrs = problem
+    state, batches, lrs = problem
     variables = _variables(*state)
 
     @tf.function
     def step(ids, g, lr):
         fused_apply_adam(*variables, ids, g, flags, learning_rate=lr)
 
-    expected = state
-    for g, lr in zip(grads, lrs, strict=True):
-        lr = flags.learning_rate if lr is None else lr
-        step(tf.constant(ids), tf.constant(g), tf.constant(lr, tf.float32))
-        expected = adam_update(*expected, ids, g, flags, learning_rate=lr)
-    _assert_state(variables, expected)
+    for (ids, g), lr in zip(batches, lrs, strict=True):
+        rate = tf.constant(flags.learning_rate if lr is None else lr, tf.float32)
+        step(tf.constant(ids), tf.constant(g), rate)
+    assert_state_equal(variables, reference_steps(state, batches, flags, lrs))
+
+
+@st.composite
+def large_problems(draw):
+    """One step on 10k-40k ids over a few thousand rows: enough ids for the
+    hash-partitioned grouping (over 8,192) and enough distinct rows for the
+    multi-worker summed path (1,024 or more)."""
+    rows = draw(st.integers(1_500, 4_000))
+    n = draw(st.integers(10_000, 40_000))
+    dim = draw(st.sampled_from([1, 3, 8]))
+    skewed = draw(st.booleans())
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    # Zipf ids put thousands of duplicates on a few rows, uniform ones spread
+    # out; both leave some rows absent.
+    ids = (rng.zipf(1.2, n) - 1) % rows if skewed else rng.integers(0, rows, n)
+    ids = ids.astype(draw(st.sampled_from([np.int32, np.int64])))
+    grads = rng.standard_normal((n, dim)).astype(np.float32)
+    lr = draw(st.sampled_from([None, 0.3]))
+    return random_state(rng, rows, dim), ids, grads, lr
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(problem=large_problems(), flags=flag_sets)
+def test_matches_reference_on_many_ids(problem, flags):
+    state, ids, grads, lr = problem
+    assert len(np.unique(ids)) >= 1_024  # else the multi-worker path is not reached
+    variables = _variables(*state)
+    fused_apply_adam(*variables, ids, grads, flags, learning_rate=lr)
+    assert_state_equal(variables, adam_update(*state, ids, grads, flags, learning_rate=lr))
 
 
 @pytest.mark.parametrize("index_dtype", [np.int32, np.int64])
 def test_matches_reference_in_tf1_session(index_dtype):
     rng = np.random.default_rng(3)
-    state = _state(rng, 20, 5)
+    state = random_state(rng, 20, 5)
     ids = rng.integers(0, 20, 30).astype(index_dtype)
     grads = rng.standard_normal((30, 5)).astype(np.float32)
     params = AdamParameters(0.1, lazy_adam=False, weight_decay_factor=0.01)
@@ -163,8 +114,7 @@ def test_matches_reference_in_tf1_session(index_dtype):
                 sess.run(op, {lr: rate, ids_in: ids, grads_in: grads})
                 expected = adam_update(*expected, ids, grads, params, learning_rate=rate)
             got = sess.run(variables)
-    for name, value, want in zip(("var", "m", "v"), got, expected, strict=True):
-        np.testing.assert_allclose(value, want, rtol=RTOL, atol=ATOL, err_msg=name)
+    assert_state_equal(got, expected)
 
 
 @pytest.mark.parametrize(
@@ -179,25 +129,12 @@ def test_matches_reference_in_tf1_session(index_dtype):
 def test_many_ids_use_the_partitioned_path(flags):
     # Over 8192 ids the dedupe splits the ids into hash partitions.
     rng = np.random.default_rng(7)
-    state = _state(rng, 3000, 3)
+    state = random_state(rng, 3000, 3)
     ids = ((rng.zipf(1.2, 20000) - 1) % 3000).astype(np.int64)
     grads = rng.standard_normal((20000, 3)).astype(np.float32)
     variables = _variables(*state)
     fused_apply_adam(*variables, ids, grads, flags)
-    _assert_state(variables, adam_update(*state, ids, grads, flags))
-
-
-def test_bit_identical_to_reference():
-    # Same float32 operations in the same order, no FMA: not merely close.
-    rng = np.random.default_rng(11)
-    state = _state(rng, 50, 37)
-    ids = rng.integers(0, 50, 200)
-    grads = rng.standard_normal((200, 37)).astype(np.float32)
-    for flags in (Flags(lazy_adam=False, weight_decay_factor=0.1), Flags(sum_inside_sqrt=False)):
-        variables = _variables(*state)
-        fused_apply_adam(*variables, ids, grads, flags)
-        for var, want in zip(variables, adam_update(*state, ids, grads, flags), strict=True):
-            np.testing.assert_array_equal(var.numpy(), want)
+    assert_state_equal(variables, adam_update(*state, ids, grads, flags))
 
 
 @pytest.mark.parametrize(
@@ -212,12 +149,12 @@ def test_accepts_our_and_tf_adam_parameters(params_class):
         multiply_weight_decay_factor_by_learning_rate=True,
     )
     rng = np.random.default_rng(5)
-    state = _state(rng, 10, 4)
+    state = random_state(rng, 10, 4)
     ids = np.array([1, 3, 1, 9])
     grads = rng.standard_normal((4, 4)).astype(np.float32)
     variables = _variables(*state)
     fused_apply_adam(*variables, ids, grads, params)
-    _assert_state(variables, adam_update(*state, ids, grads, params))
+    assert_state_equal(variables, adam_update(*state, ids, grads, params))
 
 
 def test_equals_tf_adam_optimizer_non_lazy_with_bias_correction():
@@ -239,14 +176,14 @@ def test_equals_tf_adam_optimizer_non_lazy_with_bias_correction():
 
 def test_empty_ids():
     rng = np.random.default_rng(0)
-    state = _state(rng, 5, 2)
+    state = random_state(rng, 5, 2)
     empty_ids, empty_grads = np.zeros([0], np.int64), np.zeros([0, 2], np.float32)
     lazy = _variables(*state)
     fused_apply_adam(*lazy, empty_ids, empty_grads, Flags())
-    _assert_state(lazy, state)
+    assert_state_equal(lazy, state)
     dense = _variables(*state)
     fused_apply_adam(*dense, empty_ids, empty_grads, Flags(lazy_adam=False))
-    _assert_state(dense, adam_update(*state, empty_ids, empty_grads, Flags(lazy_adam=False)))
+    assert_state_equal(dense, adam_update(*state, empty_ids, empty_grads, Flags(lazy_adam=False)))
 
 
 # Bad input: the error names the argument and the bad value, and nothing moved.
@@ -256,7 +193,7 @@ _ROWS, _DIM = 6, 4
 
 def _bad_call(**overrides):
     rng = np.random.default_rng(1)
-    state = _state(rng, _ROWS, _DIM)
+    state = random_state(rng, _ROWS, _DIM)
     variables = _variables(*state)
     args = {
         "ids": np.array([0, 2, 5], np.int64),
@@ -279,7 +216,6 @@ def _bad_call(**overrides):
         ({"grads": np.ones([3, _DIM + 1], np.float32)}, r"grads must have the dim of var \[6,4\]"),
         ({"grads": np.ones([3, _DIM])}, r"grads must be float32; got float64"),
         ({"ids": np.array([0.0, 1.0, 2.0])}, r"ids must be int32 or int64; got float64"),
-        ({"learning_rate": tf.constant([0.1, 0.2])}, r"learning_rate must be a scalar"),
         (
             {
                 "grads": np.array([[0, 0, 0, 0], [0, 0, np.nan, 0], [0] * 4], np.float32),
@@ -301,7 +237,24 @@ def test_bad_input_raises_and_writes_nothing(overrides, pattern):
     state, variables, args = _bad_call(**overrides)
     with pytest.raises(tf.errors.InvalidArgumentError, match=pattern):
         fused_apply_adam(*variables, params=Flags(), **args)
-    _assert_state(variables, state)
+    assert_state_equal(variables, state)
+
+
+def test_non_scalar_learning_rate():
+    state, variables, args = _bad_call()
+    del args["learning_rate"]
+    # A known shape fails when the op is built, before the kernel runs...
+    with pytest.raises(ValueError, match=r"`learning_rate` must be a scalar"):
+        fused_apply_adam(*variables, params=Flags(), learning_rate=tf.constant([0.1, 0.2]), **args)
+
+    # ...an unknown one in the kernel, before it writes.
+    @tf.function(input_signature=[tf.TensorSpec(None, tf.float32)])
+    def step(lr):
+        fused_apply_adam(*variables, params=Flags(), learning_rate=lr, **args)
+
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"learning_rate must be a scalar"):
+        step(tf.constant([0.1, 0.2]))
+    assert_state_equal(variables, state)
 
 
 @pytest.mark.parametrize(
@@ -337,7 +290,7 @@ def test_bad_variable_dtype_and_aliasing():
         fused_apply_adam(variables[0], variables[1], variables[1], params=Flags(), **args)
     with pytest.raises(TypeError, match="resource tf.Variable"):
         fused_apply_adam(state[0], *variables[1:], params=Flags(), **args)
-    _assert_state(variables, state)
+    assert_state_equal(variables, state)
 
 
 def test_static_shape_errors_in_tf_function():
@@ -349,7 +302,7 @@ def test_static_shape_errors_in_tf_function():
 
     with pytest.raises((ValueError, tf.errors.InvalidArgumentError), match="one row per id"):
         step()
-    _assert_state(variables, state)
+    assert_state_equal(variables, state)
 
 
 def test_uninitialized_variable_in_session():
@@ -363,14 +316,13 @@ def test_uninitialized_variable_in_session():
 
 def test_nan_propagates_without_check_numerics():
     rng = np.random.default_rng(4)
-    state = _state(rng, 4, 3)
+    state = random_state(rng, 4, 3)
     grads = np.array([[np.nan, 1, 2], [0, np.inf, 0]], np.float32)
     variables = _variables(*state)
     fused_apply_adam(*variables, np.array([1, 2]), grads, Flags())
     with np.errstate(invalid="ignore"):
         expected = adam_update(*state, np.array([1, 2]), grads, Flags())
-    for var, want in zip(variables, expected, strict=True):
-        np.testing.assert_allclose(var.numpy(), want, rtol=RTOL, atol=ATOL, equal_nan=True)
+    assert_state_equal(variables, expected)
     assert np.isnan(variables[0].numpy()[1, 0])
 
 
@@ -379,7 +331,7 @@ def test_concurrent_calls_serialise_without_torn_rows():
     # snapshot read during the run must be one of those states, row for row.
     threads, calls = 4, 5
     rng = np.random.default_rng(9)
-    state = _state(rng, 400, 64)
+    state = random_state(rng, 400, 64)
     ids = rng.integers(0, 400, 3000)
     grads = rng.standard_normal((3000, 64)).astype(np.float32)
     flags = Flags(weight_decay_factor=0.01)
@@ -412,11 +364,11 @@ def test_concurrent_calls_serialise_without_torn_rows():
     done.set()
     watcher.join()
     assert not errors
-    _assert_state(variables, states[-1])
+    assert_state_equal(variables, states[-1])
     tables = np.stack([s[0] for s in states])
     for snapshot in snapshots:
-        close = np.all(np.abs(tables - snapshot) <= ATOL + RTOL * np.abs(tables), axis=(1, 2))
-        assert close.any(), "a read saw a table between two serial states"
+        same = np.all(tables == snapshot, axis=(1, 2))
+        assert same.any(), "a read saw a table between two serial states"
 
 
 # The loader never raises; the wrapper explains a missing library.

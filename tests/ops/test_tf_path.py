@@ -1,55 +1,58 @@
 """The pure-TF path against the numpy reference, in every execution mode."""
 
+import dataclasses
 import itertools
 
 import numpy as np
 import pytest
 import tensorflow as tf
+from _ops_helpers import (
+    BETA1S,
+    BETA2S,
+    EPSILONS,
+    LEARNING_RATES,
+    Flags,
+    assert_state_close,
+    assert_state_equal,
+    flag_sets,
+    problems,
+    random_state,
+    reference_steps,
+)
 from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 from tpu_embed_adam.ops.tf_path import tf_apply_adam
 from tpu_embed_adam.params import AdamParameters
-from tpu_embed_adam.reference import adam_update, bias_corrected_learning_rate
+from tpu_embed_adam.reference import adam_update
 
 MODES = ("eager", "function", "jit", "tf1")
-_GRAD_CLIPS = {"none": {}, "min": {"clip_gradient_min": -0.5},
-               "max": {"clip_gradient_max": 0.5},
-               "both": {"clip_gradient_min": -0.3, "clip_gradient_max": 0.4}}
-_WEIGHT_CLIPS = {"none": {}, "both": {"clip_weight_min": -0.9, "clip_weight_max": 0.8}}
+_GRAD_CLIPS = {"none": (None, None), "min": (-0.5, None), "max": (None, 0.5),
+               "both": (-0.3, 0.4)}
+_WEIGHT_CLIPS = {"none": (None, None), "both": (-0.9, 0.8)}
 _DECAYS = {"none": {}, "plain": {"weight_decay_factor": 0.05},
            "by_lr": {"weight_decay_factor": 0.5,
                      "multiply_weight_decay_factor_by_learning_rate": True}}
 
 
-def _params(lazy, inside, accumulate, grad_clip, weight_clip, decay):
-    """AdamParameters for one flag combination, or None where TF forbids it."""
-    if not accumulate and (not lazy or grad_clip != "none"):
-        return None
-    return AdamParameters(
-        0.05, beta1=0.8, beta2=0.95, epsilon=1e-3, lazy_adam=lazy, sum_inside_sqrt=inside,
-        use_gradient_accumulation=accumulate, **_GRAD_CLIPS[grad_clip],
-        **_WEIGHT_CLIPS[weight_clip], **_DECAYS[decay],
+def _flags(lazy, inside, accumulate, grad_clip, weight_clip, decay, **rates):
+    """Flags for one combination; `rates` sets the learning rate, betas, epsilon."""
+    return Flags(
+        lazy_adam=lazy, sum_inside_sqrt=inside, use_gradient_accumulation=accumulate,
+        clip_gradient_min=_GRAD_CLIPS[grad_clip][0], clip_gradient_max=_GRAD_CLIPS[grad_clip][1],
+        clip_weight_min=_WEIGHT_CLIPS[weight_clip][0],
+        clip_weight_max=_WEIGHT_CLIPS[weight_clip][1], **_DECAYS[decay], **rates,
     )
 
 
-_ALL_PARAMS = [
-    p for flags in itertools.product((True, False), (True, False), (True, False), _GRAD_CLIPS,
-                                     _WEIGHT_CLIPS, _DECAYS)
-    if (p := _params(*flags)) is not None
-]
-
-
-def _state(rng, rows, dim):
-    return (rng.standard_normal((rows, dim)).astype(np.float32),
-            (0.1 * rng.standard_normal((rows, dim))).astype(np.float32),
-            (0.01 * rng.random((rows, dim))).astype(np.float32))
-
-
-def _reference(state, batches, params, lrs):
-    for (ids, grads), lr in zip(batches, lrs, strict=True):
-        state = adam_update(*state, ids, grads, params, learning_rate=lr)
-    return state
+def _every_combination():
+    """Every flag combination, TF-rejected ones included. Each takes the next
+    (learning rate, beta1, beta2, epsilon) of their product, so that every
+    value of each is met by many flag settings."""
+    rates = itertools.cycle(itertools.product(LEARNING_RATES, BETA1S, BETA2S, EPSILONS))
+    for flags in itertools.product((True, False), (True, False), (True, False), _GRAD_CLIPS,
+                                   _WEIGHT_CLIPS, _DECAYS):
+        lr, beta1, beta2, epsilon = next(rates)
+        yield _flags(*flags, learning_rate=lr, beta1=beta1, beta2=beta2, epsilon=epsilon)
 
 
 def _run_tf1(state, batches, params, lrs):
@@ -87,96 +90,62 @@ def _run(mode, state, batches, params, lrs):
     return [x.numpy() for x in variables]
 
 
-def _assert_matches(got, want):
-    # Eager, tf.function and TF1 agree bit for bit; XLA's fusions round a few
-    # values differently (about 1 ulp), hence the small absolute floor.
-    for name, g, w in zip("wmv", got, want, strict=True):
-        np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-7, err_msg=name)
-
-
-@st.composite
-def _cases(draw):
-    """(state, batches, params, lrs): random shapes, ids, flags and rates."""
-    rows, dim = draw(st.integers(1, 9)), draw(st.integers(1, 4))
-    duplicate_heavy = draw(st.booleans())
-    n = draw(st.integers(0, 12)) if duplicate_heavy else draw(st.integers(0, rows))
-    dtype = draw(st.sampled_from([np.int32, np.int64]))
-    # Each flag drawn on its own (not one of the combinations, which are mostly
-    # with accumulation on); forbidden combinations fall back to allowed ones.
-    accumulate = draw(st.booleans())
-    params = _params(
-        lazy=draw(st.booleans()) or not accumulate,
-        inside=draw(st.booleans()),
-        accumulate=accumulate,
-        grad_clip=draw(st.sampled_from(list(_GRAD_CLIPS))) if accumulate else "none",
-        weight_clip=draw(st.sampled_from(list(_WEIGHT_CLIPS))),
-        decay=draw(st.sampled_from(list(_DECAYS))),
-    )
-    steps = draw(st.integers(1, 3))
-    dynamic = draw(st.booleans())
-    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
-    batches = []
-    for _ in range(steps):
-        if duplicate_heavy:
-            ids = rng.integers(0, min(rows, 3), n)
-        else:
-            ids = rng.permutation(rows)[:n]
-        grads = rng.standard_normal((n, dim)).astype(np.float32)
-        grads[rng.random(n) < 0.2] = 0  # present rows with a zero gradient
-        batches.append((ids.astype(dtype), grads))
-    lrs = [bias_corrected_learning_rate(0.05, params.beta1, params.beta2, t) if dynamic else None
-           for t in range(1, steps + 1)]
-    return _state(rng, rows, dim), batches, params, lrs
+def _assert_matches(got, want, mode="eager"):
+    # Outside XLA: the reference's float32 operations in its order, bit for bit.
+    (assert_state_close if mode == "jit" else assert_state_equal)(got, want)
 
 
 _SETTINGS = {"deadline": None, "suppress_health_check": [HealthCheck.too_slow]}
 
 
 @pytest.mark.parametrize(
-    ("mode", "examples"), [("eager", 40), ("function", 10), ("jit", 8), ("tf1", 8)]
+    ("mode", "examples"), [("eager", 60), ("function", 10), ("jit", 8), ("tf1", 8)]
 )
 def test_matches_reference(mode, examples):
     @settings(max_examples=examples, **_SETTINGS)
-    @given(_cases())
-    def check(case):
-        state, batches, params, lrs = case
-        _assert_matches(_run(mode, state, batches, params, lrs),
-                        _reference(state, batches, params, lrs))
+    @given(problems(), flag_sets)
+    def check(problem, flags):
+        state, batches, lrs = problem
+        _assert_matches(_run(mode, state, batches, flags, lrs),
+                        reference_steps(state, batches, flags, lrs), mode)
 
     check()
 
 
-@pytest.mark.parametrize("params", _ALL_PARAMS, ids=lambda p: repr(p)[15:-1])
+@pytest.mark.parametrize("params", list(_every_combination()),
+                         ids=lambda p: ",".join(f"{k}={v}" for k, v in
+                                                dataclasses.asdict(p).items()
+                                                if v not in (None, False)))
 def test_every_flag_combination(params):
     rng = np.random.default_rng(0)
-    state = _state(rng, 5, 3)
+    state = random_state(rng, 5, 3)
     ids = np.array([3, 1, 3, 0, 3, 1, 4], np.int64)
     batches = [(ids, rng.standard_normal((7, 3)).astype(np.float32)) for _ in range(2)]
     lrs = [0.05, 0.02]
     _assert_matches(_run("eager", state, batches, params, lrs),
-                    _reference(state, batches, params, lrs))
+                    reference_steps(state, batches, params, lrs))
 
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize(
     "params",
-    [_params(True, True, True, "both", "both", "by_lr"),
-     _params(False, False, True, "min", "both", "plain"),
-     _params(True, False, False, "none", "both", "by_lr")],
+    [_flags(True, True, True, "both", "both", "by_lr"),
+     _flags(False, False, True, "min", "both", "plain"),
+     _flags(True, False, False, "none", "both", "by_lr")],
     ids=["lazy", "non_lazy", "no_accumulation"],
 )
 def test_every_mode_on_duplicate_heavy_ids(mode, params):
     rng = np.random.default_rng(5)
-    state = _state(rng, 6, 3)
+    state = random_state(rng, 6, 3)
     batches = [(rng.integers(0, 3, 9), rng.standard_normal((9, 3)).astype(np.float32))
                for _ in range(3)]
     lrs = [0.05, 0.03, 0.01]
     _assert_matches(_run(mode, state, batches, params, lrs),
-                    _reference(state, batches, params, lrs))
+                    reference_steps(state, batches, params, lrs), mode)
 
 
 def test_nan_gradients_propagate_by_default():
-    state = _state(np.random.default_rng(1), 3, 2)
+    state = random_state(np.random.default_rng(1), 3, 2)
     grads = np.array([[np.nan, 1.0]], np.float32)
     w, m, v = _run("eager", state, [(np.array([1]), grads)], AdamParameters(0.1), [None])
     assert np.isnan(w[1, 0]) and np.isnan(m[1, 0]) and np.isnan(v[1, 0])
@@ -184,7 +153,7 @@ def test_nan_gradients_propagate_by_default():
 
 
 def test_ref_variables_in_a_tf1_graph():
-    state = _state(np.random.default_rng(2), 4, 2)
+    state = random_state(np.random.default_rng(2), 4, 2)
     ids, grads = np.array([2, 0, 2]), np.ones((3, 2), np.float32)
     params = AdamParameters(0.1, lazy_adam=False)
     with tf.Graph().as_default():
@@ -202,7 +171,7 @@ _PARAMS = AdamParameters(0.1)
 
 
 def _eager_variables(rows=4, dim=2):
-    return [tf.Variable(x) for x in _state(np.random.default_rng(3), rows, dim)]
+    return [tf.Variable(x) for x in random_state(np.random.default_rng(3), rows, dim)]
 
 
 def _assert_raises_unchanged(mode, ids, grads, error, match, check_numerics=False):
@@ -270,7 +239,7 @@ def test_slot_shape_and_dtype_errors():
     ],
 )
 def test_tf1_runtime_errors_write_nothing(ids, grads, match):
-    state = _state(np.random.default_rng(4), 4, 2)
+    state = random_state(np.random.default_rng(4), 4, 2)
     with tf.Graph().as_default():
         variables = [tf.Variable(x) for x in state]
         ids_ph = tf.compat.v1.placeholder(tf.int64, None)  # unknown rank

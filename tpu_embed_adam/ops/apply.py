@@ -7,47 +7,19 @@ update can run there, else the pure-TF path with a one-time logged reason.
 
 from __future__ import annotations
 
-import numbers
 from typing import Any
 
-import numpy as np
 import tensorflow as tf
 from tensorflow.python.ops import control_flow_util, resource_variable_ops
 from tensorflow.python.tpu import tpu_embedding as _tf_tpu_embedding
 
 from tpu_embed_adam.ops import _loader, fused, options
+from tpu_embed_adam.ops._rate import learning_rate_tensor
 from tpu_embed_adam.ops.tf_path import tf_apply_adam
 
 __all__ = ["apply_adam"]
 
 _IMPLEMENTATIONS = ("auto", "fused", "tf")
-
-
-def _check_learning_rate(params: Any, learning_rate: Any) -> None:
-    if learning_rate is None:
-        if not isinstance(params.learning_rate, numbers.Real):
-            raise ValueError(
-                "Argument `learning_rate` must be given when `params.learning_rate` is "
-                f"not a number; received None with params.learning_rate="
-                f"{params.learning_rate!r}."
-            )
-        return
-    if isinstance(learning_rate, tf.Tensor | tf.Variable):
-        if not learning_rate.dtype.is_floating:
-            raise TypeError(
-                "Argument `learning_rate` must be a float tensor; received dtype "
-                f"{learning_rate.dtype.name}."
-            )
-        if learning_rate.shape.rank not in (None, 0):
-            raise ValueError(
-                f"Argument `learning_rate` must be a scalar; received shape {learning_rate.shape}."
-            )
-        return
-    if isinstance(learning_rate, bool | np.bool_) or not isinstance(learning_rate, numbers.Real):
-        raise TypeError(
-            "Argument `learning_rate` must be a Python number, a scalar float tensor or "
-            f"None; received {learning_rate!r} ({type(learning_rate).__name__})."
-        )
 
 
 def _split_gradient(ids: Any, grads: Any) -> tuple[Any, Any]:
@@ -64,8 +36,8 @@ def _split_gradient(ids: Any, grads: Any) -> tuple[Any, Any]:
     return grads.indices, grads.values
 
 
-def _fallback_reason(var: Any) -> str | None:
-    """Why "auto" cannot use the fused kernel for `var`, or None if it can."""
+def _fallback_reason(var: Any, m: Any, v: Any) -> str | None:
+    """Why "auto" cannot use the fused kernel for these variables, or None if it can."""
     if options.is_custom_kernel_disabled():
         return (
             f"the custom kernel is disabled ({options.DISABLE_ENV_VAR} or disable_custom_kernel())"
@@ -74,11 +46,13 @@ def _fallback_reason(var: Any) -> str | None:
         return f"the kernel library did not load: {_loader.load_error()}"
     if control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()):
         return "inside an XLA-compiled function (the fused op has no XLA kernel)"
-    if not isinstance(var, resource_variable_ops.BaseResourceVariable):
-        return f"`var` is not a resource variable ({type(var).__name__})"
-    device_type = tf.DeviceSpec.from_string(var.device).device_type
-    if device_type not in (None, "CPU"):
-        return f"`var` is on {var.device}; the fused kernel runs on CPU only"
+    # The kernel updates all three in place on the CPU: one that is a ref
+    # variable or lives elsewhere rules it out as surely as the table does.
+    for name, x in (("var", var), ("m", m), ("v", v)):
+        if not isinstance(x, resource_variable_ops.BaseResourceVariable):
+            return f"`{name}` is not a resource variable ({type(x).__name__})"
+        if tf.DeviceSpec.from_string(x.device).device_type not in (None, "CPU"):
+            return f"`{name}` is on {x.device}; the fused kernel runs on CPU only"
     return None
 
 
@@ -97,6 +71,12 @@ def apply_adam(
 
     The update is `tpu_embed_adam.reference.adam_update` (see its docstring and
     `docs/semantics.md`). Nothing is written when an input is invalid.
+
+    Concurrent calls on the same variables: the fused kernel locks all three
+    for the whole step, so such calls never interleave within a row. The TF
+    path does not serialise them: two concurrent TF-path steps (or one TF-path
+    and one fused step) on the same variables may interleave their reads and
+    writes and lose or tear updates. Serialise them yourself on that path.
 
     Example:
       >>> params = AdamParameters(0.1)
@@ -119,8 +99,9 @@ def apply_adam(
       learning_rate: this step's rate: a Python number or a scalar float
         tensor; None for `params.learning_rate` (required when that is a
         `DynamicLearningRate`). See `bias_corrected_learning_rate`.
-      implementation: "auto" (fused kernel when available on a CPU resource
-        variable outside XLA, else the TF path with a one-time logged reason),
+      implementation: "auto" (fused kernel when available, outside XLA, and
+        `var`, `m` and `v` are all resource variables on the CPU; else the TF
+        path with a one-time logged reason),
         "fused" (the kernel, or an error) or "tf" (the pure-TF path).
       check_numerics: raise if `grads` or the learning rate holds NaN or Inf;
         by default they propagate into the table, as on a TPU.
@@ -146,7 +127,7 @@ def apply_adam(
             "Argument `params` must be an AdamParameters (tpu_embed_adam's or "
             f"tf.compat.v1.tpu.experimental's); received: {type(params).__name__}."
         )
-    _check_learning_rate(params, learning_rate)
+    learning_rate = learning_rate_tensor(params, learning_rate)
     ids, grads = _split_gradient(ids, grads)
     if implementation == "fused" and _loader.load_library() is None:
         raise RuntimeError(
@@ -155,7 +136,7 @@ def apply_adam(
             "implementation='auto' or 'tf'."
         )
     if implementation == "auto":
-        reason = _fallback_reason(var)
+        reason = _fallback_reason(var, m, v)
         if reason is not None:
             options.warn_fallback(reason)
             implementation = "tf"

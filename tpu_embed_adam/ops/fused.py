@@ -8,14 +8,14 @@ parallel pass, bit for bit as the reference computes it. Most callers want
 
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Any
 
 import tensorflow as tf
 from tensorflow.python.ops import resource_variable_ops
 
 from tpu_embed_adam.ops import _loader
+from tpu_embed_adam.ops._rate import learning_rate_tensor
+from tpu_embed_adam.reference import _constants
 
 __all__ = ["fused_apply_adam"]
 
@@ -29,26 +29,6 @@ def _resource(name: str, variable: Any) -> tf.Tensor:
         f"Argument `{name}` must be a resource tf.Variable; received "
         f"{type(variable).__name__} (in TF1 graphs create it with use_resource=True)."
     )
-
-
-def _bound(value: float | None, default: float) -> float:
-    return default if value is None else float(value)
-
-
-def _learning_rate(params: Any, learning_rate: Any) -> tf.Tensor:
-    if learning_rate is None:
-        learning_rate = params.learning_rate
-        if not isinstance(learning_rate, numbers.Real):
-            raise ValueError(
-                "Argument `learning_rate` must be given when `params.learning_rate` "
-                f"is not a number; received params.learning_rate={learning_rate!r}."
-            )
-    lr = tf.convert_to_tensor(learning_rate, dtype_hint=tf.float32)
-    if not lr.dtype.is_floating:
-        raise TypeError(
-            f"Argument `learning_rate` must be a float; received dtype {lr.dtype.name}."
-        )
-    return tf.cast(lr, tf.float32)
 
 
 def _check_dtype(name: str, tensor: tf.Tensor, allowed: tuple[tf.DType, ...]) -> None:
@@ -94,10 +74,11 @@ def fused_apply_adam(
 
     Raises:
       RuntimeError: the kernel library is not built or failed to load.
-      TypeError: a variable is not a resource variable, or a non-float
-        learning rate.
+      TypeError: a variable is not a resource variable, or a learning rate
+        that is not a number or a float tensor.
       ValueError: no learning rate (`params.learning_rate` is dynamic and
-        `learning_rate` is None); static shape mismatches in graph mode.
+        `learning_rate` is None), a learning rate of known non-scalar shape,
+        or static shape mismatches in graph mode.
       tf.errors.InvalidArgumentError: wrong dtypes, shape mismatches, ids
         outside [0, rows), or non-finite values with `check_numerics`.
     """
@@ -109,7 +90,8 @@ def fused_apply_adam(
             "tpu_embed_adam.apply_adam(..., implementation='tf')."
         )
     handles = [_resource(name, x) for name, x in (("var", var), ("m", m), ("v", v))]
-    lr = _learning_rate(params, learning_rate)
+    lr = learning_rate_tensor(params, learning_rate)
+    c = _constants(params)
     ids = tf.convert_to_tensor(ids)
     grads = tf.convert_to_tensor(grads)
     _check_dtype("ids", ids, (tf.int32, tf.int64))
@@ -124,19 +106,20 @@ def fused_apply_adam(
         ids=ids,
         grads=grads,
         learning_rate=lr,
-        beta1=float(params.beta1),
-        beta2=float(params.beta2),
-        epsilon=float(params.epsilon),
+        # The attributes are float32: these floats are exactly the reference's.
+        beta1=float(c.beta1),
+        beta2=float(c.beta2),
+        epsilon=float(c.epsilon),
         lazy_adam=bool(params.lazy_adam),
         sum_inside_sqrt=bool(params.sum_inside_sqrt),
         use_gradient_accumulation=bool(params.use_gradient_accumulation),
-        clip_weight_min=_bound(params.clip_weight_min, -math.inf),
-        clip_weight_max=_bound(params.clip_weight_max, math.inf),
-        weight_decay_factor=float(params.weight_decay_factor or 0.0),
+        clip_weight_min=float(c.weight_bounds[0]),
+        clip_weight_max=float(c.weight_bounds[1]),
+        weight_decay_factor=float(c.weight_decay),
         multiply_weight_decay_factor_by_learning_rate=bool(
             params.multiply_weight_decay_factor_by_learning_rate
         ),
-        clip_gradient_min=_bound(params.clip_gradient_min, -math.inf),
-        clip_gradient_max=_bound(params.clip_gradient_max, math.inf),
+        clip_gradient_min=float(c.gradient_bounds[0]),
+        clip_gradient_max=float(c.gradient_bounds[1]),
         check_numerics=bool(check_numerics),
     )

@@ -65,6 +65,7 @@ def warn_fallback(reason: str) -> None:
     _warned.add(reason)
     logging.warning(
         "tpu_embed_adam: using the pure-TF sparse Adam path instead of the fused "
-        "kernel (%s). Results are the same; only speed differs.",
+        "kernel (%s). Results are the same, but it is slower and does not serialise "
+        "concurrent calls on the same variables (the fused kernel locks them).",
         reason,
     )

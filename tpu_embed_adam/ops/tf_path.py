@@ -20,70 +20,68 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.python.ops import control_flow_util
 
-__all__ = ["tf_apply_adam"]
+from tpu_embed_adam.ops._rate import learning_rate_tensor
+from tpu_embed_adam.reference import _Constants, _constants
 
-_F32 = np.float32
+__all__ = ["tf_apply_adam"]
 
 
 class _Hyper(NamedTuple):
-    """The step's constants, as float32, so the arithmetic matches the reference."""
+    """The step's constants, formed as the reference forms them (same rounding).
+
+    `constants` are the reference's own float32 values; `lr` and `decay` are
+    the tensors that depend on this step's learning rate.
+    """
 
     lr: tf.Tensor
-    beta1: np.float32
-    one_minus_beta1: np.float32
-    beta2: np.float32
-    one_minus_beta2: np.float32
-    epsilon: np.float32
+    decay: tf.Tensor
+    constants: _Constants
     sum_inside_sqrt: bool
-    decay: tf.Tensor | None
-    gradient_bounds: tuple[np.float32, np.float32] | None
-    weight_bounds: tuple[np.float32, np.float32] | None
-
-
-def _bounds(low: float | None, high: float | None) -> tuple[np.float32, np.float32] | None:
-    if low is None and high is None:
-        return None
-    return (_F32(-np.inf if low is None else low), _F32(np.inf if high is None else high))
 
 
 def _hyper(params: Any, learning_rate: Any) -> _Hyper:
-    lr = tf.cast(params.learning_rate if learning_rate is None else learning_rate, tf.float32)
-    beta1, beta2 = _F32(params.beta1), _F32(params.beta2)
-    decay = None
-    if params.weight_decay_factor:
-        decay = tf.constant(_F32(params.weight_decay_factor))
-        if params.multiply_weight_decay_factor_by_learning_rate:
-            decay = decay * lr
-    return _Hyper(
-        lr=lr,
-        beta1=beta1,
-        one_minus_beta1=_F32(1) - beta1,
-        beta2=beta2,
-        one_minus_beta2=_F32(1) - beta2,
-        epsilon=_F32(params.epsilon),
-        sum_inside_sqrt=bool(params.sum_inside_sqrt),
-        decay=decay,
-        gradient_bounds=_bounds(params.clip_gradient_min, params.clip_gradient_max),
-        weight_bounds=_bounds(params.clip_weight_min, params.clip_weight_max),
-    )
+    lr = learning_rate_tensor(params, learning_rate)
+    constants = _constants(params)
+    decay = tf.constant(constants.weight_decay)
+    if params.multiply_weight_decay_factor_by_learning_rate:
+        decay = decay * lr
+    # Grappler folds `0 * w` to 0 in graphs, which would drop the decay term
+    # (an infinite weight would stay infinite, not become NaN as in the
+    # reference). It never folds a feedable placeholder: this one passes
+    # `decay` through unchanged.
+    decay = tf.raw_ops.PlaceholderWithDefault(input=decay, shape=[])
+    return _Hyper(lr, decay, constants, bool(params.sum_inside_sqrt))
+
+
+def _unbounded(bounds: tuple[np.float32, np.float32]) -> bool:
+    return bool(bounds[0] == -np.inf and bounds[1] == np.inf)
 
 
 def _adam_step(
     w: tf.Tensor, m: tf.Tensor, v: tf.Tensor, g: tf.Tensor, hp: _Hyper
 ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-    """The reference's per-row step, operation for operation (same rounding)."""
-    if hp.gradient_bounds is not None:
-        g = tf.clip_by_value(g, *hp.gradient_bounds)
-    if hp.decay is not None:
-        w = w - hp.decay * w
-    m = hp.beta1 * m + hp.one_minus_beta1 * g
-    v = hp.beta2 * v + hp.one_minus_beta2 * g * g
+    """The reference's per-row step, operation for operation (same rounding).
+
+    Clipping to (-inf, +inf) is the identity, NaN included, so it is skipped.
+    The decay is not: `w - 0 * w` is NaN for an infinite `w`, as in the
+    reference and the fused kernel.
+    """
+    c = hp.constants
+    if not _unbounded(c.gradient_bounds):
+        g = tf.clip_by_value(g, *c.gradient_bounds)
+    w = w - hp.decay * w
+    m = c.beta1 * m + c.one_minus_beta1 * g
+    v = c.beta2 * v + c.one_minus_beta2 * g * g
     if hp.sum_inside_sqrt:
-        w = w - hp.lr * m / tf.sqrt(v + hp.epsilon * hp.epsilon)
+        # In graphs, Grappler's arithmetic optimizer rewrites `x / sqrt(y)` as
+        # `x * rsqrt(y)`, which rounds differently. `abs` hides the Sqrt from
+        # it and changes nothing: `v + epsilon^2` is never -0, so its root is
+        # never negative.
+        w = w - hp.lr * m / tf.abs(tf.sqrt(v + c.epsilon * c.epsilon))
     else:
-        w = w - hp.lr * m / (tf.sqrt(v) + hp.epsilon)
-    if hp.weight_bounds is not None:
-        w = tf.clip_by_value(w, *hp.weight_bounds)
+        w = w - hp.lr * m / (tf.sqrt(v) + c.epsilon)
+    if not _unbounded(c.weight_bounds):
+        w = tf.clip_by_value(w, *c.weight_bounds)
     return w, m, v
 
 
@@ -304,6 +302,8 @@ def tf_apply_adam(
 
     The semantics are those of `tpu_embed_adam.reference.adam_update`. Every
     input is checked before anything is written; on error nothing changes.
+    Unlike the fused kernel, this path takes no lock: concurrent calls on the
+    same variables are not serialised and may interleave within a row.
 
     Args:
       var: [rows, dim] float32 table variable.
@@ -321,8 +321,11 @@ def tf_apply_adam(
       The update op in graph mode; None when executing eagerly.
 
     Raises:
-      TypeError: wrong dtypes.
-      ValueError: statically known rank or shape mismatches.
+      TypeError: wrong dtypes, or a learning rate that is not a number or a
+        float tensor.
+      ValueError: statically known rank or shape mismatches, a non-scalar
+        learning rate, or none (`params.learning_rate` dynamic and
+        `learning_rate` None).
       tf.errors.InvalidArgumentError: at run time, for shape mismatches, ids
         out of range (naming the first bad id and the table size) or, with
         `check_numerics`, non-finite gradients or rate. Not under XLA (see

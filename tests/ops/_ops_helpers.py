@@ -1,0 +1,147 @@
+"""Shared by the tests of the fused kernel, the TF path and `apply_adam`.
+
+A plain module rather than conftest fixtures: hypothesis strategies and the
+`Flags` dataclass are used at collection time, where fixtures do not reach.
+Named after its directory so that it cannot shadow a helper module of another
+test directory (pytest puts each one on `sys.path`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+from hypothesis import strategies as st
+
+from tpu_embed_adam.reference import adam_update
+
+
+@dataclasses.dataclass(frozen=True)
+class Flags:
+    """Every attribute the implementations read, free of AdamParameters'
+    validation, so that combinations TF rejects (non-lazy or clipping without
+    accumulation) are covered too: every implementation follows the reference
+    for them."""
+
+    learning_rate: float = 0.05
+    beta1: float = 0.9
+    beta2: float = 0.999
+    epsilon: float = 1e-8
+    lazy_adam: bool = True
+    sum_inside_sqrt: bool = True
+    use_gradient_accumulation: bool = True
+    clip_weight_min: float | None = None
+    clip_weight_max: float | None = None
+    weight_decay_factor: float | None = None
+    multiply_weight_decay_factor_by_learning_rate: bool | None = None
+    clip_gradient_min: float | None = None
+    clip_gradient_max: float | None = None
+
+
+# The values the strategies draw from, also cycled through by the
+# deterministic every-combination tests.
+LEARNING_RATES = (0.05, 1.0)
+BETA1S = (0.0, 0.5, 0.9)
+BETA2S = (0.0, 0.9, 0.999)
+EPSILONS = (1e-8, 0.1)
+DECAYS = (None, 0.0, 0.01, 0.5)
+DECAY_BY_RATE = (None, False, True)
+BOUNDS = ((None, None), (-0.5, 0.5), (None, 0.3), (-0.2, None), (0.1, 0.4))
+
+
+def with_bounds(flags: Flags, gradient: tuple[Any, Any], weight: tuple[Any, Any]) -> Flags:
+    """`flags` with gradient clipping `gradient` and weight clipping 4x `weight`."""
+    return dataclasses.replace(
+        flags,
+        clip_gradient_min=gradient[0],
+        clip_gradient_max=gradient[1],
+        clip_weight_min=None if weight[0] is None else weight[0] * 4,
+        clip_weight_max=None if weight[1] is None else weight[1] * 4,
+    )
+
+
+flag_sets = st.builds(
+    Flags,
+    learning_rate=st.sampled_from(LEARNING_RATES),
+    beta1=st.sampled_from(BETA1S),
+    beta2=st.sampled_from(BETA2S),
+    epsilon=st.sampled_from(EPSILONS),
+    lazy_adam=st.booleans(),
+    sum_inside_sqrt=st.booleans(),
+    use_gradient_accumulation=st.booleans(),
+    weight_decay_factor=st.sampled_from(DECAYS),
+    multiply_weight_decay_factor_by_learning_rate=st.sampled_from(DECAY_BY_RATE),
+).flatmap(
+    lambda f: st.tuples(st.sampled_from(BOUNDS), st.sampled_from(BOUNDS)).map(
+        lambda b: with_bounds(f, *b)
+    )
+)
+
+
+def random_state(seed: Any, rows: int, dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A float32 (table, m, v) with v >= 0; `seed` is an int or a numpy Generator."""
+    rng = np.random.default_rng(seed)
+    return (
+        rng.standard_normal((rows, dim)).astype(np.float32),
+        (0.1 * rng.standard_normal((rows, dim))).astype(np.float32),
+        (0.01 * rng.random((rows, dim))).astype(np.float32),
+    )
+
+
+Batches = list[tuple[np.ndarray, np.ndarray]]
+
+
+@st.composite
+def problems(draw: Any, max_rows: int = 40, max_ids: int = 60) -> tuple[Any, Batches, list]:
+    """(state, batches, learning rates): one to three steps of (ids, grads).
+
+    The ids are duplicate-heavy (three rows), all distinct, or uniform over
+    the whole table (duplicates and absent rows); a fifth of the gradient rows
+    are zero (present rows that must still step). Learning rates are None
+    (`params.learning_rate`) or drawn per step.
+    """
+    rows = draw(st.integers(1, max_rows))
+    dim = draw(st.sampled_from([1, 3, 8, 13, 32]))
+    kind = draw(st.sampled_from(["duplicates", "distinct", "uniform"]))
+    n = draw(st.integers(0, rows if kind == "distinct" else max_ids))
+    dtype = draw(st.sampled_from([np.int32, np.int64]))
+    steps = draw(st.integers(1, 3))
+    dynamic = draw(st.booleans())
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    batches = []
+    for _ in range(steps):
+        if kind == "duplicates":
+            ids = rng.integers(0, min(rows, 3), n)
+        elif kind == "distinct":
+            ids = rng.permutation(rows)[:n]
+        else:
+            ids = rng.integers(0, rows, n)
+        grads = rng.standard_normal((n, dim)).astype(np.float32)
+        grads[rng.random(n) < 0.2] = 0
+        batches.append((ids.astype(dtype), grads))
+    lrs = [float(rng.uniform(0.01, 0.5)) if dynamic else None for _ in range(steps)]
+    return random_state(rng, rows, dim), batches, lrs
+
+
+def reference_steps(state: Any, batches: Batches, params: Any, lrs: list) -> tuple:
+    """The reference's (table, m, v) after one step per batch."""
+    for (ids, grads), lr in zip(batches, lrs, strict=True):
+        state = adam_update(*state, ids, grads, params, learning_rate=lr)
+    return state
+
+
+def assert_state_equal(got: Any, want: Any) -> None:
+    """Bit-for-bit equality of (table, m, v): NaN matches NaN, -0 matches +0.
+
+    `got` holds arrays or variables.
+    """
+    for name, g, w in zip(("var", "m", "v"), got, want, strict=True):
+        np.testing.assert_array_equal(np.asarray(g), w, err_msg=name)
+
+
+def assert_state_close(got: Any, want: Any) -> None:
+    """Equality up to XLA's rounding: its fusions round a few values differently
+    (about 1 ulp), hence also a small absolute floor. NaN matches NaN."""
+    for name, g, w in zip(("var", "m", "v"), got, want, strict=True):
+        np.testing.assert_allclose(np.asarray(g), w, rtol=1e-6, atol=1e-7, err_msg=name)

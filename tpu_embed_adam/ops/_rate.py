@@ -1,0 +1,58 @@
+"""The learning-rate argument, validated once for `apply_adam` and both paths."""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+
+def learning_rate_tensor(params: Any, learning_rate: Any) -> tf.Tensor:
+    """Checks this step's learning rate and returns it as a float32 tensor.
+
+    Args:
+      params: an `AdamParameters`; its `learning_rate` is used when
+        `learning_rate` is None.
+      learning_rate: a Python number, a scalar float tensor or variable, or
+        None.
+
+    Returns:
+      The rate as a float32 tensor (of unknown rank if the input's is unknown;
+      the fused kernel checks it at run time).
+
+    Raises:
+      ValueError: `learning_rate` is None while `params.learning_rate` is not a
+        number (a `DynamicLearningRate`), or a tensor of known non-scalar shape.
+      TypeError: a bool, a non-number, or a non-float tensor.
+    """
+    if learning_rate is None:
+        if not isinstance(params.learning_rate, numbers.Real):
+            raise ValueError(
+                "Argument `learning_rate` must be given when `params.learning_rate` is "
+                f"not a number; received None with params.learning_rate="
+                f"{params.learning_rate!r}."
+            )
+        learning_rate = params.learning_rate
+    if isinstance(learning_rate, tf.Tensor | tf.Variable):
+        if not learning_rate.dtype.is_floating:
+            raise TypeError(
+                "Argument `learning_rate` must be a float tensor; received dtype "
+                f"{learning_rate.dtype.name}."
+            )
+        if learning_rate.shape.rank not in (None, 0):
+            raise ValueError(
+                f"Argument `learning_rate` must be a scalar; received shape {learning_rate.shape}."
+            )
+    elif isinstance(learning_rate, bool | np.bool_) or not isinstance(
+        learning_rate, numbers.Real
+    ):
+        raise TypeError(
+            "Argument `learning_rate` must be a Python number, a scalar float tensor or "
+            f"None; received {learning_rate!r} ({type(learning_rate).__name__})."
+        )
+    # A Python number becomes float32 directly (the hint keeps an int from
+    # becoming int32), a float64 one is rounded once: either way the value of
+    # the reference's np.float32(learning_rate).
+    return tf.cast(tf.convert_to_tensor(learning_rate, dtype_hint=tf.float32), tf.float32)
