@@ -168,10 +168,12 @@ class EnqueueOp : public OpKernel {
 };
 
 // How long Recv waits for its core's batch: the enqueue of the same step may
-// run concurrently in the same Session.run.
+// run concurrently in the same Session.run, and on a loaded host it can lag by
+// seconds. A TPU's Recv blocks until the batch arrives; a long bound keeps
+// that behaviour while a program that never enqueues still gets an error.
 int64_t RecvTimeoutMs() {
   const char* env = std::getenv("TPU_EMBED_ADAM_RECV_TIMEOUT_MS");
-  return env == nullptr ? 1000 : std::atoll(env);
+  return env == nullptr ? 60000 : std::atoll(env);
 }
 
 class RecvOp : public OpKernel {
