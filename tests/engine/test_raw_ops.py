@@ -495,13 +495,23 @@ class _TwoCores:
         self.sess.run(ops, feed)
 
 
-def test_step_closes_when_a_core_stops_training() -> None:
-    rng = np.random.default_rng(9)
+def _two_core_table(seed: int):
+    """An 8 x 2 table "t" loaded with random state, and a two-core graph on it."""
+    rng = np.random.default_rng(seed)
     p = _params(0.1)
     cfg = _config([("t", 8, 2, p)], [(0, [2])], cores_per_host=2)
     state = _random_state(rng, 8, 2)
     _load_all(cfg, "t", state, 1, False)
-    g = _TwoCores(cfg)
+    return rng, p, state, _TwoCores(cfg)
+
+
+def _assert_retrieved(want) -> None:
+    for w, have in zip(want, _retrieve_all("t", 8, 2, 1, False), strict=True):
+        np.testing.assert_allclose(have, w, rtol=1e-6, atol=1e-7)
+
+
+def test_step_closes_when_a_core_stops_training() -> None:
+    rng, p, state, g = _two_core_table(9)
     ids = [np.array([1, 5], np.int64), np.array([5, 6], np.int64)]
     grads = [rng.normal(size=(2, 2)).astype(np.float32) for _ in range(3)]
     feed = {g.ids[0]: ids[0], g.ids[1]: ids[1], g.grads[0]: grads[0], g.grads[1]: grads[1]}
@@ -514,18 +524,12 @@ def test_step_closes_when_a_core_stops_training() -> None:
     g.run(g.step[0], {g.grads[0]: grads[2]})
     want = reference.adam_update(*want, ids[1], grads[2], p)
     assert engine.info()["queued_batches"] == 0
-    for w, have in zip(want, _retrieve_all("t", 8, 2, 1, False), strict=True):
-        np.testing.assert_allclose(have, w, rtol=1e-6, atol=1e-7)
+    _assert_retrieved(want)
     g.sess.close()
 
 
 def test_retrieve_and_load_apply_the_open_step() -> None:
-    rng = np.random.default_rng(10)
-    p = _params(0.1)
-    cfg = _config([("t", 8, 2, p)], [(0, [2])], cores_per_host=2)
-    state = _random_state(rng, 8, 2)
-    _load_all(cfg, "t", state, 1, False)
-    g = _TwoCores(cfg)
+    rng, p, state, g = _two_core_table(10)
     ids = [np.array([1, 5], np.int64), np.array([2, 6], np.int64)]
     grads = [rng.normal(size=(2, 2)).astype(np.float32) for _ in range(2)]
     g.run(g.enqueue, {g.ids[0]: ids[0], g.ids[1]: ids[1]})
@@ -533,13 +537,11 @@ def test_retrieve_and_load_apply_the_open_step() -> None:
     g.run(g.step[0], {g.grads[0]: grads[0]})
     # ... and Retrieve closes it: its gradients are part of the table.
     want = reference.adam_update(*state, ids[0], grads[0], p)
-    for w, have in zip(want, _retrieve_all("t", 8, 2, 1, False), strict=True):
-        np.testing.assert_allclose(have, w, rtol=1e-6, atol=1e-7)
+    _assert_retrieved(want)
     # Core 1's gradients open the next step; a load closes it before writing.
     g.run(g.step[1], {g.grads[1]: grads[1]})
     want = reference.adam_update(*want, ids[1], grads[1], p)
-    for w, have in zip(want, _retrieve_all("t", 8, 2, 1, False), strict=True):
-        np.testing.assert_allclose(have, w, rtol=1e-6, atol=1e-7)
+    _assert_retrieved(want)
     g.run(g.enqueue, {g.ids[0]: ids[0], g.ids[1]: ids[1]})
     g.run(g.step[0], {g.grads[0]: grads[0]})
     fresh = _random_state(rng, 8, 2)
