@@ -56,8 +56,10 @@ std::string OptimizerName(const tpu::OptimizationParameters& p) {
   return field == nullptr ? "none" : field->name();
 }
 
+// `inference`: the configuration's mode is INFERENCE, for which TF's
+// TPUEmbedding configures stochastic gradient descent (nothing trains).
 Status TableFromProto(const tpu::TPUEmbeddingConfiguration_TableDescriptor& d,
-                      int id, int64_t num_shards, Table* t) {
+                      int id, int64_t num_shards, bool inference, Table* t) {
   const auto& p = d.optimization_parameters();
   if (d.name().empty()) {
     return InvalidArgument("table ", id, " has no name");
@@ -67,7 +69,16 @@ Status TableFromProto(const tpu::TPUEmbeddingConfiguration_TableDescriptor& d,
                            d.vocabulary_size(), " and dimension ",
                            d.dimension(), " must be positive");
   }
-  if (!p.has_adam()) {
+  if (p.has_adam()) {
+    t->optimizer = Optimizer::kAdam;
+  } else if (inference && p.has_stochastic_gradient_descent()) {
+    t->optimizer = Optimizer::kSgd;
+  } else if (inference) {
+    return InvalidArgument("table '", d.name(), "' uses optimizer '",
+                           OptimizerName(p), "'; in INFERENCE mode the ",
+                           "engine supports stochastic_gradient_descent ",
+                           "(what TF's TPUEmbedding configures) and Adam");
+  } else {
     return InvalidArgument("table '", d.name(), "' uses optimizer '",
                            OptimizerName(p),
                            "'; the engine supports only Adam");
@@ -98,7 +109,7 @@ Status TableFromProto(const tpu::TPUEmbeddingConfiguration_TableDescriptor& d,
     case tpu::LearningRate::LEARNING_RATE_NOT_SET:
       return bad("learning_rate sets neither constant nor dynamic");
   }
-  const auto& adam = p.adam();
+  const auto& adam = p.adam();  // all defaults for an SGD table
   for (const auto& [name, value] : {std::pair<const char*, float>{"beta1", adam.beta1()},
                                     {"beta2", adam.beta2()}}) {
     // Written so that NaN fails too.
@@ -194,6 +205,25 @@ RowLocation Locate(const Table& t, int64_t id) {
 
 }  // namespace
 
+int NumArrays(Optimizer optimizer) {
+  return optimizer == Optimizer::kAdam ? 3 : 1;
+}
+
+namespace {
+const char* OpInfix(Optimizer optimizer) {
+  return optimizer == Optimizer::kAdam ? "ADAM" : "StochasticGradientDescent";
+}
+}  // namespace
+
+std::string LoadOpName(Optimizer optimizer) {
+  return absl::StrCat("LoadTPUEmbedding", OpInfix(optimizer), "Parameters");
+}
+
+std::string RetrieveOpName(Optimizer optimizer) {
+  return absl::StrCat("RetrieveTPUEmbedding", OpInfix(optimizer),
+                      "Parameters");
+}
+
 Engine& Engine::Get() {
   // Never destroyed: kernels may still run while the process exits.
   static Engine* engine = new Engine;
@@ -243,11 +273,14 @@ Status Engine::InstallLocked(const std::string& serialized) {
   tpu::TPUEmbeddingConfiguration proto;
   TF_RETURN_IF_ERROR(Parse(serialized, &proto));
   const int64_t hosts = std::max<int64_t>(1, proto.num_hosts());
+  const bool inference =
+      proto.mode() == tpu::TPUEmbeddingConfiguration::INFERENCE;
   std::vector<std::shared_ptr<Table>> tables;
   std::map<std::string, int> ids;
   for (int i = 0; i < proto.table_descriptor_size(); ++i) {
     auto t = std::make_shared<Table>();
-    TF_RETURN_IF_ERROR(TableFromProto(proto.table_descriptor(i), i, hosts, t.get()));
+    TF_RETURN_IF_ERROR(TableFromProto(proto.table_descriptor(i), i, hosts,
+                                      inference, t.get()));
     if (!ids.emplace(t->name, i).second) {
       return InvalidArgument("table name '", t->name, "' appears twice");
     }
@@ -298,8 +331,7 @@ Status Engine::InstallLocked(const std::string& serialized) {
     t->mod_sharding =
         proto.sharding_strategy() == tpu::TPUEmbeddingConfiguration::MOD;
   }
-  training_mode_ =
-      proto.mode() != tpu::TPUEmbeddingConfiguration::INFERENCE;
+  training_mode_ = !inference;
   tables_ = std::move(tables);
   table_ids_ = std::move(ids);
   features_ = std::move(features);
@@ -330,6 +362,11 @@ void Engine::Reset() {
   ClearLocked();
 }
 
+std::pair<int64_t, int64_t> Engine::HostsAndCores() {
+  std::lock_guard<std::mutex> lock(mu_);
+  return {num_hosts_, cores_per_host_};
+}
+
 void Engine::ClearLocked() {
   // Kernels that already hold a table keep it alive through their
   // shared_ptr; nothing they write is visible after the reset.
@@ -347,15 +384,17 @@ void Engine::ClearLocked() {
   ++generation_;
 }
 
-Status Engine::ResolveShard(const std::string& config, int64_t table_id,
-                            const std::string& table_name, int64_t num_shards,
-                            int64_t shard_id, ShardRef* out) {
+Status Engine::ResolveShard(Optimizer optimizer, const std::string& config,
+                            int64_t table_id, const std::string& table_name,
+                            int64_t num_shards, int64_t shard_id,
+                            ShardRef* out) {
   std::lock_guard<std::mutex> lock(mu_);
   TF_RETURN_IF_ERROR(CheckConfigLocked(config));
-  return ResolveShardLocked(table_id, table_name, num_shards, shard_id, out);
+  return ResolveShardLocked(optimizer, table_id, table_name, num_shards,
+                            shard_id, out);
 }
 
-Status Engine::ResolveShardLocked(int64_t table_id,
+Status Engine::ResolveShardLocked(Optimizer optimizer, int64_t table_id,
                                   const std::string& table_name,
                                   int64_t num_shards, int64_t shard_id,
                                   ShardRef* out) {
@@ -381,6 +420,14 @@ Status Engine::ResolveShardLocked(int64_t table_id,
                            tables_.size(), " configured tables");
   }
   const auto& t = tables_[id];
+  // Another optimizer's op would read or write the wrong number of arrays.
+  if (t->optimizer != optimizer) {
+    return InvalidArgument("table '", t->name, "' is configured for ",
+                           LoadOpName(t->optimizer), " and ",
+                           RetrieveOpName(t->optimizer), ", not ",
+                           LoadOpName(optimizer), " / ",
+                           RetrieveOpName(optimizer));
+  }
   if (num_shards != num_hosts_) {
     return InvalidArgument("table '", t->name, "': num_shards ", num_shards,
                            " differs from the configuration's num_hosts ",
@@ -402,13 +449,13 @@ Status Engine::Load(const std::string& config, const LoadRequest& req,
   if (config.empty() && canonical_config_.empty()) {
     if (deferred_loads_.size() >= kMaxDeferredLoads) {
       return tensorflow::errors::ResourceExhausted(
-          "LoadTPUEmbeddingADAMParameters: ", deferred_loads_.size(),
+          LoadOpName(req.optimizer), ": ", deferred_loads_.size(),
           " loads already wait for a configuration (the limit); run ",
           "ConfigureTPUEmbedding, or give a load op the config attr");
     }
     auto deferred = std::make_unique<DeferredLoad>();
     deferred->request = req;
-    for (int i = 0; i < 3; ++i) {
+    for (int i = 0; i < NumArrays(req.optimizer); ++i) {
       // The shapes are a tensor's: their product is its element count.
       const int64_t n = CheckedProduct(req.shapes[i]);
       deferred->copies[i].assign(req.data[i], req.data[i] + n);
@@ -428,13 +475,14 @@ Status Engine::Load(const std::string& config, const LoadRequest& req,
 Status Engine::CheckLoadLocked(const LoadRequest& req, ShardRef* ref) {
   static constexpr const char* kNames[3] = {"parameters", "momenta",
                                             "velocities"};
-  TF_RETURN_IF_ERROR(ResolveShardLocked(req.table_id, req.table_name,
-                                        req.num_shards, req.shard_id, ref));
+  TF_RETURN_IF_ERROR(ResolveShardLocked(req.optimizer, req.table_id,
+                                        req.table_name, req.num_shards,
+                                        req.shard_id, ref));
   const Table& t = *ref->table;
   const std::vector<int64_t> expected{ref->rows, t.dim};
-  for (int i = 0; i < 3; ++i) {
+  for (int i = 0; i < NumArrays(req.optimizer); ++i) {
     if (req.shapes[i] != expected) {
-      return InvalidArgument("LoadTPUEmbeddingADAMParameters: table '", t.name,
+      return InvalidArgument(LoadOpName(req.optimizer), ": table '", t.name,
                              "' shard ", ref->shard, " is ",
                              ShapeString(expected), " but ", kNames[i], " is ",
                              ShapeString(req.shapes[i]));
@@ -448,13 +496,14 @@ void Engine::WriteLoadLocked(const ShardRef& ref, const LoadRequest& req) {
   std::lock_guard<std::mutex> table_lock(t.mu);
   Shard& s = t.shards[ref.shard];
   const int64_t n = s.rows * t.dim;  // fits: TableFromProto checked vocab x dim
-  s.w.assign(req.data[0], req.data[0] + n);
-  s.m.assign(req.data[1], req.data[1] + n);
-  s.v.assign(req.data[2], req.data[2] + n);
+  std::vector<float>* arrays[3] = {&s.w, &s.m, &s.v};
+  for (int i = 0; i < NumArrays(t.optimizer); ++i) {
+    arrays[i]->assign(req.data[i], req.data[i] + n);
+  }
   s.loaded = true;
 }
 
-Status Engine::Retrieve(const ShardRef& ref, float* w, float* m, float* v,
+Status Engine::Retrieve(const ShardRef& ref, float* const out[3],
                         const ParallelFor& parallel_for) {
   std::lock_guard<std::mutex> lock(mu_);
   ApplyStepLocked(parallel_for);
@@ -466,9 +515,10 @@ Status Engine::Retrieve(const ShardRef& ref, float* w, float* m, float* v,
                               " (", s.rows, " x ", t.dim,
                               ") was never loaded in this process");
   }
-  std::copy(s.w.begin(), s.w.end(), w);
-  std::copy(s.m.begin(), s.m.end(), m);
-  std::copy(s.v.begin(), s.v.end(), v);
+  const std::vector<float>* arrays[3] = {&s.w, &s.m, &s.v};
+  for (int i = 0; i < NumArrays(t.optimizer); ++i) {
+    std::copy(arrays[i]->begin(), arrays[i]->end(), out[i]);
+  }
   return tensorflow::OkStatus();
 }
 
@@ -505,6 +555,13 @@ Status Engine::Enqueue(int64_t task, int64_t core,
     return InvalidArgument("mode_override '", mode_override, "' is not one ",
                            "of unspecified, inference, training (or train), ",
                            "backward_pass_only");
+  }
+  // Its gradients could never be sent (Send refuses inference mode), and the
+  // batch would hold every later step open.
+  if (batch.training && !training_mode_) {
+    return InvalidArgument("mode_override '", mode_override, "' asks for ",
+                           "training, but the configuration is in INFERENCE ",
+                           "mode");
   }
   const bool per_feature = combiners.size() == inputs.size();
   if (!combiners.empty() && !per_feature && combiners.size() != tables_.size()) {
@@ -548,42 +605,15 @@ Status Engine::Recv(const std::string& config, int64_t task, int64_t core,
                            " outputs; the configuration has ",
                            features_.size(), " features");
   }
-  const CoreKey key{task, core};
-  const uint64_t generation = generation_;
-  // The enqueue of the same step may still be running on another thread.
-  enqueued_.wait_for(lock, std::chrono::milliseconds(timeout_ms), [&] {
-    if (generation_ != generation) return true;
-    auto it = cores_.find(key);
-    return it != cores_.end() && !it->second.queued.empty();
-  });
-  // The wait released the lock: the checks above hold only for the same
-  // configuration.
-  if (generation_ != generation) {
-    return tensorflow::errors::Aborted(
-        "RecvTPUEmbeddingActivations on core ", core, " of task ", task,
-        ": the engine was reset or reconfigured while it waited for a batch");
-  }
-  auto it = cores_.find(key);
-  if (it == cores_.end() || it->second.queued.empty()) {
-    return FailedPrecondition("RecvTPUEmbeddingActivations on core ", core,
-                              " of task ", task, ": nothing was enqueued ",
-                              "for this core");
-  }
-  Core& c = it->second;
-  const Batch& front = c.queued.front();
+  Core* c = nullptr;
+  TF_RETURN_IF_ERROR(AwaitBatchLocked(lock, "RecvTPUEmbeddingActivations",
+                                      CoreKey{task, core}, timeout_ms,
+                                      "nothing was enqueued for this core",
+                                      &c));
+  TF_RETURN_IF_ERROR(CheckRowsLoadedLocked(c->queued.front()));
   std::vector<std::shared_ptr<Table>> tables(features_.size());
   for (size_t i = 0; i < features_.size(); ++i) {
     tables[i] = tables_[features_[i].table_id];
-    // `loaded` changes only under mu_ too, so reading it needs no table lock.
-    const Table& t = *tables[i];
-    for (const Entry& e : front.features[i]) {
-      const int shard = Locate(t, e.id).shard;
-      if (!t.shards[shard].loaded) {
-        return FailedPrecondition("table '", t.name, "' shard ", shard,
-                                  " (id ", e.id, " of feature ", i,
-                                  ") was never loaded in this process");
-      }
-    }
   }
   std::vector<float*> outputs(features_.size());
   std::vector<int64_t> sizes(features_.size());
@@ -593,11 +623,11 @@ Status Engine::Recv(const std::string& config, int64_t task, int64_t core,
     sizes[i] = CheckedProduct(shape);  // fits: checked at install
     TF_RETURN_IF_ERROR(allocate(i, shape, &outputs[i]));
   }
-  auto batch = std::make_shared<const Batch>(std::move(c.queued.front()));
-  c.queued.pop_front();
+  auto batch = std::make_shared<const Batch>(std::move(c->queued.front()));
+  c->queued.pop_front();
   // A received batch that was never sent drops out of the step.
-  if (c.received != nullptr && c.received->training) --c.training_batches;
-  c.received = batch;
+  if (c->received != nullptr && c->received->training) --c->training_batches;
+  c->received = batch;
   lock.unlock();
 
   // Rows change only under their table's lock, so every activation is built
@@ -617,26 +647,62 @@ Status Engine::Recv(const std::string& config, int64_t task, int64_t core,
   return tensorflow::OkStatus();
 }
 
+Status Engine::AwaitBatchLocked(std::unique_lock<std::mutex>& lock,
+                                const char* op, const CoreKey& key,
+                                int64_t timeout_ms, const char* missing,
+                                Core** core) {
+  const uint64_t generation = generation_;
+  // The enqueue of the same step may still be running on another thread.
+  enqueued_.wait_for(lock, std::chrono::milliseconds(timeout_ms), [&] {
+    if (generation_ != generation) return true;
+    auto it = cores_.find(key);
+    return it != cores_.end() && !it->second.queued.empty();
+  });
+  // The wait released the lock: the caller's checks hold only for the same
+  // configuration.
+  if (generation_ != generation) {
+    return tensorflow::errors::Aborted(
+        op, " on core ", key.second, " of task ", key.first,
+        ": the engine was reset or reconfigured while it waited for a batch");
+  }
+  auto it = cores_.find(key);
+  if (it == cores_.end() || it->second.queued.empty()) {
+    return FailedPrecondition(op, " on core ", key.second, " of task ",
+                              key.first, ": ", missing);
+  }
+  *core = &it->second;
+  return tensorflow::OkStatus();
+}
+
+Status Engine::CheckRowsLoadedLocked(const Batch& batch) const {
+  for (size_t i = 0; i < features_.size(); ++i) {
+    // `loaded` changes only under mu_ too, so reading it needs no table lock.
+    const Table& t = *tables_[features_[i].table_id];
+    for (const Entry& e : batch.features[i]) {
+      const int shard = Locate(t, e.id).shard;
+      if (!t.shards[shard].loaded) {
+        return FailedPrecondition("table '", t.name, "' shard ", shard,
+                                  " (id ", e.id, " of feature ", i,
+                                  ") was never loaded in this process");
+      }
+    }
+  }
+  return tensorflow::OkStatus();
+}
+
 Status Engine::Send(int64_t task, int64_t core,
                     const std::vector<const float*>& grads,
                     const std::vector<std::vector<int64_t>>& shapes,
                     const std::vector<float>& learning_rates,
-                    const ParallelFor& parallel_for) {
-  std::lock_guard<std::mutex> lock(mu_);
+                    int64_t timeout_ms, const ParallelFor& parallel_for) {
+  std::unique_lock<std::mutex> lock(mu_);
   TF_RETURN_IF_ERROR(CheckConfigLocked(""));
   TF_RETURN_IF_ERROR(CheckCoreLocked(task, core));
-  const CoreKey key{task, core};
-  auto it = cores_.find(key);
-  if (it == cores_.end() || it->second.received == nullptr) {
+  if (!training_mode_) {
     return FailedPrecondition("SendTPUEmbeddingGradients on core ", core,
-                              " of task ", task, ": no batch awaits ",
-                              "gradients (enqueue, then Recv, then Send)");
-  }
-  const Batch& batch = *it->second.received;
-  if (!batch.training) {
-    return FailedPrecondition("SendTPUEmbeddingGradients on core ", core,
-                              " of task ", task, ": the batch was enqueued ",
-                              "for inference");
+                              " of task ", task, ": the TPU embedding ",
+                              "configuration is in INFERENCE mode, which ",
+                              "trains nothing; configure a TRAINING one");
   }
   if (grads.size() != features_.size()) {
     return InvalidArgument("Send has ", grads.size(), " gradients; the ",
@@ -661,13 +727,42 @@ Status Engine::Send(int64_t task, int64_t core,
                              learning_rates.size(), " learning_rates");
     }
   }
+  const CoreKey key{task, core};
+  auto it = cores_.find(key);
+  Core* c = it == cores_.end() ? nullptr : &it->second;
+  std::shared_ptr<const Batch> batch =
+      c == nullptr ? nullptr : c->received;
+  const auto check_training = [&](const Batch& b) {
+    return b.training ? tensorflow::OkStatus()
+                      : FailedPrecondition("SendTPUEmbeddingGradients on core ",
+                                           core, " of task ", task,
+                                           ": the batch was enqueued for ",
+                                           "inference");
+  };
+  if (batch != nullptr) {
+    TF_RETURN_IF_ERROR(check_training(*batch));
+    c->received.reset();
+  } else {
+    // TF prunes Recv from a step whose loss is linear in the activations
+    // (their gradient does not depend on them); a TPU's Send still pairs
+    // with the core's next batch, so take it as Recv would have.
+    TF_RETURN_IF_ERROR(AwaitBatchLocked(
+        lock, "SendTPUEmbeddingGradients", key, timeout_ms,
+        "no batch awaits gradients (nothing was received or enqueued for "
+        "this core)",
+        &c));
+    TF_RETURN_IF_ERROR(check_training(c->queued.front()));
+    TF_RETURN_IF_ERROR(CheckRowsLoadedLocked(c->queued.front()));
+    batch = std::make_shared<const Batch>(std::move(c->queued.front()));
+    c->queued.pop_front();
+  }
   // A core sending twice before the others finished the step closes that
   // step first, so no core's gradients ever count twice in one update.
   if (sent_.count(key)) ApplyStepLocked(parallel_for);
   for (size_t i = 0; i < features_.size(); ++i) {
     Table& t = *tables_[features_[i].table_id];
     std::lock_guard<std::mutex> table_lock(t.mu);
-    for (const Entry& e : batch.features[i]) {
+    for (const Entry& e : batch->features[i]) {
       const RowLocation loc = Locate(t, e.id);
       Shard& s = t.shards[loc.shard];
       const float* g = grads[i] + e.slot * t.dim;
@@ -680,8 +775,7 @@ Status Engine::Send(int64_t task, int64_t core,
       for (int64_t j = 0; j < t.dim; ++j) dst[j] = e.scale * g[j];
     }
   }
-  it->second.received.reset();
-  --it->second.training_batches;
+  --c->training_batches;
   sent_.insert(key);
   step_learning_rates_ = learning_rates;
   if (!StepOutstandingLocked()) ApplyStepLocked(parallel_for);

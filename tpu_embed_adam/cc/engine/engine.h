@@ -40,7 +40,19 @@
 namespace tpu_embed_adam {
 namespace engine {
 
-// One shard of a table with its Adam slots. The hidden gradient accumulator
+// Which of TF's optimizers a table uses, i.e. which Load/Retrieve ops move
+// it. Training needs Adam; TF's INFERENCE mode configures every table with
+// stochastic gradient descent, whose state is the table alone.
+enum class Optimizer { kAdam, kSgd };
+
+// How many arrays the optimizer's Load/Retrieve ops move: the parameters,
+// then the slots (Adam: momenta, velocities).
+int NumArrays(Optimizer optimizer);
+// "LoadTPUEmbeddingADAMParameters" and the like, for error messages.
+std::string LoadOpName(Optimizer optimizer);
+std::string RetrieveOpName(Optimizer optimizer);
+
+// One shard of a table with its Adam slots (empty for an SGD table). The hidden gradient accumulator
 // of a TPU is `acc_ids`/`acc_grads`: this step's (local id, gradient row)
 // pairs, summed by ApplySparseAdam when the step completes.
 struct Shard {
@@ -60,6 +72,7 @@ struct Table {
   int64_t padded_vocabulary_size = 0;
   int64_t dim = 0;
   bool mod_sharding = false;  // else div: contiguous blocks
+  Optimizer optimizer = Optimizer::kAdam;
   AdamConfig adam;
   float constant_lr = 0.0f;
   int dynamic_lr_tag = -1;  // index into Send's learning_rates, or -1
@@ -87,13 +100,15 @@ struct ShardRef {
 
 using CoreKey = std::pair<int64_t, int64_t>;  // (task, core within the host)
 
-// A Load op's request, as the kernel received it.
+// A Load op's request, as the kernel received it: NumArrays(optimizer)
+// entries of `shapes` and `data` are set.
 struct LoadRequest {
+  Optimizer optimizer = Optimizer::kAdam;
   int64_t table_id = -1;
   std::string table_name;
   int64_t num_shards = 0;
   int64_t shard_id = 0;
-  std::vector<int64_t> shapes[3];  // parameters, momenta, velocities
+  std::vector<int64_t> shapes[3];  // parameters, then the slots
   const float* data[3] = {nullptr, nullptr, nullptr};
 };
 
@@ -111,8 +126,14 @@ class Engine {
   tensorflow::Status Configure(const std::string& serialized);
   bool IsConfigured();
   void Reset();
+  // The configuration's hosts and cores per host (1 and 1 when none is
+  // installed): the shape of the "TPU" system ConfigureDistributedTPU reports.
+  std::pair<int64_t, int64_t> HostsAndCores();
 
-  tensorflow::Status ResolveShard(const std::string& config, int64_t table_id,
+  // Resolves the shard that the `optimizer`'s Load or Retrieve op names;
+  // InvalidArgument if the table is configured with another optimizer.
+  tensorflow::Status ResolveShard(Optimizer optimizer,
+                                  const std::string& config, int64_t table_id,
                                   const std::string& table_name,
                                   int64_t num_shards, int64_t shard_id,
                                   ShardRef* out);
@@ -125,9 +146,10 @@ class Engine {
   tensorflow::Status Load(const std::string& config, const LoadRequest& req,
                           const ParallelFor& parallel_for);
   // Closes any open step (its gradients belong in what is retrieved), then
-  // copies the shard out; FailedPrecondition if it was never loaded here.
-  tensorflow::Status Retrieve(const ShardRef& ref, float* w, float* m,
-                              float* v, const ParallelFor& parallel_for);
+  // copies the shard's NumArrays(table optimizer) arrays into `out`;
+  // FailedPrecondition if it was never loaded here.
+  tensorflow::Status Retrieve(const ShardRef& ref, float* const out[3],
+                              const ParallelFor& parallel_for);
 
   // Validates every feature of one enqueue op and queues the batch for the
   // core; nothing is queued if any feature is bad. `combiners` holds one
@@ -152,11 +174,14 @@ class Engine {
   // Backpropagates `grads` through the batch the core last received into the
   // tables' accumulators; when no core that has not sent in this step still
   // holds a training batch, applies one ApplySparseAdam per table shard.
+  // A core with no received batch (TF pruned its Recv) sends into its oldest
+  // queued batch instead, waiting up to timeout_ms for one as Recv does.
+  // Refused for an INFERENCE configuration.
   tensorflow::Status Send(int64_t task, int64_t core,
                           const std::vector<const float*>& grads,
                           const std::vector<std::vector<int64_t>>& shapes,
                           const std::vector<float>& learning_rates,
-                          const ParallelFor& parallel_for);
+                          int64_t timeout_ms, const ParallelFor& parallel_for);
 
   // Tables, shards, rows and bytes held, as a JSON object.
   std::string InfoJson();
@@ -176,7 +201,7 @@ class Engine {
   };
 
   tensorflow::Status InstallLocked(const std::string& serialized);
-  tensorflow::Status ResolveShardLocked(int64_t table_id,
+  tensorflow::Status ResolveShardLocked(Optimizer optimizer, int64_t table_id,
                                         const std::string& table_name,
                                         int64_t num_shards, int64_t shard_id,
                                         ShardRef* out);
@@ -186,6 +211,17 @@ class Engine {
   tensorflow::Status CheckConfigLocked(const std::string& serialized);
   void ClearLocked();
   tensorflow::Status CheckCoreLocked(int64_t task, int64_t core) const;
+  // Waits, releasing `lock`, up to timeout_ms for a batch in the queue of
+  // core `key` and returns that core. Aborted if the engine was reset or
+  // reconfigured meanwhile; FailedPrecondition "`op` on core ...: `missing`"
+  // if no batch came.
+  tensorflow::Status AwaitBatchLocked(std::unique_lock<std::mutex>& lock,
+                                      const char* op, const CoreKey& key,
+                                      int64_t timeout_ms, const char* missing,
+                                      Core** core);
+  // FailedPrecondition naming the first id of `batch` whose shard was never
+  // loaded here.
+  tensorflow::Status CheckRowsLoadedLocked(const Batch& batch) const;
   // Whether a core that has not sent in the open step still holds a
   // training batch, i.e. the step must wait for its gradients.
   bool StepOutstandingLocked() const;

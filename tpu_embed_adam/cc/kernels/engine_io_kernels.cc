@@ -167,7 +167,7 @@ class EnqueueOp : public OpKernel {
   std::vector<int32_t> max_seq_;
 };
 
-// How long Recv waits for its core's batch: the enqueue of the same step may
+// How long Recv (and a Send whose Recv TF pruned) waits for its core's batch: the enqueue of the same step may
 // run concurrently in the same Session.run, and on a loaded host it can lag by
 // seconds. A TPU's Recv blocks until the batch arrives; a long bound keeps
 // that behaviour while a program that never enqueues still gets an error.
@@ -228,6 +228,7 @@ class SendOp : public OpKernel {
     }
     OP_REQUIRES_OK(ctx, Engine::Get().Send(Task(ctx), DeviceCore(ctx), grads,
                                            shapes, learning_rates,
+                                           RecvTimeoutMs(),
                                            MakeParallelFor(ctx)));
   }
 

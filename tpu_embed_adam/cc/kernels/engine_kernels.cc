@@ -1,8 +1,10 @@
 // CPU kernels for TF's TPU embedding lifecycle ops (configure, load,
-// retrieve, shutdown) and our engine ops, all backed by the process's
-// software engine (tpu_embed_adam/cc/engine/engine.h).
+// retrieve, shutdown, and the TPU system's initialization) and our engine
+// ops, all backed by the process's software engine
+// (tpu_embed_adam/cc/engine/engine.h).
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/tensor.h"
+#include "tensorflow/core/protobuf/tpu/topology.pb.h"
 #include "tpu_embed_adam/cc/engine/engine.h"
 #include "tpu_embed_adam/cc/kernels/parallel_for.h"
 
@@ -16,6 +18,7 @@ using tensorflow::OpKernelContext;
 using tensorflow::Tensor;
 using tensorflow::TensorShape;
 using engine::Engine;
+using engine::Optimizer;
 
 class ConfigureOp : public OpKernel {
  public:
@@ -24,6 +27,53 @@ class ConfigureOp : public OpKernel {
   }
   void Compute(OpKernelContext* ctx) override {
     OP_REQUIRES_OK(ctx, Engine::Get().Configure(config_));
+  }
+
+ private:
+  std::string config_;
+};
+
+// tpu.initialize_system(): TF runs this op (then ConfigureTPUEmbedding with
+// the embedding configuration) and parses its output as a TopologyProto.
+// The CPU "TPU" is the engine's configuration: one task per host, one
+// device per core, laid out on a [cores_per_host, num_hosts, 1, 1] mesh.
+// A non-empty embedding_config installs it first, as ConfigureTPUEmbedding
+// does; without one an installed configuration (and its tables) is kept, so
+// that initializing again does not drop what a session trained.
+class ConfigureDistributedTPUOp : public OpKernel {
+ public:
+  explicit ConfigureDistributedTPUOp(OpKernelConstruction* ctx)
+      : OpKernel(ctx) {
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("embedding_config", &config_));
+    std::string v2_config;
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("tpu_embedding_config", &v2_config));
+    OP_REQUIRES(ctx, v2_config.empty(),
+                tensorflow::errors::Unimplemented(
+                    "ConfigureDistributedTPU: tpu_embedding_config (the TPU "
+                    "embedding v2 API) is not supported on CPU; pass the "
+                    "TPUEmbeddingConfiguration as embedding_config"));
+  }
+  void Compute(OpKernelContext* ctx) override {
+    if (!config_.empty()) {
+      OP_REQUIRES_OK(ctx, Engine::Get().Configure(config_));
+    }
+    const auto [hosts, cores] = Engine::Get().HostsAndCores();
+    tensorflow::tpu::TopologyProto topology;
+    for (const int64_t d : {cores, hosts, int64_t{1}, int64_t{1}}) {
+      topology.add_mesh_shape(d);
+    }
+    topology.set_num_tasks(hosts);
+    topology.set_num_tpu_devices_per_task(cores);
+    for (int64_t task = 0; task < hosts; ++task) {
+      for (int64_t core = 0; core < cores; ++core) {
+        for (const int64_t c : {core, task, int64_t{0}, int64_t{0}}) {
+          topology.add_device_coordinates(c);
+        }
+      }
+    }
+    Tensor* out = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({}), &out));
+    out->scalar<tensorflow::tstring>()() = topology.SerializeAsString();
   }
 
  private:
@@ -75,16 +125,20 @@ class ShardOpBase : public OpKernel {
   std::string config_;
 };
 
-class LoadAdamOp : public ShardOpBase {
+// LoadTPUEmbeddingADAMParameters (parameters, momenta, velocities) and
+// LoadTPUEmbeddingStochasticGradientDescentParameters (parameters).
+template <Optimizer kOptimizer>
+class LoadOp : public ShardOpBase {
  public:
   using ShardOpBase::ShardOpBase;
   void Compute(OpKernelContext* ctx) override {
     engine::LoadRequest req;
+    req.optimizer = kOptimizer;
     req.table_id = table_id_;
     req.table_name = table_name_;
     req.num_shards = num_shards_;
     req.shard_id = shard_id_;
-    for (int i = 0; i < 3; ++i) {
+    for (int i = 0; i < engine::NumArrays(kOptimizer); ++i) {
       const Tensor& t = ctx->input(i);
       const auto dims = t.shape().dim_sizes();
       req.shapes[i].assign(dims.begin(), dims.end());
@@ -94,29 +148,32 @@ class LoadAdamOp : public ShardOpBase {
   }
 };
 
-class RetrieveAdamOp : public ShardOpBase {
+template <Optimizer kOptimizer>
+class RetrieveOp : public ShardOpBase {
  public:
   using ShardOpBase::ShardOpBase;
   void Compute(OpKernelContext* ctx) override {
     engine::ShardRef ref;
-    OP_REQUIRES_OK(ctx, Engine::Get().ResolveShard(config_, table_id_,
-                                                   table_name_, num_shards_,
-                                                   shard_id_, &ref));
+    OP_REQUIRES_OK(ctx, Engine::Get().ResolveShard(kOptimizer, config_,
+                                                   table_id_, table_name_,
+                                                   num_shards_, shard_id_,
+                                                   &ref));
     const TensorShape shape({ref.rows, ref.table->dim});
-    Tensor* out[3];
-    for (int i = 0; i < 3; ++i) {
-      OP_REQUIRES_OK(ctx, ctx->allocate_output(i, shape, &out[i]));
+    float* out[3] = {nullptr, nullptr, nullptr};
+    for (int i = 0; i < engine::NumArrays(kOptimizer); ++i) {
+      Tensor* t = nullptr;
+      OP_REQUIRES_OK(ctx, ctx->allocate_output(i, shape, &t));
+      out[i] = t->flat<float>().data();
     }
-    OP_REQUIRES_OK(ctx, Engine::Get().Retrieve(
-                            ref, out[0]->flat<float>().data(),
-                            out[1]->flat<float>().data(),
-                            out[2]->flat<float>().data(),
-                            MakeParallelFor(ctx)));
+    OP_REQUIRES_OK(ctx,
+                   Engine::Get().Retrieve(ref, out, MakeParallelFor(ctx)));
   }
 };
 
 REGISTER_KERNEL_BUILDER(Name("ConfigureTPUEmbedding").Device(DEVICE_CPU),
                         ConfigureOp);
+REGISTER_KERNEL_BUILDER(Name("ConfigureDistributedTPU").Device(DEVICE_CPU),
+                        ConfigureDistributedTPUOp);
 REGISTER_KERNEL_BUILDER(Name("IsTPUEmbeddingInitialized").Device(DEVICE_CPU),
                         IsInitializedOp);
 // tpu.shutdown_system() runs it (on CPU with soft placement): clear the engine
@@ -128,10 +185,20 @@ REGISTER_KERNEL_BUILDER(Name("TpuEmbedAdamEngineReset").Device(DEVICE_CPU),
 REGISTER_KERNEL_BUILDER(Name("TpuEmbedAdamEngineInfo").Device(DEVICE_CPU),
                         InfoOp);
 REGISTER_KERNEL_BUILDER(
-    Name("LoadTPUEmbeddingADAMParameters").Device(DEVICE_CPU), LoadAdamOp);
+    Name("LoadTPUEmbeddingADAMParameters").Device(DEVICE_CPU),
+    LoadOp<Optimizer::kAdam>);
 REGISTER_KERNEL_BUILDER(
     Name("RetrieveTPUEmbeddingADAMParameters").Device(DEVICE_CPU),
-    RetrieveAdamOp);
+    RetrieveOp<Optimizer::kAdam>);
+// What TF's TPUEmbedding emits in INFERENCE mode: the table, no slots.
+REGISTER_KERNEL_BUILDER(
+    Name("LoadTPUEmbeddingStochasticGradientDescentParameters")
+        .Device(DEVICE_CPU),
+    LoadOp<Optimizer::kSgd>);
+REGISTER_KERNEL_BUILDER(
+    Name("RetrieveTPUEmbeddingStochasticGradientDescentParameters")
+        .Device(DEVICE_CPU),
+    RetrieveOp<Optimizer::kSgd>);
 
 }  // namespace
 }  // namespace tpu_embed_adam
