@@ -50,28 +50,6 @@ def make_graph(strategy: str, num_hosts: int = HOSTS) -> harness.EmbeddingGraph:
     )
 
 
-def random_state(graph: harness.EmbeddingGraph, seed: int) -> dict[str, harness.Slots]:
-    rng = np.random.default_rng(seed)
-    out = {}
-    for table, config in graph.emb.table_to_config_dict.items():
-        shape = (config.vocabulary_size, config.dimension)
-        out[table] = harness.Slots(
-            rng.normal(size=shape).astype(np.float32),
-            rng.normal(size=shape).astype(np.float32),
-            rng.uniform(0.0, 2.0, size=shape).astype(np.float32),
-        )
-    return out
-
-
-def assert_state_equal(got: dict[str, harness.Slots], want: dict[str, harness.Slots]) -> None:
-    assert got.keys() == want.keys()
-    for table in want:
-        for slot in ("w", "m", "v"):
-            np.testing.assert_array_equal(
-                getattr(got[table], slot), getattr(want[table], slot), err_msg=f"{table} {slot}"
-            )
-
-
 def test_variables_are_named_and_partitioned_as_tf_makes_them():
     graph = make_graph("div")
     try:
@@ -114,7 +92,7 @@ def test_checkpoint_after_retrieve_restores_into_tf_variables(strategy, tmp_path
         restored = fresh.read()
     finally:
         fresh.close()
-    assert_state_equal(restored, saved)
+    harness.assert_state_equal(restored, saved)
     for table, state in model.state.items():
         np.testing.assert_allclose(restored[table].w, state.w, rtol=2e-5, atol=2e-6)
 
@@ -124,7 +102,7 @@ def test_tf_checkpoint_loads_into_engine_and_retrieves_unchanged(strategy, tmp_p
     writer = make_graph(strategy)
     try:
         writer.run_init()
-        want = random_state(writer, seed=7)
+        want = harness.random_state(writer.emb, seed=7)
         writer.write(want)
         path = writer.save(str(tmp_path / "ckpt"))
     finally:
@@ -138,7 +116,7 @@ def test_tf_checkpoint_loads_into_engine_and_retrieves_unchanged(strategy, tmp_p
         reader.load()
         # Scramble TF's copies so that only the engine still holds the checkpoint.
         reader.run_init()
-        assert_state_equal(reader.retrieve(), want)
+        harness.assert_state_equal(reader.retrieve(), want)
     finally:
         reader.close()
 
@@ -147,7 +125,7 @@ def test_tf_checkpoint_then_training_matches_the_reference(tmp_path):
     writer = make_graph("mod")
     try:
         writer.run_init()
-        writer.write(random_state(writer, seed=3))
+        writer.write(harness.random_state(writer.emb, seed=3))
         path = writer.save(str(tmp_path / "ckpt"))
     finally:
         writer.close()
@@ -182,6 +160,6 @@ def test_div_checkpoint_from_three_hosts_restores_into_one_host(tmp_path):
         single.restore(path)
         single.load()
         single.run_init()
-        assert_state_equal(single.retrieve(), saved)
+        harness.assert_state_equal(single.retrieve(), saved)
     finally:
         single.close()

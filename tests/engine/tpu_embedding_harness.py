@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 import tensorflow as tf
-from tensorflow.python.tpu import tpu, tpu_embedding
+from tensorflow.python.tpu import tpu, tpu_embedding, tpu_embedding_gradient
 
 from tpu_embed_adam.reference import adam_update
 
@@ -215,10 +215,16 @@ def random_targets(
 
 
 class NumpyModel:
-    """The step TF's graph runs, in numpy: lookup, loss 0.5*|act - target|^2, Adam per table."""
+    """The step TF's graph runs, in numpy: lookup, loss, Adam per table.
 
-    def __init__(self, emb: tpu_embedding.TPUEmbedding, state: Mapping[str, Slots]):
+    The loss is 0.5*|act - target|^2, or sum(act * target) with `linear_loss`.
+    """
+
+    def __init__(
+        self, emb: tpu_embedding.TPUEmbedding, state: Mapping[str, Slots], linear_loss: bool = False
+    ):
         self.emb = emb
+        self.linear_loss = linear_loss
         self.state = {t: Slots(s.w.copy(), s.m.copy(), s.v.copy()) for t, s in state.items()}
 
     def _lookup_plan(
@@ -284,9 +290,13 @@ class NumpyModel:
         for core, act, act_at, target in zip(batch, acts, at, targets, strict=True):
             for feature, config in self.emb.feature_to_config_dict.items():
                 x, table = core[feature], config.table_id
-                error = (act[feature] - target[feature]).astype(np.float64)
-                loss += 0.5 * float(np.sum(error**2))
-                d_act = act_at[feature] - target[feature]
+                if self.linear_loss:
+                    loss += float(np.sum(act[feature].astype(np.float64) * target[feature]))
+                    d_act = target[feature]
+                else:
+                    error = (act[feature] - target[feature]).astype(np.float64)
+                    loss += 0.5 * float(np.sum(error**2))
+                    d_act = act_at[feature] - target[feature]
                 kept, slots, scale, n_slots = self._lookup_plan(feature, x)
                 ids[table].append(x.ids[kept])
                 grads[table].append(scale[:, None] * d_act.reshape(n_slots, -1)[slots])
@@ -340,6 +350,13 @@ class EmbeddingGraph:
         `initialize_system_for_tpu_embedding` (`ConfigureTPUEmbedding`), as a
         TPU program does; if not, the config attr of TF's first load op is
         the engine's only source of configuration.
+      mode: `tpu_embedding.TRAINING`, or `INFERENCE` (what TPUEstimator builds
+        for EVAL/PREDICT: SGD load/retrieve ops, no slots, no loss or Send).
+      dummy_table_variables: capture the activations' gradients as
+        TPUEstimator does (TF's `tpu_embedding_gradient` helpers and an
+        optimizer's `minimize`) instead of `tf.compat.v1.gradients`; one core.
+      linear_loss: the loss is sum(act * target), whose gradient does not
+        depend on the activations (TF then prunes Recv from a Send-only step).
     """
 
     def __init__(
@@ -359,9 +376,17 @@ class EmbeddingGraph:
         ragged: bool = False,
         min_ids_per_sample: int = 1,
         local: bool = False,
+        mode: int = tpu_embedding.TRAINING,
+        dummy_table_variables: bool = False,
+        linear_loss: bool = False,
     ):
         if local and num_hosts != 1:
             raise ValueError(f"local=True runs one host; got num_hosts={num_hosts}.")
+        if dummy_table_variables and num_hosts * cores_per_host != 1:
+            raise ValueError("dummy_table_variables captures one core's gradients.")
+        self.training = mode == tpu_embedding.TRAINING
+        self.dummy_table_variables = dummy_table_variables
+        self.linear_loss = linear_loss
         self.num_hosts = num_hosts
         self.job = LOCAL_JOB if local else JOB
         self.mode_override = mode_override
@@ -377,7 +402,7 @@ class EmbeddingGraph:
                 dict(table_to_config_dict),
                 dict(feature_to_config_dict),
                 batch_size=batch_size_per_core * num_hosts * cores_per_host,
-                mode=tpu_embedding.TRAINING,
+                mode=mode,
                 optimization_parameters=optimization_parameters,
                 partition_strategy=partition_strategy,
                 device_config=tpu_embedding.DeviceConfig(
@@ -387,12 +412,12 @@ class EmbeddingGraph:
             self.vars = self.emb.create_variables_and_ops()
             self.load_ops = self.vars.load_ops()
             self.retrieve_ops = self.vars.retrieve_ops()
-            self._build_enqueue()
-            self._build_train()
             self.init_ops = [
                 tf.compat.v1.global_variables_initializer(),
                 tf.compat.v1.local_variables_initializer(),
             ]
+            self._build_enqueue()
+            self._build_train()
             self.saver = tf.compat.v1.train.Saver()
             self.initialize_system_op = (
                 tpu.initialize_system_for_tpu_embedding(
@@ -455,22 +480,17 @@ class EmbeddingGraph:
             host, core = divmod(c, self.emb.num_cores_per_host)
             with tf.device(core_device(host, core, self.job)):
                 acts = self.emb.get_activations()
+                self.activations.append(acts)
+                if not self.training:
+                    continue
                 targets = {
                     f: tf.compat.v1.placeholder(tf.float32, a.shape, f"target_{c}_{f}")
                     for f, a in acts.items()
                 }
-                loss = tf.add_n(
-                    [0.5 * tf.reduce_sum(tf.square(acts[f] - targets[f])) for f in acts]
-                )
-                grads = tf.compat.v1.gradients(loss, list(acts.values()))
-                self.send_ops.append(
-                    self.emb.generate_send_gradients_op(
-                        dict(zip(acts, grads, strict=True)), step=self.step_ph
-                    )
-                )
-            self._targets.append(targets)
-            self.activations.append(acts)
-            losses.append(loss)
+                self._targets.append(targets)
+                losses.append(self._loss_and_send(acts, targets))
+        if not self.training:
+            return
         self.loss = tf.add_n(losses)
         # TF's own evaluation of each table's dynamic rate, for the numpy model.
         self.learning_rates = {
@@ -479,9 +499,53 @@ class EmbeddingGraph:
             if constant_learning_rate(self.emb, t) is None
         }
 
+    def _loss_and_send(
+        self, acts: dict[str, tf.Tensor], targets: dict[str, tf.Tensor]
+    ) -> tf.Tensor:
+        """Builds one core's loss and Send op (appended to `send_ops`); returns the loss."""
+        if self.dummy_table_variables:
+            # TPUEstimator's flow: the loss reads the activations through
+            # TPUEmbeddingActivations ops, whose gradient function captures
+            # the activations' gradients while the optimizer minimizes.
+            dummies, dummy_init = tpu_embedding_gradient.create_dummy_table_variables(self.emb)
+            self.init_ops.append(dummy_init)
+            acts = tpu_embedding_gradient.hook_dummy_table_variables_to_activations(
+                self.emb, acts, dummies
+            )
+        if self.linear_loss:
+            loss = tf.add_n([tf.reduce_sum(acts[f] * targets[f]) for f in acts])
+        else:
+            loss = tf.add_n([0.5 * tf.reduce_sum(tf.square(acts[f] - targets[f])) for f in acts])
+        if self.dummy_table_variables:
+            minimize = tf.compat.v1.train.GradientDescentOptimizer(0.1).minimize(
+                loss, var_list=list(dummies.values())
+            )
+            grads = tpu_embedding_gradient.get_gradients_through_dummy_table_variables(self.emb)
+            with tf.control_dependencies([minimize]):
+                self.send_ops.append(
+                    self.emb.generate_send_gradients_op(grads, step=self.step_ph)
+                )
+        else:
+            grads = dict(
+                zip(acts, tf.compat.v1.gradients(loss, list(acts.values())), strict=True)
+            )
+            self.send_ops.append(self.emb.generate_send_gradients_op(grads, step=self.step_ph))
+        return loss
+
     def run_init(self) -> None:
         """Runs TF's variable initializers (tables from their initializers, slots 0)."""
         self.session.run(self.init_ops)
+
+    def read_tables(self) -> dict[str, np.ndarray]:
+        """Reads TF's table variables (not the engine, no slots) as whole tables."""
+        out = {}
+        for t in self.tables:
+            vocab = self.emb.table_to_config_dict[t].vocabulary_size
+            parts = self.session.run(
+                self.vars.embedding_variables_by_table[t][: num_parts(vocab, self.num_hosts)]
+            )
+            out[t] = join_table(parts, vocab, self.strategy)
+        return out
 
     def read(self) -> dict[str, Slots]:
         """Reads TF's variables (not the engine) as whole tables."""
@@ -569,6 +633,21 @@ class EmbeddingGraph:
                 rates[t] = rate
         return acts, float(loss), rates
 
+    def send_step(
+        self, batch: Batch, targets: Sequence[Mapping[str, np.ndarray]], step: int
+    ) -> None:
+        """Enqueues, then runs only the Send ops (TF prunes what they do not need)."""
+        self.enqueue(batch)
+        feed: dict[Any, Any] = {self.step_ph: step}
+        for phs, target in zip(self._targets, targets, strict=True):
+            feed.update({phs[f]: target[f] for f in phs})
+        self.session.run(self.send_ops, feed)
+
+    def lookup(self, batch: Batch) -> list[dict[str, np.ndarray]]:
+        """Enqueues `batch` and returns each core's activations (Recv only)."""
+        self.enqueue(batch)
+        return self.session.run(self.activations)
+
     def random_batch(self, rng: np.random.Generator, **kwargs: Any) -> Batch:
         return random_batch(
             rng, self.emb, weighted=self.weighted, one_id_per_sample=self.one_id_per_sample,
@@ -628,6 +707,30 @@ def train_and_compare(
             got, want = getattr(final[t], slot), getattr(model.state[t], slot)
             compare(f"table {t} slot {slot}", got, want)
     return model
+
+
+def random_state(emb: tpu_embedding.TPUEmbedding, seed: int) -> dict[str, Slots]:
+    """Random tables and Adam slots (v >= 0) for every table of `emb`."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for table, config in emb.table_to_config_dict.items():
+        shape = (config.vocabulary_size, config.dimension)
+        out[table] = Slots(
+            rng.normal(size=shape).astype(np.float32),
+            rng.normal(size=shape).astype(np.float32),
+            rng.uniform(0.0, 2.0, size=shape).astype(np.float32),
+        )
+    return out
+
+
+def assert_state_equal(got: Mapping[str, Slots], want: Mapping[str, Slots]) -> None:
+    """Every table and slot bit for bit."""
+    assert got.keys() == want.keys()
+    for table in want:
+        for slot in ("w", "m", "v"):
+            np.testing.assert_array_equal(
+                getattr(got[table], slot), getattr(want[table], slot), err_msg=f"{table} {slot}"
+            )
 
 
 def _assert_close(what: str, got: np.ndarray, want: np.ndarray, rtol: float, atol: float) -> None:

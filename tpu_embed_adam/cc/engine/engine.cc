@@ -110,15 +110,19 @@ Status TableFromProto(const tpu::TPUEmbeddingConfiguration_TableDescriptor& d,
       return bad("learning_rate sets neither constant nor dynamic");
   }
   const auto& adam = p.adam();  // all defaults for an SGD table
-  for (const auto& [name, value] : {std::pair<const char*, float>{"beta1", adam.beta1()},
-                                    {"beta2", adam.beta2()}}) {
-    // Written so that NaN fails too.
-    if (!(value >= 0.0f && value < 1.0f)) {
-      return bad("Adam ", name, " ", value, " is outside [0, 1)");
+  if (t->optimizer == Optimizer::kAdam) {
+    for (const auto& [name, value] :
+         {std::pair<const char*, float>{"beta1", adam.beta1()},
+          {"beta2", adam.beta2()}}) {
+      // Written so that NaN fails too.
+      if (!(value >= 0.0f && value < 1.0f)) {
+        return bad("Adam ", name, " ", value, " is outside [0, 1)");
+      }
     }
-  }
-  if (!(adam.epsilon() > 0.0f) || !std::isfinite(adam.epsilon())) {
-    return bad("Adam epsilon ", adam.epsilon(), " must be positive and finite");
+    if (!(adam.epsilon() > 0.0f) || !std::isfinite(adam.epsilon())) {
+      return bad("Adam epsilon ", adam.epsilon(),
+                 " must be positive and finite");
+    }
   }
   if (!(p.weight_decay_factor() >= 0.0f) ||
       !std::isfinite(p.weight_decay_factor())) {
