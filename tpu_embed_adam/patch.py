@@ -1,10 +1,13 @@
-"""Make TF's public `AdamParameters` names resolve to ours, reversibly.
+"""Make TF use ours, reversibly: `AdamParameters` and `TPUEstimator` on CPU.
 
 Importing `tpu_embed_adam` never patches TensorFlow; `install()` does, and
 `uninstall()` (or leaving `installed()`) restores exactly what was there.
-Only the public API aliases change (`tf.compat.v1.tpu.experimental` and the
-`tf.tpu.experimental` of the v1 API); TF's own class stays in place, so TF's
-`isinstance` checks keep accepting both.
+Two things change: the public `AdamParameters` aliases
+(`tf.compat.v1.tpu.experimental` and the `tf.tpu.experimental` of the v1
+API) name ours, while TF's own class stays in place so TF's `isinstance`
+checks keep accepting both; and TF's `TPUEstimator` gets the two methods of
+`tpu_embed_adam.estimator.TPUEstimator`, so that with `use_tpu=False` its
+embedding tables train on the software TPU embedding engine.
 """
 
 from __future__ import annotations
@@ -14,14 +17,20 @@ import sys
 import threading
 from collections.abc import Iterator
 from types import ModuleType
+from typing import Any
 
 from tpu_embed_adam.params import AdamParameters
+
+# TPUEstimator's methods that install() replaces (tpu_embed_adam.estimator's).
+ENGINE_METHODS = ("__init__", "_augment_model_fn")
 
 __all__ = ["install", "installed", "uninstall"]
 
 _LOCK = threading.Lock()
 # Module -> the attribute it held before install().
 _SAVED: dict[ModuleType, type] = {}
+# TPUEstimator's methods that install() replaced, by name.
+_SAVED_ESTIMATOR: dict[str, Any] = {}
 
 
 def _api_modules() -> list[ModuleType]:
@@ -35,12 +44,27 @@ def _api_modules() -> list[ModuleType]:
     return list(modules.values())
 
 
-def install() -> None:
-    """Points TF's public `AdamParameters` aliases at `tpu_embed_adam.AdamParameters`.
+def _estimator_classes() -> tuple[type, type]:
+    """Ours and TF's `TPUEstimator`; imports tf.estimator, so only when asked."""
+    from tpu_embed_adam.estimator import TPUEstimator
 
+    return TPUEstimator, TPUEstimator.__mro__[1]
+
+
+def install() -> None:
+    """Points TF's `AdamParameters` aliases at ours and puts the engine under `TPUEstimator`.
+
+    After it, `tf.compat.v1.tpu.experimental.AdamParameters` is
+    `tpu_embed_adam.AdamParameters`, and TF's `TPUEstimator(use_tpu=False,
+    embedding_config_spec=...)` behaves as `tpu_embed_adam.estimator.TPUEstimator`.
     Idempotent: a second call changes nothing.
     """
     with _LOCK:
+        if not _SAVED_ESTIMATOR:
+            ours, tf_class = _estimator_classes()
+            for name in ENGINE_METHODS:
+                _SAVED_ESTIMATOR[name] = tf_class.__dict__[name]
+                setattr(tf_class, name, ours.__dict__[name])
         for module in _api_modules():
             current = getattr(module, "AdamParameters")  # noqa: B009 (mypy: dynamic module)
             if module not in _SAVED and current is not AdamParameters:
@@ -49,8 +73,13 @@ def install() -> None:
 
 
 def uninstall() -> None:
-    """Restores the aliases that `install()` replaced; a no-op if not installed."""
+    """Restores what `install()` replaced; a no-op if not installed."""
     with _LOCK:
+        if _SAVED_ESTIMATOR:
+            _, tf_class = _estimator_classes()
+            for name, original in _SAVED_ESTIMATOR.items():
+                setattr(tf_class, name, original)
+            _SAVED_ESTIMATOR.clear()
         for module, original in _SAVED.items():
             setattr(module, "AdamParameters", original)  # noqa: B010
         _SAVED.clear()
@@ -60,7 +89,7 @@ def uninstall() -> None:
 def installed() -> Iterator[None]:
     """Context manager: `install()` on entry; on exit, `uninstall()` unless it was already on."""
     with _LOCK:
-        was_installed = bool(_SAVED)
+        was_installed = bool(_SAVED_ESTIMATOR)
     install()
     try:
         yield

@@ -1,0 +1,104 @@
+"""What the CPU engine path of TPUEstimator honours, checked at construction.
+
+Each check names the argument or column it refuses: a TPU program that
+silently trained differently on CPU would be worse than one that stops.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from tensorflow.python.tpu import feature_column_v2 as tpu_fc_v2
+from tensorflow.python.tpu import tpu_embedding as tf_tpu_embedding
+
+from tpu_embed_adam.params import AdamParameters
+
+# Columns that look their rows up on the TensorCore or the host CPU of a TPU
+# (embedding_lookup_device='tpu_tensor_core' / 'cpu'): they bypass the TPU
+# embedding engine, which is what this path provides.
+_DEVICE_SPECIFIC_COLUMNS = (
+    tpu_fc_v2._TPUDeviceSpecificEmbeddingColumnV2,
+    tpu_fc_v2._TPUSharedDeviceSpecificEmbeddingColumnV2,
+)
+
+
+def as_adam_parameters(value: Any, where: str) -> AdamParameters:
+    """Returns `value` (TF's or our Adam parameters) as a validated `AdamParameters`.
+
+    Args:
+      value: the optimization parameters of a spec or a table.
+      where: the argument that holds it, for the error message.
+
+    Returns:
+      Our `AdamParameters` with the same values (stricter validation applied).
+
+    Raises:
+      ValueError: `value` is not Adam, or fails `AdamParameters` validation.
+    """
+    if isinstance(value, AdamParameters):
+        return value
+    if not isinstance(value, tf_tpu_embedding.AdamParameters):
+        raise ValueError(
+            f"{where}: the CPU TPU embedding engine trains with Adam only; got "
+            f"{type(value).__name__}. Use tf.compat.v1.tpu.experimental.AdamParameters "
+            "or tpu_embed_adam.AdamParameters."
+        )
+    names = inspect.signature(AdamParameters).parameters
+    try:
+        return AdamParameters(**{name: getattr(value, name) for name in names})
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{where}: {err}") from err
+
+
+def check_spec(spec: Any, train_batch_size: Any, eval_batch_size: Any) -> None:
+    """Refuses an `EmbeddingConfigSpec` or batch size the CPU engine cannot honour.
+
+    Args:
+      spec: the `EmbeddingConfigSpec` given to `TPUEstimator`.
+      train_batch_size: `TPUEstimator`'s `train_batch_size`.
+      eval_batch_size: `TPUEstimator`'s `eval_batch_size` (None: no evaluation).
+
+    Raises:
+      ValueError: naming the argument, column or table that cannot be honoured.
+    """
+    _check_batch_size("train_batch_size", train_batch_size, required=True)
+    _check_batch_size("eval_batch_size", eval_batch_size, required=False)
+    if spec.optimization_parameters is None:
+        raise ValueError(
+            "embedding_config_spec.optimization_parameters is None: the CPU TPU "
+            "embedding engine needs AdamParameters to train the tables."
+        )
+    as_adam_parameters(
+        spec.optimization_parameters, "embedding_config_spec.optimization_parameters"
+    )
+    if spec.tensor_core_feature_columns:
+        names = [column.name for column in spec.tensor_core_feature_columns]
+        raise ValueError(
+            "embedding_config_spec.tensor_core_feature_columns: TensorCore embedding "
+            f"columns {names} are not supported by the CPU TPU embedding engine."
+        )
+    for column in spec.feature_columns or ():
+        if isinstance(column, _DEVICE_SPECIFIC_COLUMNS):
+            raise ValueError(
+                f"embedding_config_spec.feature_columns: column {column.name!r} uses "
+                f"embedding_lookup_device={column._embedding_lookup_device!r}, which "
+                "bypasses the TPU embedding engine; only the default 'tpu_embedding_core' "
+                "lookup runs on the CPU engine."
+            )
+    for name, table in (spec.table_to_config_dict or {}).items():
+        if table.optimization_parameters is not None:
+            as_adam_parameters(
+                table.optimization_parameters,
+                f"embedding_config_spec.table_to_config_dict[{name!r}].optimization_parameters",
+            )
+
+
+def _check_batch_size(name: str, value: Any, required: bool) -> None:
+    if value is None and not required:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(
+            f"{name} must be a positive int when the CPU TPU embedding engine serves "
+            f"embedding_config_spec (it sizes the engine's batches); got {value!r}."
+        )

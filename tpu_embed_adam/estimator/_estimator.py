@@ -1,0 +1,105 @@
+"""`TPUEstimator` whose embedding tables train on the CPU TPU embedding engine.
+
+The two methods below wrap TF's own; `TPUEstimator` here is TF's class with
+them, and `tpu_embed_adam.install()` puts the same two methods on TF's class.
+With `use_tpu=True` (a real TPU) or no `embedding_config_spec`, both defer to
+TF unchanged.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+from tensorflow_estimator.python.estimator import model_fn as model_fn_lib
+from tensorflow_estimator.python.estimator.tpu import tpu_estimator as tf_tpu_estimator
+
+from tpu_embed_adam.estimator._checks import check_spec
+from tpu_embed_adam.estimator._model_fn import (
+    EngineEmbeddingConfig,
+    call_user_model_fn,
+    engine_model_fn,
+)
+
+TF_TPU_ESTIMATOR = tf_tpu_estimator.TPUEstimator
+_TF_INIT = TF_TPU_ESTIMATOR.__init__
+_TF_AUGMENT = TF_TPU_ESTIMATOR._augment_model_fn
+_TF_INIT_SIGNATURE = inspect.signature(_TF_INIT)
+# The attribute that marks an estimator whose tables the engine serves.
+_ENGINE_ATTR = "_tpu_embed_adam_engine"
+
+
+@functools.wraps(_TF_INIT)
+def _init(self: Any, *args: Any, **kwargs: Any) -> None:
+    bound = _TF_INIT_SIGNATURE.bind(self, *args, **kwargs)
+    bound.apply_defaults()
+    arguments = bound.arguments
+    spec = arguments["embedding_config_spec"]
+    if arguments["use_tpu"] or spec is None:
+        _TF_INIT(*bound.args, **bound.kwargs)
+        return
+    check_spec(spec, arguments["train_batch_size"], arguments["eval_batch_size"])
+    # TF's constructor calls _augment_model_fn, which needs to know; the
+    # RunConfig it completes comes after, so the config is built lazily.
+    setattr(self, _ENGINE_ATTR, (spec, arguments["train_batch_size"], arguments["eval_batch_size"]))
+    # TF refuses 'mod' on CPU because its CPU lookups would not match a
+    # TPU's checkpoint layout; the engine shards exactly as a TPU does.
+    arguments["embedding_config_spec"] = spec._replace(partition_strategy="div")
+    _TF_INIT(*bound.args, **bound.kwargs)
+
+
+def _augment_model_fn(
+    self: Any, model_fn: Callable[..., Any], batch_axis: Any
+) -> Callable[..., Any]:
+    engine = getattr(self, _ENGINE_ATTR, None)
+    if engine is None:
+        return _TF_AUGMENT(self, model_fn, batch_axis)
+    spec, train_batch_size, eval_batch_size = engine
+    is_export = [False]
+    engine_config: list[EngineEmbeddingConfig] = []
+
+    def model_fn_on_engine(features: Any, labels: Any, mode: str, config: Any, params: Any) -> Any:
+        if is_export[0] or mode == model_fn_lib.ModeKeys.PREDICT:
+            return call_user_model_fn(model_fn, features, labels, mode, config, params)
+        if not engine_config:
+            engine_config.append(
+                EngineEmbeddingConfig(spec, train_batch_size, eval_batch_size, self.config)
+            )
+        return engine_model_fn(model_fn, engine_config[0], features, labels, mode, config, params)
+
+    tpu_model_fn = _TF_AUGMENT(self, model_fn_on_engine, batch_axis)
+
+    def augmented(features: Any, labels: Any, mode: str, config: Any, params: Any) -> Any:
+        # TF's model_fn reads and clears this flag: export builds its graph
+        # without calling the input_fn.
+        is_export[0] = not self._is_input_fn_invoked
+        return tpu_model_fn(features, labels, mode, config, params)
+
+    return augmented
+
+
+class TPUEstimator(tf_tpu_estimator.TPUEstimator):  # type: ignore[misc]
+    """TF's `TPUEstimator`; with `use_tpu=False`, the tables train with TPU Adam.
+
+    Same arguments as `tf.compat.v1.estimator.tpu.TPUEstimator`. With
+    `use_tpu=False` and an `embedding_config_spec`, every table of the spec
+    lives in the software TPU embedding engine: TRAIN steps enqueue the
+    embedding features, the feature columns read the engine's activations
+    as on a TPU, and the engine applies the spec's `AdamParameters` (TF's or
+    `tpu_embed_adam`'s) to the tables, while the model_fn's optimizer trains
+    the dense variables only. EVAL reads the tables through the engine in
+    inference mode; PREDICT and `export_saved_model` look them up on CPU from
+    the same variables. Checkpoints hold the tables and the `Adam/m`,
+    `Adam/v` slots under the names TPUEstimator uses on a TPU.
+    `docs/estimator.md` has the details.
+
+    Raises:
+      ValueError: at construction, for a spec, column or batch size the
+        engine cannot honour (not Adam, TensorCore or CPU-lookup columns, no
+        `train_batch_size`), naming it.
+    """
+
+    __init__ = _init
+    _augment_model_fn = _augment_model_fn
