@@ -22,29 +22,27 @@ def add_load_to_local_init(
 ) -> None:
     """Makes every session of the graph configure the engine and load the tables.
 
-    Both go into the scaffold's local init op, which runs after the variables
-    are initialised or restored from a checkpoint and before any hook: the
-    first checkpoint `CheckpointSaverHook` writes (in `after_create_session`)
-    then already retrieves loaded tables.
+    Both join the scaffold's default local init op, which runs after the
+    variables are initialised or restored from a checkpoint and before any
+    hook: the first checkpoint `CheckpointSaverHook` writes (in
+    `after_create_session`) then already retrieves loaded tables. They go
+    in through the table initialisers, the one collection that op reads
+    when the scaffold is finalised: metrics built after the model_fn
+    returns (TPUEstimatorSpec's `eval_metrics`) add local variables that the
+    default op must still initialise.
 
     Args:
       config_proto: the graph's `TPUEmbeddingConfiguration`.
       load_ops_fn: builds TF's load ops (`VariablesAndOps.load_ops`).
       init_ops: other ops to run once per session (dummy variables).
     """
-    key = tf.compat.v1.GraphKeys.LOCAL_INIT_OP
-    existing = tf.compat.v1.get_collection(key) or [
-        tf.compat.v1.train.Scaffold.default_local_init_op()
-    ]
     # The configuration replaces whatever another graph left in the engine;
     # the loads, built under it, wait for it.
-    with tf.control_dependencies(existing):
-        configure = tpu_ops.configure_tpu_embedding(config=config_proto.SerializeToString())
+    configure = tpu_ops.configure_tpu_embedding(config=config_proto.SerializeToString())
     with tf.control_dependencies([configure]):
         load_ops = load_ops_fn()
-    loaded = tf.group(*existing, configure, *init_ops, *load_ops, name="tpu_embed_adam_load_tables")
-    tf.compat.v1.get_default_graph().clear_collection(key)
-    tf.compat.v1.add_to_collection(key, loaded)
+    loaded = tf.group(configure, *init_ops, *load_ops, name="tpu_embed_adam_load_tables")
+    tf.compat.v1.add_to_collection(tf.compat.v1.GraphKeys.TABLE_INITIALIZERS, loaded)
 
 
 class RetrievingSaver(tf.compat.v1.train.Saver):
