@@ -13,7 +13,6 @@ import pytest
 import tensorflow as tf
 from estimator_harness import (
     NumpyModel,
-    Slots,
     input_fn_of,
     oracle_embedding,
     random_batch,
@@ -83,7 +82,7 @@ def column_layer(cols):
     def layer(features):
         net = tf.compat.v1.keras.layers.DenseFeatures(cols)(features)
         parts = tf.split(net, dims, axis=1)
-        return {c.categorical_column.key: p for c, p in zip(ordered, parts)}
+        return {c.categorical_column.key: p for c, p in zip(ordered, parts, strict=True)}
 
     return layer
 
@@ -187,9 +186,9 @@ def test_evaluate_predict_and_export_read_the_trained_tables(tmp_path):
     np.testing.assert_allclose(metrics["mean_loss"], loss + 0.5 * (bias - 1) ** 2, rtol=1e-5)
     want = model.activations(batch[0])
     # PREDICT: TF's CPU lookups of the same variables.
-    features_only = lambda params: input_fn_of([batch], [target], BATCH, WIDTH)(params).map(
-        lambda f, l: f
-    )  # noqa: E731
+    def features_only(params):
+        dataset = input_fn_of([batch], [target], BATCH, WIDTH)(params)
+        return dataset.map(lambda features, labels: features)
     predictions = list(run.estimator.predict(features_only))
     for f in run.features:
         np.testing.assert_allclose(
