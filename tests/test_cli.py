@@ -1,8 +1,8 @@
 """The `tpu-embed-adam` command line: as a user runs it (subprocess) and in-process (faster)."""
 
 import inspect
-import os
 import json
+import os
 import subprocess
 import sys
 
@@ -144,7 +144,9 @@ def test_convert_refuses_binary_to_a_terminal(tmp_path, capsys, monkeypatch):
 def test_bad_input_exits_1_with_one_line_naming_it(tmp_path, capsys):
     missing = tmp_path / "missing.json"
     code, _, err = _main(capsys, "convert", str(missing), "--to=json")
-    assert (code, err) == (1, f"tpu-embed-adam convert: error: {missing}: No such file or directory\n")
+    assert (code, err) == (
+        1, f"tpu-embed-adam convert: error: {missing}: No such file or directory\n"
+    )
     corrupt = tmp_path / "bad.pb"
     corrupt.write_bytes(b"\xff\xff")
     code, _, err = _main(capsys, "decode", str(corrupt))

@@ -57,7 +57,9 @@ def tpu_checkpoint(tmp_path_factory):
 def _plain_checkpoint(directory: str, state: dict[str, np.ndarray]) -> str:
     """Each array a variable under its own name (so `x/part_i` names stay as written)."""
     with tf.Graph().as_default(), tf.compat.v1.Session() as session:
-        variables = {k: tf.compat.v1.Variable(v, name=k.replace("/", "_")) for k, v in state.items()}
+        variables = {
+            k: tf.compat.v1.Variable(v, name=k.replace("/", "_")) for k, v in state.items()
+        }
         session.run(tf.compat.v1.global_variables_initializer())
         saver = tf.compat.v1.train.Saver(var_list=variables)
         return saver.save(session, os.path.join(directory, "ckpt"))
@@ -68,7 +70,8 @@ def test_tpu_embedding_checkpoint_tables_shards_slots_and_touched_rows(tpu_check
     tables = {t.name: t for t in _checkpoint_inspect.read_tables(path)}
     assert set(tables) == {"users", "tiny"}
     users = tables["users"]
-    assert (users.shape, users.shards, users.slots, users.rows_touched) == ((10, 4), 2, ("m", "v"), 3)
+    assert (users.shape, users.shards, users.slots) == ((10, 4), 2, ("m", "v"))
+    assert users.rows_touched == 3
     assert tables["tiny"].shards == 1 and tables["tiny"].rows_touched == 1
     np.testing.assert_allclose(users.row_norms, np.linalg.norm(state["users"].w, axis=1), rtol=1e-6)
     np.testing.assert_array_equal(users.v, state["users"].v)
@@ -96,7 +99,8 @@ def test_plain_variables_without_slots(tmp_path, capsys):
     assert cli.main(["tpu-embed-adam", "inspect", path]) == 0
     header, line = capsys.readouterr().out.splitlines()
     assert header.split()[:3] == ["table", "shape", "shards"]
-    assert line.split() == ["words", "4", "x", "2", "1", "-", "-", *"1.414 / 1.414 / 1.414 / 1.414".split()]
+    assert line.split()[:7] == ["words", "4", "x", "2", "1", "-", "-"]
+    assert line.split()[7:] == "1.414 / 1.414 / 1.414 / 1.414".split()
 
 
 def test_inspect_prints_a_line_per_table_and_plots(tpu_checkpoint, tmp_path):

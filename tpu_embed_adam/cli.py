@@ -182,7 +182,7 @@ def _add_command(
     name: str,
     summary: str,
     handler: Callable[[argparse.Namespace], str | None],
-    common: argparse.ArgumentParser,
+    common: _Parser,
 ) -> _Parser:
     parser = commands.add_parser(
         name, help=summary, description=summary, epilog=_EXIT_CODES, parents=[common],
@@ -197,7 +197,7 @@ def _parser() -> _Parser:
 
     # In every parser, so that it may come before or after the command;
     # SUPPRESS: a command's default must not overwrite a value given before it.
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument(
         "-v", "--verbosity", type=int, default=argparse.SUPPRESS,
         help="log verbosity (absl's: 0 info, -1 warnings, -2 errors); also turns on TF's "
