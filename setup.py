@@ -96,7 +96,11 @@ setup(
             "grpcio-tools>=1.50,<1.63",
             # Peer check of the lazy update against LazyAdam (tests/test_reference.py).
             "tensorflow-addons==0.23.0",
+            # `tpu-embed-adam inspect --plot` (tests/test_cli_inspect.py).
+            "matplotlib",
         ],
+        # `tpu-embed-adam inspect --plot`.
+        "plot": ["matplotlib"],
         "bench": ["tensorflow-addons==0.23.0", "torch==2.13.0", "matplotlib"],
     },
     ext_modules=_EXT_MODULES,

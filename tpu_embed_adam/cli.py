@@ -1,21 +1,34 @@
 """The `tpu-embed-adam` command line.
 
     tpu-embed-adam params --learning_rate=0.05 --clip_gradient_max=1 --format=text
-    tpu-embed-adam decode params.pb          # a serialized OptimizationParameters
-    tpu-embed-adam info                      # version, kernel library, registered kernels
+    tpu-embed-adam decode params.pb                  # binary OptimizationParameters -> JSON
+    tpu-embed-adam convert params.json --to=binary --out=params.pb
+    tpu-embed-adam inspect /tmp/model/ckpt --plot=tables.png
+    tpu-embed-adam info                              # version, kernel library, kernels
 
-`params` prints the configuration as JSON (the `to_json` form), proto text, or
-the serialized proto in hex; `decode` reads a serialized proto (ours or TF's:
-the bytes are the same) and prints it back as JSON, after validation.
+Exit status: 0 success, 1 bad input (a file that is missing or does not parse),
+2 usage error (unknown command or flag, a flag value out of range). Errors are
+one line on stderr. TF's C++ log lines are off unless `--verbosity` asks.
+
+Modules imported by the commands import TensorFlow, so they are imported once
+the log level is set (`run`), not at the top of this module.
 """
 
+import argparse
+import os
 import sys
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, NoReturn
 
-from absl import app, flags
+from absl import app
+from absl import logging as absl_logging
 
-from tpu_embed_adam.params import AdamParameters
+if TYPE_CHECKING:
+    from tpu_embed_adam.params import AdamParameters
 
-_COMMANDS = ("params", "decode", "info")
+_PROG = "tpu-embed-adam"
+_OK, _BAD_INPUT, _USAGE = 0, 1, 2
+_EXIT_CODES = "exit status: 0 success, 1 bad input (missing or unparsable file), 2 usage error"
 # TF's own ops that the software embedding engine serves on CPU.
 _ENGINE_OPS = (
     "ConfigureTPUEmbedding",
@@ -26,83 +39,122 @@ _ENGINE_OPS = (
     "SendTPUEmbeddingGradients",
 )
 
-_LEARNING_RATE = flags.DEFINE_float("learning_rate", 0.001, "The learning rate.")
-_BETA1 = flags.DEFINE_float("beta1", 0.9, "Decay rate of the first moment.")
-_BETA2 = flags.DEFINE_float("beta2", 0.999, "Decay rate of the second moment.")
-_EPSILON = flags.DEFINE_float("epsilon", 1e-08, "The stability constant.")
-_LAZY_ADAM = flags.DEFINE_bool("lazy_adam", True, "Update only the rows in the batch.")
-_SUM_INSIDE_SQRT = flags.DEFINE_bool("sum_inside_sqrt", True, "Epsilon inside the sqrt.")
-_ACCUMULATION = flags.DEFINE_bool(
-    "use_gradient_accumulation", True, "Sum a row's gradients before one step."
-)
-_CLIP_WEIGHT_MIN = flags.DEFINE_float("clip_weight_min", None, "Lower weight bound.")
-_CLIP_WEIGHT_MAX = flags.DEFINE_float("clip_weight_max", None, "Upper weight bound.")
-_WEIGHT_DECAY = flags.DEFINE_float("weight_decay_factor", None, "Decoupled weight decay.")
-_MULTIPLY = flags.DEFINE_bool(
-    "multiply_weight_decay_factor_by_learning_rate", None, "Scale the decay by the rate."
-)
-_CLIP_GRADIENT_MIN = flags.DEFINE_float("clip_gradient_min", None, "Lower gradient bound.")
-_CLIP_GRADIENT_MAX = flags.DEFINE_float("clip_gradient_max", None, "Upper gradient bound.")
-_FORMAT = flags.DEFINE_enum("format", "json", ["json", "text", "hex"], "Output of `params`.")
+
+class _UsageError(Exception):
+    """A command line that asks for something impossible (exit status 2)."""
 
 
-def _params_from_flags() -> AdamParameters:
-    return AdamParameters(
-        learning_rate=_LEARNING_RATE.value,
-        beta1=_BETA1.value,
-        beta2=_BETA2.value,
-        epsilon=_EPSILON.value,
-        lazy_adam=_LAZY_ADAM.value,
-        sum_inside_sqrt=_SUM_INSIDE_SQRT.value,
-        use_gradient_accumulation=_ACCUMULATION.value,
-        clip_weight_min=_CLIP_WEIGHT_MIN.value,
-        clip_weight_max=_CLIP_WEIGHT_MAX.value,
-        weight_decay_factor=_WEIGHT_DECAY.value,
-        multiply_weight_decay_factor_by_learning_rate=_MULTIPLY.value,
-        clip_gradient_min=_CLIP_GRADIENT_MIN.value,
-        clip_gradient_max=_CLIP_GRADIENT_MAX.value,
-    )
+class _InputError(Exception):
+    """An input that is missing or does not parse (exit status 1)."""
 
 
-def _render(params: AdamParameters, fmt: str) -> str:
-    if fmt == "json":
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors that exit with `_USAGE`."""
+
+    def error(self, message: str) -> NoReturn:
+        _print_error(self.prog, f"{message} (see {self.prog} --help)")
+        sys.exit(_USAGE)
+
+
+def _print_error(prog: str, message: str) -> None:
+    # One line, whatever the underlying error printed (protobuf's span lines).
+    print(f"{prog}: error: {' '.join(message.split())}", file=sys.stderr)
+
+
+def _tf_log_level(verbosity: int | None) -> str:
+    """TF_CPP_MIN_LOG_LEVEL for absl's `--verbosity` (None: not given: off)."""
+    if verbosity is None:
+        return "3"
+    return str(min(3, max(0, -verbosity)))
+
+
+def _verbosity(argv: Sequence[str]) -> int | None:
+    """`--verbosity`'s value, read before the full parser (which needs TF) exists."""
+    scan = argparse.ArgumentParser(add_help=False, exit_on_error=False)
+    scan.add_argument("-v", "--verbosity", type=int)
+    try:
+        return scan.parse_known_args(argv)[0].verbosity
+    except argparse.ArgumentError:
+        return None  # the full parser reports it
+
+
+def _read_input(path: str) -> bytes:
+    try:
+        if path == "-":
+            return sys.stdin.buffer.read()
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise _InputError(f"{path}: {e.strerror}") from e
+
+
+def _params(args: argparse.Namespace) -> str:
+    from tpu_embed_adam import _params_flags
+
+    try:
+        params = _params_flags.params_from_flags(args)
+    except (TypeError, ValueError) as e:
+        raise _UsageError(str(e)) from e
+    if args.format == "json":
         return params.to_json(indent=2)
-    if fmt == "text":
+    if args.format == "text":
         return str(params.to_proto()).rstrip()
     return params.to_proto().SerializeToString().hex()
 
 
-def main(argv: list[str]) -> int:
-    """Runs one command; returns the exit status.
+def _parse_params(path: str, data: bytes, fmt: str | None) -> "AdamParameters":
+    from tpu_embed_adam import _params_formats
 
-    Args:
-      argv: the command line left after absl parsed the flags.
-
-    Returns:
-      0 on success, 2 on a usage or input error (printed to stderr).
-    """
-    if len(argv) < 2 or argv[1] not in _COMMANDS:
-        print(f"usage: tpu-embed-adam {{{'|'.join(_COMMANDS)}}} [flags]", file=sys.stderr)
-        return 2
-    command, rest = argv[1], argv[2:]
     try:
-        if command == "params":
-            print(_render(_params_from_flags(), _FORMAT.value))
-        elif command == "decode":
-            if len(rest) != 1:
-                print("usage: tpu-embed-adam decode FILE", file=sys.stderr)
-                return 2
-            with open(rest[0], "rb") as f:
-                print(AdamParameters.from_proto(f.read()).to_json(indent=2))
-        else:
-            print(_info())
-    except (TypeError, ValueError, OSError) as e:
-        print(f"tpu-embed-adam {command}: {e}", file=sys.stderr)
-        return 2
-    return 0
+        return _params_formats.read(data, fmt)
+    except (TypeError, ValueError) as e:
+        raise _InputError(f"{path}: {e}") from e
 
 
-def _info() -> str:
+def _decode(args: argparse.Namespace) -> str:
+    return _parse_params(args.file, _read_input(args.file), "binary").to_json(indent=2)
+
+
+def _convert(args: argparse.Namespace) -> None:
+    from tpu_embed_adam import _params_formats
+
+    if args.to == "binary" and args.out is None and sys.stdout.isatty():
+        raise _UsageError("--to=binary writes bytes: give --out=FILE or redirect stdout")
+    params = _parse_params(args.input, _read_input(args.input), args.source_format)
+    data = _params_formats.write(params, args.to)
+    if args.out is None:
+        sys.stdout.buffer.write(data)
+        sys.stdout.flush()
+        return
+    try:
+        with open(args.out, "wb") as f:
+            f.write(data)
+    except OSError as e:
+        raise _InputError(f"--out={args.out}: {e.strerror}") from e
+
+
+def _inspect(args: argparse.Namespace) -> str:
+    from tpu_embed_adam import _checkpoint_inspect
+
+    try:
+        tables = _checkpoint_inspect.read_tables(args.checkpoint)
+    except ValueError as e:
+        raise _InputError(f"{args.checkpoint}: {e}") from e
+    if not tables:
+        return f"no embedding tables (2-D variables) in {args.checkpoint}"
+    if args.plot:
+        try:
+            from tpu_embed_adam import _checkpoint_plot
+
+            _checkpoint_plot.write_png(tables, args.plot)
+        except ImportError as e:
+            raise _UsageError("--plot needs matplotlib: pip install matplotlib") from e
+        except OSError as e:
+            raise _InputError(f"--plot={args.plot}: {e.strerror}") from e
+    return _checkpoint_inspect.format_tables(tables)
+
+
+def _info(args: argparse.Namespace) -> str:
     import tpu_embed_adam
     from tpu_embed_adam.ops import _loader
 
@@ -125,9 +177,127 @@ def _info() -> str:
     return "\n".join(lines)
 
 
+def _add_command(
+    commands: "argparse._SubParsersAction[_Parser]",
+    name: str,
+    summary: str,
+    handler: Callable[[argparse.Namespace], str | None],
+    common: _Parser,
+) -> _Parser:
+    parser = commands.add_parser(
+        name, help=summary, description=summary, epilog=_EXIT_CODES, parents=[common],
+        allow_abbrev=False,
+    )
+    parser.set_defaults(handler=handler)
+    return parser
+
+
+def _parser() -> _Parser:
+    from tpu_embed_adam import _params_flags, _params_formats
+
+    # In every parser, so that it may come before or after the command;
+    # SUPPRESS: a command's default must not overwrite a value given before it.
+    common = _Parser(add_help=False)
+    common.add_argument(
+        "-v", "--verbosity", type=int, default=argparse.SUPPRESS,
+        help="log verbosity (absl's: 0 info, -1 warnings, -2 errors); also turns on TF's "
+        "C++ log lines, which are off by default",
+    )
+    parser = _Parser(
+        prog=_PROG, description="TPU embedding Adam: parameters, checkpoints, kernels.",
+        epilog=_EXIT_CODES, parents=[common], allow_abbrev=False,
+    )
+    commands = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=_Parser
+    )
+
+    params = _add_command(
+        commands, "params", "print AdamParameters built from flags (JSON, text proto or hex)",
+        _params, common,
+    )
+    _params_flags.add_flags(params)
+    params.add_argument("--format", choices=("json", "text", "hex"), default="json")
+
+    decode = _add_command(
+        commands, "decode", "print a binary OptimizationParameters (ours or TF's) as JSON",
+        _decode, common,
+    )
+    decode.add_argument("file", help="the serialized proto ('-': stdin)")
+
+    convert = _add_command(
+        commands, "convert", "convert AdamParameters between JSON, text proto and binary proto",
+        _convert, common,
+    )
+    convert.add_argument("input", help="the parameters file ('-': stdin)")
+    convert.add_argument("--to", choices=_params_formats.FORMATS, required=True)
+    convert.add_argument(
+        "--from", dest="source_format", choices=_params_formats.FORMATS,
+        help="the input's format (default: detected from its content)",
+    )
+    convert.add_argument("--out", metavar="FILE", help="write here (default: stdout)")
+
+    inspect = _add_command(
+        commands, "inspect", "summarize the embedding tables and Adam slots of a TF checkpoint",
+        _inspect, common,
+    )
+    inspect.add_argument("checkpoint", help="a checkpoint prefix, or its directory")
+    inspect.add_argument(
+        "--plot", metavar="FILE.png", help="write row-norm and Adam v histograms (matplotlib)"
+    )
+
+    _add_command(
+        commands, "info", "print the version, the kernel library and the kernels it registers",
+        _info, common,
+    )
+    return parser
+
+
+def main(argv: Sequence[str]) -> int:
+    """Runs one command; returns the exit status.
+
+    Args:
+      argv: the command line, program name first.
+
+    Returns:
+      0 on success, 1 on bad input, 2 on a usage error (both printed to stderr
+      as one line).
+    """
+    try:
+        args = _parser().parse_args(argv[1:])
+    except SystemExit as e:  # --help (0) or a usage error (2), already printed
+        return int(e.code or 0)
+    if "verbosity" in args:
+        absl_logging.set_verbosity(args.verbosity)
+    prog = f"{_PROG} {args.command}"
+    try:
+        out = args.handler(args)
+    except _UsageError as e:
+        _print_error(prog, str(e))
+        return _USAGE
+    except _InputError as e:
+        _print_error(prog, str(e))
+        return _BAD_INPUT
+    if out is not None:
+        print(out)
+    return _OK
+
+
 def run() -> None:
     """Console-script entry point."""
-    app.run(lambda argv: sys.exit(main(argv)))
+    # TF reads TF_CPP_MIN_LOG_LEVEL once, at its first log line; a user's own
+    # setting wins unless --verbosity is given.
+    verbosity = _verbosity(sys.argv[1:])
+    if verbosity is not None or "TF_CPP_MIN_LOG_LEVEL" not in os.environ:
+        os.environ["TF_CPP_MIN_LOG_LEVEL"] = _tf_log_level(verbosity)
+    # absl parses no flags of its own: argparse (in `main`) owns the command line.
+    app.run(main, flags_parser=_mark_absl_flags_parsed)
+
+
+def _mark_absl_flags_parsed(argv: list[str]) -> list[str]:
+    from absl import flags
+
+    flags.FLAGS.mark_as_parsed()
+    return argv
 
 
 if __name__ == "__main__":
