@@ -46,13 +46,18 @@ def _initial() -> dict[str, np.ndarray]:
 
 
 def columns(initial, combiner="mean"):
+    """The model's columns; tables start at `initial` (None: TF's initializers)."""
+
+    def init(table):
+        return None if initial is None else tf.constant_initializer(initial[table])
+
     fc = tf.compat.v1.feature_column
     tpu = tf.compat.v1.tpu.experimental
     user = tpu.embedding_column(
         fc.categorical_column_with_identity("user", 23),
         4,
         combiner=combiner,
-        initializer=tf.constant_initializer(initial["tbl_user"]),
+        initializer=init("tbl_user"),
     )
     item, hist = tpu.shared_embedding_columns(
         [
@@ -61,7 +66,7 @@ def columns(initial, combiner="mean"):
         ],
         3,
         combiner="sqrtn",
-        initializer=tf.constant_initializer(initial["tbl_hist_item_shared_embedding"]),
+        initializer=init("tbl_hist_item_shared_embedding"),
     )
     return [user, item, hist]
 

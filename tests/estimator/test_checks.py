@@ -1,0 +1,101 @@
+"""What the engine path cannot honour is refused at construction, by name."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from estimator_harness import input_fn_of, oracle_embedding, random_batch, random_targets, replay
+from tensorflow.python.tpu import tpu_embedding
+from test_feature_columns import columns, spec_of
+from test_train import BATCH, _FEATURES, _initial_tables, make_estimator, table_spec, zeros_slots
+from estimator_harness import regression_model_fn
+
+import tpu_embed_adam
+from tpu_embed_adam.estimator import TPUEstimator
+
+TF_TPU_ESTIMATOR = TPUEstimator.__mro__[1]
+
+
+def _model_fn(features, labels, mode, params):
+    raise AssertionError("never called")
+
+
+def _build(tmp_path, spec, **kwargs):
+    return make_estimator(_model_fn, spec, tmp_path, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "params, match",
+    [
+        (tpu_embedding.AdagradParameters(0.1), "Adam only; got AdagradParameters"),
+        (tpu_embedding.StochasticGradientDescentParameters(0.1), "Adam only"),
+        (tpu_embedding.AdamParameters(0.1, epsilon=1e-50), "epsilon"),
+    ],
+)
+def test_optimizer_must_be_adam(tmp_path, params, match):
+    with pytest.raises(ValueError, match=f"optimization_parameters: .*{match}"):
+        _build(tmp_path, spec_of(columns(None), params))
+
+
+def test_per_table_optimizer_named(tmp_path):
+    spec = table_spec(tpu_embed_adam.AdamParameters(0.1), _initial_tables())
+    tables = dict(spec.table_to_config_dict)
+    tables["t_sum"] = tables["t_sum"]._replace(
+        optimization_parameters=tpu_embedding.AdagradParameters(0.1))
+    with pytest.raises(ValueError, match=r"table_to_config_dict\['t_sum'\]"):
+        _build(tmp_path, spec._replace(table_to_config_dict=tables))
+
+
+def test_lookup_device_columns_refused(tmp_path):
+    cat = tf.compat.v1.feature_column.categorical_column_with_identity("q", 10)
+    column = tf.compat.v1.tpu.experimental.embedding_column(cat, 4, embedding_lookup_device="cpu")
+    with pytest.raises(ValueError, match="'q_embedding' uses embedding_lookup_device='cpu'"):
+        _build(tmp_path, spec_of([column]))
+
+
+@pytest.mark.parametrize("value", [None, 0, -4, 2.5, True])
+def test_train_batch_size_required(tmp_path, value):
+    with pytest.raises(ValueError, match=f"train_batch_size must be a positive int.*{value!r}"):
+        _build(tmp_path, spec_of(columns(None)), train_batch_size=value)
+
+
+def test_eval_batch_size_checked(tmp_path):
+    with pytest.raises(ValueError, match="eval_batch_size must be a positive int"):
+        _build(tmp_path, spec_of(columns(None)), eval_batch_size=-1)
+
+
+def test_tf_class_checks_after_install(tmp_path):
+    with tpu_embed_adam.installed():
+        with pytest.raises(ValueError, match="Adam only"):
+            _build(tmp_path, spec_of(columns(None), tpu_embedding.AdagradParameters(0.1)),
+                   estimator_class=TF_TPU_ESTIMATOR)
+    # Without install TF accepts it (and would ignore it on CPU).
+    _build(tmp_path, spec_of(columns(None), tpu_embedding.AdagradParameters(0.1)),
+           estimator_class=TF_TPU_ESTIMATOR)
+
+
+def test_batch_larger_than_train_batch_size_fails_naming_it(tmp_path):
+    spec = table_spec(tpu_embed_adam.AdamParameters(0.1), _initial_tables())
+    emb = oracle_embedding(spec, BATCH + 2)
+    rng = np.random.default_rng(0)
+    batches, targets = [random_batch(rng, emb)], [random_targets(rng, emb)]
+    estimator = make_estimator(regression_model_fn(list(_FEATURES)), spec, tmp_path)
+    with pytest.raises(tf.errors.InvalidArgumentError, match=f"train_batch_size is {BATCH}"):
+        estimator.train(input_fn_of(batches, targets, BATCH + 2), max_steps=1)
+
+
+def test_smaller_last_batch_is_padded(tmp_path):
+    """A batch below train_batch_size trains as that batch alone (empty padding samples)."""
+    initial = _initial_tables()
+    spec = table_spec(tpu_embed_adam.AdamParameters(0.1), initial)
+    small = oracle_embedding(spec, BATCH - 2)
+    rng = np.random.default_rng(1)
+    batches, targets = [random_batch(rng, small)], [random_targets(rng, small)]
+    fetched: list = []
+    estimator = make_estimator(regression_model_fn(list(_FEATURES), fetched), spec, tmp_path)
+    estimator.train(input_fn_of(batches, targets, BATCH - 2), max_steps=1)
+    want = replay(small, zeros_slots(initial), batches, targets, fetched)
+    reader = tf.train.load_checkpoint(str(tmp_path))
+    for table, state in want.state.items():
+        np.testing.assert_array_equal(reader.get_tensor(table), state.w)
