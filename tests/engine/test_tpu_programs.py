@@ -16,7 +16,8 @@ import pytest
 import tensorflow as tf
 import tpu_embedding_harness as harness
 from tensorflow.core.protobuf.tpu import tpu_embedding_configuration_pb2 as cfg_pb2
-from tensorflow.python.tpu import tpu, tpu_embedding as te, tpu_function, tpu_optimizer
+from tensorflow.python.tpu import tpu, tpu_function, tpu_optimizer
+from tensorflow.python.tpu import tpu_embedding as te
 from tensorflow.python.tpu.ops import tpu_ops
 from tensorflow.python.tpu.topology import Topology
 
@@ -73,7 +74,7 @@ def test_dummy_table_variables_train_as_tf_gradients_do():
             assert ("TPUEmbeddingActivations" in op_types(g)) == dummy
             start = harness.random_state(g.emb, seed=5)
 
-            def initialize(g: harness.EmbeddingGraph) -> None:
+            def initialize(g: harness.EmbeddingGraph, start=start) -> None:
                 g.run_init()  # the dummy variables too
                 g.write(start)
 

@@ -197,6 +197,11 @@ std::string JsonString(const std::string& s) {
   return out + "\"";
 }
 
+// The optimizer's part of TF's Load/Retrieve op names.
+const char* OpInfix(Optimizer optimizer) {
+  return optimizer == Optimizer::kAdam ? "ADAM" : "StochasticGradientDescent";
+}
+
 RowLocation Locate(const Table& t, int64_t id) {
   const int64_t shards = t.shards.size();
   if (t.mod_sharding) return {static_cast<int>(id % shards), id / shards};
@@ -212,12 +217,6 @@ RowLocation Locate(const Table& t, int64_t id) {
 int NumArrays(Optimizer optimizer) {
   return optimizer == Optimizer::kAdam ? 3 : 1;
 }
-
-namespace {
-const char* OpInfix(Optimizer optimizer) {
-  return optimizer == Optimizer::kAdam ? "ADAM" : "StochasticGradientDescent";
-}
-}  // namespace
 
 std::string LoadOpName(Optimizer optimizer) {
   return absl::StrCat("LoadTPUEmbedding", OpInfix(optimizer), "Parameters");

@@ -4,8 +4,9 @@
 //
 // One engine per process. It is configured from a serialized
 // TPUEmbeddingConfiguration by whichever op brings one first; later ops must
-// bring the same configuration (or none). ConfigureTPUEmbedding alone may
-// replace a different configuration, as a TPU's initialize_system does.
+// bring the same configuration (or none). Configure (ConfigureTPUEmbedding,
+// ConfigureDistributedTPU) alone may replace a different configuration, as a
+// TPU's initialize_system does.
 // TpuEmbedAdamEngineReset and ShutdownDistributedTPU clear everything.
 //
 // Each table is split into `num_hosts` shards (TF's Load/Retrieve ops move one
