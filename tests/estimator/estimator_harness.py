@@ -175,12 +175,18 @@ def replay(
     batches: Sequence[Batch],
     targets: Sequence[list[Mapping[str, np.ndarray]]],
     fetched: Sequence[Mapping[str, np.ndarray]],
+    dynamic_rates: Callable[[int], Mapping[str, float]] | None = None,
 ) -> NumpyModel:
-    """Replays the steps in numpy from the activations TF backpropagated from."""
+    """Replays the steps in numpy from the activations TF backpropagated from.
+
+    `dynamic_rates(step)` gives the rates of tables with a `learning_rate_fn`
+    at the 0-based global step before the update.
+    """
     model = NumpyModel(emb, initial)
     rates = {t: constant_learning_rate(emb, t) for t in emb.table_to_config_dict}
-    for batch, target, acts in zip(batches, targets, fetched, strict=True):
-        model.step(batch, target, rates, backprop_from=[dict(acts)])
+    for step, (batch, target, acts) in enumerate(zip(batches, targets, fetched, strict=True)):
+        step_rates = {**rates, **(dynamic_rates(step) if dynamic_rates else {})}
+        model.step(batch, target, step_rates, backprop_from=[dict(acts)])
     return model
 
 

@@ -27,16 +27,23 @@ def tpu_graph(run: Run):
     with graph.as_default():
         tables, features = tf_tpu_est_emb.get_configs_from_feature_columns(cols)
         emb = tpu_embedding.TPUEmbedding(
-            tables, features, BATCH * NUM_HOSTS, tpu_embedding.TRAINING, master=None,
+            tables,
+            features,
+            BATCH * NUM_HOSTS,
+            tpu_embedding.TRAINING,
+            master=None,
             optimization_parameters=spec.optimization_parameters,
-            device_config=tpu_embedding.DeviceConfig(NUM_HOSTS, NUM_HOSTS, "/job:worker"))
+            device_config=tpu_embedding.DeviceConfig(NUM_HOSTS, NUM_HOSTS, "/job:worker"),
+        )
         # The model_fn's column calls in TPU mode record the variable scopes.
-        inputs = {f: tf.zeros([BATCH, int(tables[c.table_id].dimension)])
-                  for f, c in features.items()}
+        inputs = {
+            f: tf.zeros([BATCH, int(tables[c.table_id].dimension)]) for f, c in features.items()
+        }
         with tpu_function.tpu_shard_context(NUM_HOSTS):
             column_layer(cols)(inputs)
         names, slot_names = tf_tpu_est_emb.get_full_variable_names(
-            graph, tables, spec.optimization_parameters)
+            graph, tables, spec.optimization_parameters
+        )
         variables = emb.create_variables_and_ops(names, slot_names)
         tf.compat.v1.get_variable("bias", [], initializer=tf.zeros_initializer())
         tf.compat.v1.train.get_or_create_global_step()
@@ -61,7 +68,9 @@ def test_cpu_checkpoint_restores_into_tpu_graph(tmp_path):
             np.testing.assert_array_equal(_full(sess.run(list(parts))), reader.get_tensor(name))
             slots = variables.slot_variables_by_table[table]
             for got, suffix in ((slots.m, "/Adam/m"), (slots.v, "/Adam/v")):
-                np.testing.assert_array_equal(_full(sess.run(list(got))), reader.get_tensor(name + suffix))
+                np.testing.assert_array_equal(
+                    _full(sess.run(list(got))), reader.get_tensor(name + suffix)
+                )
 
 
 def test_tpu_checkpoint_trains_on_cpu(tmp_path):
@@ -77,11 +86,13 @@ def test_tpu_checkpoint_trains_on_cpu(tmp_path):
             values = []
             for group in (variables.embedding_variables_by_table[table], slots.m, slots.v):
                 full = np.concatenate([sess.run(p) for p in group])
-                full = (rng.normal(size=full.shape) if not values else rng.uniform(0.0, 0.1, full.shape)).astype(np.float32)
+                full = (
+                    rng.normal(size=full.shape) if not values else rng.uniform(0.0, 0.1, full.shape)
+                ).astype(np.float32)
                 offset = 0
                 for part in group:
                     rows = part.shape[0]
-                    part.load(full[offset:offset + rows], sess)
+                    part.load(full[offset : offset + rows], sess)
                     offset += rows
                 values.append(full)
             start[table] = Slots(*values)
@@ -91,4 +102,6 @@ def test_tpu_checkpoint_trains_on_cpu(tmp_path):
     reader = tf.train.load_checkpoint(run.model_dir)
     for table, name in TABLE_NAMES.items():
         for slot, suffix in (("w", ""), ("m", "/Adam/m"), ("v", "/Adam/v")):
-            np.testing.assert_array_equal(reader.get_tensor(name + suffix), getattr(want.state[table], slot))
+            np.testing.assert_array_equal(
+                reader.get_tensor(name + suffix), getattr(want.state[table], slot)
+            )

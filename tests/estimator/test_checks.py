@@ -42,7 +42,8 @@ def test_per_table_optimizer_named(tmp_path):
     spec = table_spec(tpu_embed_adam.AdamParameters(0.1), _initial_tables())
     tables = dict(spec.table_to_config_dict)
     tables["t_sum"] = tables["t_sum"]._replace(
-        optimization_parameters=tpu_embedding.AdagradParameters(0.1))
+        optimization_parameters=tpu_embedding.AdagradParameters(0.1)
+    )
     with pytest.raises(ValueError, match=r"table_to_config_dict\['t_sum'\]"):
         _build(tmp_path, spec._replace(table_to_config_dict=tables))
 
@@ -68,21 +69,51 @@ def test_eval_batch_size_checked(tmp_path):
 def test_tf_class_checks_after_install(tmp_path):
     with tpu_embed_adam.installed():
         with pytest.raises(ValueError, match="Adam only"):
-            _build(tmp_path, spec_of(columns(None), tpu_embedding.AdagradParameters(0.1)),
-                   estimator_class=TF_TPU_ESTIMATOR)
+            _build(
+                tmp_path,
+                spec_of(columns(None), tpu_embedding.AdagradParameters(0.1)),
+                estimator_class=TF_TPU_ESTIMATOR,
+            )
     # Without install TF accepts it (and would ignore it on CPU).
-    _build(tmp_path, spec_of(columns(None), tpu_embedding.AdagradParameters(0.1)),
-           estimator_class=TF_TPU_ESTIMATOR)
+    _build(
+        tmp_path,
+        spec_of(columns(None), tpu_embedding.AdagradParameters(0.1)),
+        estimator_class=TF_TPU_ESTIMATOR,
+    )
 
 
 def test_batch_larger_than_train_batch_size_fails_naming_it(tmp_path):
+    """Statically larger: at graph construction; dynamically: when the step runs."""
     spec = table_spec(tpu_embed_adam.AdamParameters(0.1), _initial_tables())
     emb = oracle_embedding(spec, BATCH + 2)
     rng = np.random.default_rng(0)
     batches, targets = [random_batch(rng, emb)], [random_targets(rng, emb)]
     estimator = make_estimator(regression_model_fn(list(_FEATURES)), spec, tmp_path)
-    with pytest.raises(tf.errors.InvalidArgumentError, match=f"train_batch_size is {BATCH}"):
+    with pytest.raises(ValueError, match=f"train_batch_size is {BATCH}.*batches of {BATCH + 2}"):
         estimator.train(input_fn_of(batches, targets, BATCH + 2), max_steps=1)
+
+    def unknown_batch(params):
+        return input_fn_of(batches, targets, BATCH + 2)(params).map(
+            lambda f, t: (
+                {
+                    k: tf.sparse.SparseTensor(
+                        v.indices,
+                        v.values,
+                        tf.compat.v1.placeholder_with_default(v.dense_shape, [2]),
+                    )
+                    for k, v in f.items()
+                },
+                {
+                    k: tf.compat.v1.placeholder_with_default(v, [None, *v.shape[1:]])
+                    for k, v in t.items()
+                },
+            )
+        )
+
+    with pytest.raises(tf.errors.InvalidArgumentError, match=f"train_batch_size is {BATCH}"):
+        make_estimator(regression_model_fn(list(_FEATURES)), spec, tmp_path / "dynamic").train(
+            unknown_batch, max_steps=1
+        )
 
 
 def test_smaller_last_batch_is_padded(tmp_path):

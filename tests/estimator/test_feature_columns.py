@@ -190,10 +190,12 @@ def test_evaluate_predict_and_export_read_the_trained_tables(tmp_path):
     bias = reader.get_tensor("bias")
     np.testing.assert_allclose(metrics["mean_loss"], loss + 0.5 * (bias - 1) ** 2, rtol=1e-5)
     want = model.activations(batch[0])
+
     # PREDICT: TF's CPU lookups of the same variables.
     def features_only(params):
         dataset = input_fn_of([batch], [target], BATCH, WIDTH)(params)
         return dataset.map(lambda features, labels: features)
+
     predictions = list(run.estimator.predict(features_only))
     for f in run.features:
         np.testing.assert_allclose(

@@ -42,8 +42,14 @@ def _initial_tables(seed: int = 7) -> dict[str, np.ndarray]:
     return {t: rng.normal(size=(v, d)).astype(np.float32) for t, (v, d, _) in _TABLES.items()}
 
 
-def table_spec(params, initial, partition_strategy="div", table_rates=None, **spec_kwargs):
-    """An EmbeddingConfigSpec of `_TABLES` and `_FEATURES` (tables start at `initial`)."""
+def table_spec(
+    params, initial, partition_strategy="div", table_rates=None, rate_fns=None, **spec_kwargs
+):
+    """An EmbeddingConfigSpec of `_TABLES` and `_FEATURES` (tables start at `initial`).
+
+    `table_rates` and `rate_fns` give tables a constant learning rate or a
+    `learning_rate_fn` of their own.
+    """
     tables = {
         t: tpu_embedding.TableConfig(
             v,
@@ -51,6 +57,7 @@ def table_spec(params, initial, partition_strategy="div", table_rates=None, **sp
             initializer=tf.constant_initializer(initial[t]),
             combiner=c,
             learning_rate=(table_rates or {}).get(t),
+            learning_rate_fn=(rate_fns or {}).get(t),
         )
         for t, (v, d, c) in _TABLES.items()
     }
@@ -78,7 +85,14 @@ def make_estimator(model_fn, spec, model_dir, estimator_class=TPUEstimator, **kw
 
 
 def train_and_replay(
-    tmp_path, params, steps=STEPS, seed=0, estimator_class=TPUEstimator, **spec_kwargs
+    tmp_path,
+    params,
+    steps=STEPS,
+    seed=0,
+    estimator_class=TPUEstimator,
+    optimizer=None,
+    dynamic_rates=None,
+    **spec_kwargs,
 ):
     """Trains `steps` steps; returns (checkpoint reader, numpy model replayed, oracle emb)."""
     initial = _initial_tables()
@@ -89,11 +103,11 @@ def train_and_replay(
     targets = [random_targets(rng, emb) for _ in range(steps)]
     fetched: list = []
     estimator = make_estimator(
-        regression_model_fn(list(_FEATURES), fetched), spec, tmp_path, estimator_class
+        regression_model_fn(list(_FEATURES), fetched, optimizer), spec, tmp_path, estimator_class
     )
     estimator.train(input_fn_of(batches, targets, BATCH), max_steps=steps)
     assert len(fetched) == steps
-    model = replay(emb, zeros_slots(initial), batches, targets, fetched)
+    model = replay(emb, zeros_slots(initial), batches, targets, fetched, dynamic_rates)
     return tf.train.load_checkpoint(str(tmp_path)), model, emb
 
 
@@ -144,3 +158,36 @@ def test_per_table_learning_rates_and_mod_sharding(tmp_path):
     )
     assert emb.table_to_config_dict["t_sum"].learning_rate == 0.2
     assert_tables_equal(reader, model)
+
+
+def test_dynamic_learning_rates(tmp_path):
+    """learning_rate_fn(global step before the update), per table, beside constant ones."""
+    reader, model, _ = train_and_replay(
+        tmp_path,
+        tpu_embed_adam.AdamParameters(0.05),
+        rate_fns={
+            "t_mean": lambda step: 0.2 / (1.0 + tf.cast(step, tf.float32)),
+            "t_sqrtn": lambda step: 0.01 * tf.cast(step + 1, tf.float32),
+        },
+        dynamic_rates=lambda step: {
+            "t_mean": np.float32(0.2) / (np.float32(1.0) + np.float32(step)),
+            "t_sqrtn": np.float32(0.01) * np.float32(step + 1),
+        },
+    )
+    assert_tables_equal(reader, model)
+
+
+def test_cross_shard_optimizer_in_model_fn(tmp_path):
+    """TPU programs wrap their optimizer in CrossShardOptimizer: one replica here."""
+    reader, model, _ = train_and_replay(
+        tmp_path,
+        tpu_embed_adam.AdamParameters(0.05),
+        optimizer=lambda: tf.compat.v1.tpu.CrossShardOptimizer(
+            tf.compat.v1.train.GradientDescentOptimizer(BIAS_LEARNING_RATE)
+        ),
+    )
+    assert_tables_equal(reader, model)
+    bias = 0.0
+    for _ in range(STEPS):
+        bias -= BIAS_LEARNING_RATE * (bias - 1.0)
+    np.testing.assert_allclose(reader.get_tensor("bias"), bias, rtol=1e-6)

@@ -82,7 +82,7 @@ def check_spec(spec: Any, train_batch_size: Any, eval_batch_size: Any) -> None:
         if isinstance(column, _DEVICE_SPECIFIC_COLUMNS):
             raise ValueError(
                 f"embedding_config_spec.feature_columns: column {column.name!r} uses "
-                f"embedding_lookup_device={column._embedding_lookup_device!r}, which "
+                f"embedding_lookup_device={column._embedding_lookup_device.name.lower()!r}, which "
                 "bypasses the TPU embedding engine; only the default 'tpu_embedding_core' "
                 "lookup runs on the CPU engine."
             )

@@ -141,9 +141,9 @@ def engine_model_fn(
     emb = embedding_config.get_tpu_embedding(mode)
     embedding_config.tpu_embedding = emb
     features = dict(features)
-    batch = _batch_of(features, emb)
+    batch = _batch_of(features, emb, "train_batch_size" if training else "eval_batch_size")
     # The step's learning rates read the global step before this step's
-    # update increments it (the enqueue orders the read first).
+    # update increments it.
     global_step = tf.compat.v1.train.get_or_create_global_step()
     step = tf.identity(global_step)
     check = tf.debugging.assert_less_equal(
@@ -173,7 +173,10 @@ def engine_model_fn(
     # are zero).
     features.update({name: value[:batch] for name, value in activations.items()})
 
-    with tpu_function.tpu_shard_context(1):  # The columns read the activations.
+    # The columns read the activations in TPU mode. Every op of the model_fn
+    # waits for the step's read of the global step, so that its increment
+    # (by the model_fn's optimizer) never races with it.
+    with tpu_function.tpu_shard_context(1), tf.control_dependencies([step]):
         spec = call_user_model_fn(model_fn, features, labels, mode, config, params)
 
     names, slot_names = None, None
@@ -198,9 +201,19 @@ def engine_model_fn(
     return spec._replace(train_op=tf.group(spec.train_op, send))
 
 
-def _batch_of(features: dict[str, Any], emb: Any) -> Any:
-    """The batch size of this step's inputs, from the first embedding feature."""
+def _batch_of(features: dict[str, Any], emb: Any, argument: str) -> Any:
+    """The batch size of this step's inputs, from the first embedding feature.
+
+    Raises:
+      ValueError: the batch is statically larger than the engine's.
+    """
     feature = features[next(iter(emb.feature_to_config_dict))]
+    static = tf.compat.dimension_value(feature.shape[0])
+    if static is not None and static > emb.batch_size_per_core:
+        raise ValueError(
+            f"{argument} is {emb.batch_size_per_core}, the engine's batch; the input_fn "
+            f"gives batches of {static}."
+        )
     if isinstance(feature, tf.sparse.SparseTensor):
         return feature.dense_shape[0]
     return tf.shape(feature, out_type=tf.int64)[0]
