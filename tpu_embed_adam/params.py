@@ -194,8 +194,10 @@ class AdamParameters(_tf_tpu_embedding.AdamParameters):
     that is finite and > 0 (or a `DynamicLearningRate`); every float finite in
     float32, where the proto and the kernels hold it;
     booleans to be bools; `clip_*_min <= clip_*_max`; `weight_decay_factor >= 0`;
-    and no multiply flag without a weight decay factor. Errors are `TypeError`
-    or `ValueError` naming the argument and the value received.
+    no multiply flag without a weight decay factor; and an epsilon that does
+    not vanish in float32 (`epsilon^2` with `sum_inside_sqrt`, else `epsilon`,
+    at least the smallest normal float32). Errors are `TypeError` or
+    `ValueError` naming the argument and the value received.
 
     Example:
       >>> params = AdamParameters(0.01, clip_gradient_max=1.0)
@@ -229,7 +231,8 @@ class AdamParameters(_tf_tpu_embedding.AdamParameters):
           learning_rate: a float > 0, or a `DynamicLearningRate`.
           beta1: decay rate of the first moment, in [0, 1).
           beta2: decay rate of the second moment, in [0, 1).
-          epsilon: the stability constant, > 0.
+          epsilon: the stability constant, > 0; with `sum_inside_sqrt`,
+            `epsilon^2` must be a normal float32 (epsilon >= 1.1e-19).
           lazy_adam: update only the rows in the batch (True) or every row.
           sum_inside_sqrt: epsilon inside the square root (`sqrt(v + eps^2)`).
           use_gradient_accumulation: sum a row's gradients before one step.
