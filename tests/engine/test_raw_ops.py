@@ -892,13 +892,16 @@ def test_vanishing_epsilon_outside_the_square_root() -> None:
 
 def _with_system(**fields) -> bytes:
     """A valid one-table configuration with `fields` of the proto set (or, for
-    `input_shape`, its feature's shape)."""
+    `input_shape`, its feature's shape; `extra_tables`, copies of its table)."""
     cfg = cfg_pb2.TPUEmbeddingConfiguration.FromString(
         _config([("t", 4, fields.pop("dim", 2), _params())], [(0, [2])])
     )
     if "input_shape" in fields:
         cfg.feature_descriptor[0].ClearField("input_shape")
         cfg.feature_descriptor[0].input_shape.extend(fields.pop("input_shape"))
+    for i in range(fields.pop("extra_tables", 0)):
+        cfg.table_descriptor.add().CopyFrom(cfg.table_descriptor[0])
+        cfg.table_descriptor[-1].name = f"t{i}"
     if "num_features" in fields:
         cfg.ClearField("feature_descriptor")
         cfg.table_descriptor[0].num_features = fields.pop("num_features")
@@ -920,6 +923,8 @@ _BAD_SYSTEMS = [
     (dict(input_shape=[_BIG, 64]), r"input_shape \[2147483647, 64\] must be .* at most 16777216"),
     (dict(input_shape=[2**24], dim=2**7), "at most 16777216 slots and 1073741824 activation"),
     (dict(num_features=_BIG), f"the configuration has {_BIG} features; at most 65536"),
+    (dict(num_hosts=4096, num_tensor_cores=4096, extra_tables=299),
+     r"300 tables x num_hosts 4096 = 1228800 shards; at most 1048576"),
 ]
 
 
@@ -1002,7 +1007,9 @@ def test_load_refuses_values_no_step_recovers_from(
     # A load that waited for the configuration is refused when it arrives.
     engine.reset()
     raw.LoadTPUEmbeddingADAMParameters(shard_id=1, **kwargs)
-    with pytest.raises(tf.errors.InvalidArgumentError, match=f"before the configuration: .*{pattern}"):
+    with pytest.raises(
+        tf.errors.InvalidArgumentError, match=f"before the configuration: .*{pattern}"
+    ):
         raw.LoadTPUEmbeddingADAMParameters(shard_id=0, config=loaded, **kwargs)
     assert not engine.info()["configured"]
 
@@ -1035,7 +1042,9 @@ def test_bad_enqueue_values(loaded: bytes) -> None:
 def test_enqueue_limits() -> None:
     wide = _with_system(dim=2**30, input_shape=[1])
     raw.ConfigureTPUEmbedding(config=wide)
-    with pytest.raises(tf.errors.ResourceExhaustedError, match="reach 3221225472 gradient elements"):
+    with pytest.raises(
+        tf.errors.ResourceExhaustedError, match="reach 3221225472 gradient elements"
+    ):
         _enqueue("arbitrary", [(np.zeros((3, 2), np.int64), np.array([0, 1, 2], np.int64),
                                 np.zeros((0,), np.float32))], [], [0])
     engine.reset()

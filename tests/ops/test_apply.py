@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 import tensorflow as tf
-from tensorflow.python.ops import variables as variables_lib
 from _ops_helpers import assert_state_close, assert_state_equal, random_state
+from tensorflow.python.ops import variables as variables_lib
 
 from tpu_embed_adam.ops import _loader, apply, options
 from tpu_embed_adam.ops.apply import apply_adam
@@ -346,7 +346,8 @@ _BAD_INPUTS = {
                   r"`v` must be float32; received float64"),
     "grads_float64": (_with(grads=np.ones((2, DIM))), TypeError,
                       r"`grads` must be float32; received float64"),
-    "ids_float": (_with(ids=[1.0, 4.0]), TypeError, r"`ids` must be int32 or int64; received float"),
+    "ids_float": (_with(ids=[1.0, 4.0]), TypeError,
+                  r"`ids` must be int32 or int64; received float"),
     "all_aliased": (_with(m=lambda s, a: a["var"], v=lambda s, a: a["var"]), ValueError,
                     r"three distinct variables; `m` is `var`"),
     "m_is_v": (_with(v=lambda s, a: a["m"]), ValueError, r"three distinct variables; `v` is `m`"),

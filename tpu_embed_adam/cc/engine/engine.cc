@@ -36,6 +36,7 @@ constexpr size_t kMaxDeferredLoads = 4096;
 constexpr int64_t kMaxHosts = 4096;
 constexpr int64_t kMaxCoresPerHost = 256;
 constexpr int64_t kMaxFeatures = 65536;
+constexpr int64_t kMaxShards = int64_t{1} << 20;  // tables x hosts
 constexpr int64_t kMaxFeatureSlots = int64_t{1} << 24;         // batch x sequence
 constexpr int64_t kMaxActivationElements = int64_t{1} << 30;  // slots x dimension
 constexpr int64_t kMaxBatchGradientElements = int64_t{1} << 31;  // ids x dimension
@@ -228,6 +229,13 @@ Status CheckSystem(const tpu::TPUEmbeddingConfiguration& proto) {
   }
   if (!tpu::TPUEmbeddingConfiguration::Mode_IsValid(proto.mode())) {
     return InvalidArgument("mode ", proto.mode(), " is not a known mode");
+  }
+  // Every table holds one (empty until loaded) shard per host.
+  const int64_t shards = proto.table_descriptor_size() * hosts;
+  if (shards > kMaxShards) {
+    return InvalidArgument(proto.table_descriptor_size(), " tables x num_hosts ",
+                           hosts, " = ", shards, " shards; at most ",
+                           kMaxShards, " are supported");
   }
   int64_t features = proto.feature_descriptor_size();
   if (features == 0) {
