@@ -99,6 +99,16 @@ def test_rejects_everything_tf_rejects(learning_rate, overrides):
         (dict(learning_rate=1e-50), ValueError, r"`learning_rate`.*float32.*1e-50"),
         (dict(learning_rate=0.1, beta2=0.99999999), ValueError, r"`beta2`.*float32"),
         (dict(learning_rate=0.1, epsilon=1e-50), ValueError, r"`epsilon`.*float32"),
+        # Representable, but epsilon^2 underflows (or is subnormal) in float32.
+        (dict(learning_rate=0.1, epsilon=1e-23), ValueError,
+         r"`epsilon` vanishes in float32.*epsilon\^2.*1e-23"),
+        (dict(learning_rate=0.1, epsilon=1e-20), ValueError, r"`epsilon` vanishes"),
+        (dict(learning_rate=0.1, epsilon=1e-39, sum_inside_sqrt=False), ValueError,
+         r"`epsilon` vanishes in float32: with sum_inside_sqrt=False, epsilon must"),
+        # Beyond any float: a ValueError naming the argument, not OverflowError.
+        (dict(learning_rate=10**400), ValueError, r"`learning_rate` must be finite"),
+        (dict(learning_rate=0.1, clip_weight_max=-(10**400)), ValueError,
+         r"`clip_weight_max` must be finite"),
         (dict(learning_rate=0.1, clip_gradient_max=1e39), ValueError,
          r"`clip_gradient_max`.*float32"),
         (dict(learning_rate=0.1, weight_decay_factor=0.0,
@@ -114,18 +124,22 @@ def test_errors_name_argument_and_value(kwargs, error, pattern):
         AdamParameters(**kwargs)
 
 
-def test_stricter_cases_are_accepted_by_tf():
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(learning_rate=-1.0), "learning_rate"),
+        (dict(learning_rate=float("nan")), "learning_rate"),
+        (dict(learning_rate=0.1, clip_weight_min=1.0, clip_weight_max=-1.0), "clip_weight_min"),
+        (dict(learning_rate=0.1, weight_decay_factor=-0.5), "weight_decay_factor"),
+        (dict(learning_rate=0.1, sum_inside_sqrt="x"), "sum_inside_sqrt"),
+        (dict(learning_rate=0.1, epsilon=1e-23), "epsilon"),
+    ],
+)
+def test_stricter_cases_are_accepted_by_tf(kwargs, name):
     # The point of the stricter checks: TF takes these silently.
-    for kwargs in (
-        dict(learning_rate=-1.0),
-        dict(learning_rate=float("nan")),
-        dict(learning_rate=0.1, clip_weight_min=1.0, clip_weight_max=-1.0),
-        dict(learning_rate=0.1, weight_decay_factor=-0.5),
-        dict(learning_rate=0.1, sum_inside_sqrt="x"),
-    ):
-        TFAdam(**kwargs)
-        with pytest.raises((TypeError, ValueError)):
-            AdamParameters(**kwargs)
+    TFAdam(**kwargs)
+    with pytest.raises((TypeError, ValueError), match=f"Argument `{name}`"):
+        AdamParameters(**kwargs)
 
 
 def test_zero_weight_decay_is_no_decay_and_round_trips():
@@ -173,7 +187,7 @@ def test_value_semantics_round_trips(params):
     assert json.loads(params.to_json()) == params.to_dict()
     assert params != params.replace(beta2=0.5)
     copied = copy.deepcopy(params)
-    with pytest.raises(AttributeError):
+    with pytest.raises(AttributeError, match="immutable"):
         copied.beta1 = 0.0
 
 
@@ -209,7 +223,13 @@ def test_from_dict_errors(config, error, pattern):
 @pytest.mark.parametrize(
     "text, error, pattern",
     [("{not json", ValueError, "not valid JSON"), ("[1, 2]", TypeError, "must be a dict"),
-     ('{"learning_rate": 0.1, "lazy_adam": "yes"}', TypeError, "`lazy_adam`")],
+     ('{"learning_rate": 0.1, "lazy_adam": "yes"}', TypeError, "`lazy_adam`"),
+     # Numbers and nesting that json or float() cannot hold.
+     ('{"learning_rate": 1' + "0" * 400 + "}", ValueError, "`learning_rate` must be finite"),
+     ('{"learning_rate": ' + "1" * 5000 + "}", ValueError, "`text` is not valid JSON"),
+     ("[" * 100_000 + "]" * 100_000, ValueError, "`text` is not valid JSON: RecursionError"),
+     ('{"learning_rate": 0.1, "beta1": ' + "[" * 20_000 + "]" * 20_000 + "}", ValueError,
+      "`text` is not valid JSON: RecursionError")],
 )
 def test_from_json_errors(text, error, pattern):
     with pytest.raises(error, match=pattern):

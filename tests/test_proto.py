@@ -148,6 +148,45 @@ def test_from_proto_rejects_other_optimizers_and_types():
         AdamParameters.from_tf_proto("not a message")
 
 
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        low, value = value & 0x7F, value >> 7
+        out.append(low | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+_TF_OPTIMIZERS = [
+    f for f in tf_pb2.OptimizationParameters.DESCRIPTOR.oneofs_by_name["parameters"].fields
+    if f.name != "adam"
+]
+
+
+@pytest.mark.parametrize("field", _TF_OPTIMIZERS, ids=lambda f: f.name)
+def test_bytes_tf_reads_as_another_optimizer_are_refused(field):
+    # An Adam message, then an empty `field` submessage: ours keeps `field` as
+    # an unknown field and would read Adam; TF reads the last oneof member.
+    adam = AdamParameters(0.1).to_proto().SerializeToString()
+    other = _varint(field.number << 3 | 2) + b"\x00"
+    data = adam + other
+    assert tf_pb2.OptimizationParameters.FromString(data).WhichOneof("parameters") == field.name
+    ours = optimization_parameters_pb2.OptimizationParameters.FromString(data)
+    assert ours.WhichOneof("parameters") == "adam"
+    for message in (data, ours):
+        with pytest.raises(ValueError, match=f"configures the '{field.name}' optimizer"):
+            AdamParameters.from_proto(message)
+    with pytest.raises(ValueError, match=f"configures the '{field.name}' optimizer"):
+        AdamParameters.from_tf_proto(data)
+    # In the other order TF reads Adam too, and so do we. Parsed into our
+    # message, the unknown field moves last: TF would read that as `field`.
+    assert tf_pb2.OptimizationParameters.FromString(other + adam).WhichOneof("parameters") == "adam"
+    assert AdamParameters.from_proto(other + adam) == AdamParameters(0.1)
+    reordered = optimization_parameters_pb2.OptimizationParameters.FromString(other + adam)
+    with pytest.raises(ValueError, match=f"configures the '{field.name}' optimizer"):
+        AdamParameters.from_proto(reordered)
+
+
 @pytest.mark.parametrize("corrupt", [b"\xff\xff\xff", b"\x0a\x05\x01", b"\x6a\x80"])
 def test_from_proto_rejects_corrupt_bytes(corrupt):
     with pytest.raises(ValueError, match="do not parse"):

@@ -137,11 +137,18 @@ def test_bias_corrected_learning_rate(step, expected):
 @pytest.mark.parametrize(
     ("args", "match"),
     [((0.9, 0.999, 0), "step"), ((0.9, 0.999, 1.5), "step"), ((0.9, 0.999, True), "step"),
-     ((1.0, 0.999, 1), "beta1"), ((0.9, -0.1, 1), "beta2")],
+     ((1.0, 0.999, 1), "beta1"), ((0.9, -0.1, 1), "beta2"),
+     # Beyond every float: ValueError, not OverflowError.
+     ((0.9, 0.999, 10**400), "`step`"), ((0.9, 0.999, float("inf")), "`step`")],
 )
 def test_bias_corrected_learning_rate_errors(args, match):
     with pytest.raises(ValueError, match=match):
         bias_corrected_learning_rate(LR, *args)
+
+
+def test_bias_corrected_learning_rate_unbounded_rate():
+    with pytest.raises(ValueError, match="`learning_rate` must be finite"):
+        bias_corrected_learning_rate(10**400, 0.9, 0.999, 1)
 
 
 # Peer checks: with the bias-corrected dynamic rate and epsilon outside the root

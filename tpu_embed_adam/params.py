@@ -77,7 +77,10 @@ def _real(name: str, value: Any) -> float:
             f"Argument `{name}` must be a real number; received: {value!r} "
             f"({type(value).__name__})."
         )
-    result = float(value)
+    try:
+        result = float(value)
+    except OverflowError:  # an int or Fraction beyond any float (10**400)
+        result = math.inf
     with np.errstate(over="ignore"):
         finite = math.isfinite(result) and math.isfinite(np.float32(result))
     if not finite:
@@ -120,13 +123,25 @@ def _validated(kwargs: dict[str, Any]) -> dict[str, Any]:
                 f"Argument `{name}` must be >= 0 and < 1 (also in float32); "
                 f"received: {kwargs[name]!r}."
             )
+    for name in _BOOL_FIELDS:
+        out[name] = _flag(name, kwargs[name])
     out["epsilon"] = _real("epsilon", kwargs["epsilon"])
     if out["epsilon"] <= 0 or np.float32(out["epsilon"]) <= 0:
         raise ValueError(
             f"Argument `epsilon` must be > 0 (also in float32); received: {kwargs['epsilon']!r}."
         )
-    for name in _BOOL_FIELDS:
-        out[name] = _flag(name, kwargs[name])
+    # The update divides by sqrt(v + epsilon^2) (or sqrt(v) + epsilon), formed
+    # in float32: a term that underflows, or is subnormal and flushed to zero
+    # by TF's threads, turns rows with v = m = 0 into NaN.
+    eps32 = np.float32(out["epsilon"])
+    term = eps32 * eps32 if out["sum_inside_sqrt"] else eps32
+    if term < np.finfo(np.float32).tiny:
+        square = "epsilon^2" if out["sum_inside_sqrt"] else "epsilon"
+        raise ValueError(
+            f"Argument `epsilon` vanishes in float32: with sum_inside_sqrt="
+            f"{out['sum_inside_sqrt']}, {square} must be at least "
+            f"{np.finfo(np.float32).tiny:.4g}; received: {kwargs['epsilon']!r}."
+        )
     for name in ("clip_weight_min", "clip_weight_max", "clip_gradient_min", "clip_gradient_max"):
         out[name] = None if kwargs[name] is None else _real(name, kwargs[name])
     for kind in ("weight", "gradient"):
@@ -179,8 +194,10 @@ class AdamParameters(_tf_tpu_embedding.AdamParameters):
     that is finite and > 0 (or a `DynamicLearningRate`); every float finite in
     float32, where the proto and the kernels hold it;
     booleans to be bools; `clip_*_min <= clip_*_max`; `weight_decay_factor >= 0`;
-    and no multiply flag without a weight decay factor. Errors are `TypeError`
-    or `ValueError` naming the argument and the value received.
+    no multiply flag without a weight decay factor; and an epsilon that does
+    not vanish in float32 (`epsilon^2` with `sum_inside_sqrt`, else `epsilon`,
+    at least the smallest normal float32). Errors are `TypeError` or
+    `ValueError` naming the argument and the value received.
 
     Example:
       >>> params = AdamParameters(0.01, clip_gradient_max=1.0)
@@ -214,7 +231,8 @@ class AdamParameters(_tf_tpu_embedding.AdamParameters):
           learning_rate: a float > 0, or a `DynamicLearningRate`.
           beta1: decay rate of the first moment, in [0, 1).
           beta2: decay rate of the second moment, in [0, 1).
-          epsilon: the stability constant, > 0.
+          epsilon: the stability constant, > 0; with `sum_inside_sqrt`,
+            `epsilon^2` must be a normal float32 (epsilon >= 1.1e-19).
           lazy_adam: update only the rows in the batch (True) or every row.
           sum_inside_sqrt: epsilon inside the square root (`sqrt(v + eps^2)`).
           use_gradient_accumulation: sum a row's gradients before one step.
@@ -349,8 +367,10 @@ class AdamParameters(_tf_tpu_embedding.AdamParameters):
         """
         try:
             config = json.loads(text)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"Argument `text` is not valid JSON: {e}") from e
+        except (ValueError, RecursionError) as e:
+            # ValueError covers decode errors, bad UTF-8 and integers past
+            # Python's digit limit; RecursionError, nesting deeper than the stack.
+            raise ValueError(f"Argument `text` is not valid JSON: {type(e).__name__}: {e}") from e
         return cls.from_dict(config)
 
     def to_proto(self) -> Any:

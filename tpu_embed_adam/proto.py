@@ -131,6 +131,16 @@ def from_proto(cls: type[AdamParameters], message: Any, message_class: type) -> 
 
     msg = _parsed(message, message_class)
     optimizer = msg.WhichOneof("parameters")
+    if message_class is not tf_message_class():
+        # Our `parameters` oneof has only Adam: another optimizer's field is an
+        # unknown field here, while TF reads the last member on the wire. Ask
+        # TF, so that no bytes read as Adam here and as another optimizer
+        # there. A message is judged by its own bytes, which put unknown
+        # fields last.
+        wire = message if isinstance(message, bytes | bytearray | memoryview) else None
+        optimizer = _parsed(
+            wire if wire is not None else msg.SerializeToString(), tf_message_class()
+        ).WhichOneof("parameters")
     if optimizer != "adam":
         unknown = " (or one this message type does not know)" if optimizer is None else ""
         raise ValueError(

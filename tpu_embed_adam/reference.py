@@ -7,6 +7,7 @@ reasons for the [inferred] choices, are in `docs/semantics.md`.
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -37,12 +38,24 @@ def bias_corrected_learning_rate(
     Raises:
       ValueError: if `step` < 1 or a beta is outside [0, 1).
     """
-    if isinstance(step, bool) or int(step) != step or step < 1:
-        raise ValueError(f"`step` must be an integer >= 1; got {step!r}.")
+    try:
+        # float(step) bounds it: `beta**step` needs a float exponent, and an
+        # int beyond every float (10**400) or inf would raise OverflowError.
+        valid = not isinstance(step, bool) and int(step) == step and float(step) >= 1
+    except OverflowError:
+        valid = False
+    if not valid:
+        raise ValueError(f"`step` must be an integer >= 1 that fits a float; got {step!r}.")
     for name, beta in (("beta1", beta1), ("beta2", beta2)):
         if not 0.0 <= beta < 1.0:
             raise ValueError(f"`{name}` must be in [0, 1); got {beta!r}.")
-    return float(learning_rate * np.sqrt(1.0 - beta2**step) / (1.0 - beta1**step))
+    try:
+        rate = float(learning_rate)
+    except OverflowError:
+        rate = math.inf
+    if not math.isfinite(rate):
+        raise ValueError(f"`learning_rate` must be finite; got {learning_rate!r}.")
+    return float(rate * np.sqrt(1.0 - beta2 ** float(step)) / (1.0 - beta1 ** float(step)))
 
 
 class _Constants(NamedTuple):

@@ -7,6 +7,11 @@ input against an unchanged engine.
 
 from __future__ import annotations
 
+import base64
+import json
+import re
+import subprocess
+import sys
 import threading
 import time
 import types
@@ -130,7 +135,7 @@ def _random_state(rng: np.random.Generator, vocab: int, dim: int) -> list[np.nda
 
 @pytest.fixture(autouse=True)
 def _clean_engine(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setenv("TPU_EMBED_ADAM_RECV_TIMEOUT_MS", "0")
+    monkeypatch.setenv("TPU_EMBED_ADAM_RECV_TIMEOUT_MS", "1")
     engine.reset()
     yield
     engine.reset()
@@ -578,7 +583,7 @@ def test_recv_fails_when_the_engine_is_reset_while_it_waits(
     assert len(result) == 1 and isinstance(result[0], tf.errors.OpError), result
     assert isinstance(result[0], tf.errors.AbortedError | tf.errors.FailedPreconditionError)
     # The batch stays queued for a Recv of the new configuration.
-    monkeypatch.setenv("TPU_EMBED_ADAM_RECV_TIMEOUT_MS", "0")
+    monkeypatch.setenv("TPU_EMBED_ADAM_RECV_TIMEOUT_MS", "1")
     (act,) = raw.RecvTPUEmbeddingActivations(num_outputs=1, config=big)
     assert act.shape == (64, 256)
 
@@ -845,7 +850,11 @@ def _set(path: str, value: float):
     [
         (_set_lr_none, "learning_rate sets neither constant nor dynamic"),
         (_set("learning_rate.dynamic.tag", -1), "dynamic learning rate tag -1 is negative"),
-        (_set("learning_rate.constant", float("inf")), "learning_rate constant inf is not finite"),
+        (_set("learning_rate.constant", float("inf")),
+         "learning_rate constant inf must be positive and finite"),
+        (_set("learning_rate.constant", 0.0), "learning_rate constant 0 must be positive"),
+        (_set("learning_rate.constant", -0.5), "learning_rate constant -0.5 must be positive"),
+        (_set("adam.epsilon", 1e-23), r"Adam epsilon 1e-23 vanishes in float32 \(epsilon\^2"),
         (_set("adam.beta1", 1.0), r"Adam beta1 1 is outside \[0, 1\)"),
         (_set("adam.beta2", -0.1), r"Adam beta2 -0.1 is outside \[0, 1\)"),
         (_set("adam.beta1", float("nan")), r"Adam beta1 nan is outside \[0, 1\)"),
@@ -867,6 +876,200 @@ def test_invalid_table_parameters(mutate, pattern: str | None) -> None:
     with pytest.raises(tf.errors.InvalidArgumentError, match=f"table 't': {pattern}"):
         raw.ConfigureTPUEmbedding(config=cfg.SerializeToString())
     assert not engine.info()["configured"]
+
+
+def test_vanishing_epsilon_outside_the_square_root() -> None:
+    serialized = _config([("t", 4, 2, _params(sum_inside_sqrt=False, epsilon=1e-39))], [(0, [1])])
+    # A subnormal epsilon: TF's threads treat it as 0 (denormals-are-zero), so
+    # the message may come from the positivity check instead.
+    with pytest.raises(
+        tf.errors.InvalidArgumentError,
+        match=r"table 't': Adam epsilon \S+ (vanishes in float32|must be positive and finite)",
+    ):
+        raw.ConfigureTPUEmbedding(config=serialized)
+    assert not engine.info()["configured"]
+
+
+def _with_system(**fields) -> bytes:
+    """A valid one-table configuration with `fields` of the proto set (or, for
+    `input_shape`, its feature's shape; `extra_tables`, copies of its table)."""
+    cfg = cfg_pb2.TPUEmbeddingConfiguration.FromString(
+        _config([("t", 4, fields.pop("dim", 2), _params())], [(0, [2])])
+    )
+    if "input_shape" in fields:
+        cfg.feature_descriptor[0].ClearField("input_shape")
+        cfg.feature_descriptor[0].input_shape.extend(fields.pop("input_shape"))
+    for i in range(fields.pop("extra_tables", 0)):
+        cfg.table_descriptor.add().CopyFrom(cfg.table_descriptor[0])
+        cfg.table_descriptor[-1].name = f"t{i}"
+    if "num_features" in fields:
+        cfg.ClearField("feature_descriptor")
+        cfg.table_descriptor[0].num_features = fields.pop("num_features")
+        cfg.batch_size_per_tensor_core = 2
+    for name, value in fields.items():
+        setattr(cfg, name, value)
+    return cfg.SerializeToString()
+
+
+_BIG = 2**31 - 1
+_BAD_SYSTEMS = [
+    (dict(num_hosts=-3), r"num_hosts -3 is outside \[1, 4096\]"),
+    (dict(num_hosts=_BIG, num_tensor_cores=_BIG), rf"num_hosts {_BIG} is outside"),
+    (dict(num_tensor_cores=0), r"num_tensor_cores 0 must be num_hosts \(1\) times"),
+    (dict(num_hosts=2, num_tensor_cores=3), "num_tensor_cores 3 must be num_hosts"),
+    (dict(num_tensor_cores=_BIG), f"num_tensor_cores {_BIG} must be"),
+    (dict(sharding_strategy=7), "sharding_strategy 7 is neither DIV_DEFAULT"),
+    (dict(mode=9), "mode 9 is not a known mode"),
+    (dict(input_shape=[_BIG, 64]), r"input_shape \[2147483647, 64\] must be .* at most 16777216"),
+    (dict(input_shape=[2**24], dim=2**7), "at most 16777216 slots and 1073741824 activation"),
+    (dict(num_features=_BIG), f"the configuration has {_BIG} features; at most 65536"),
+    (dict(num_hosts=4096, num_tensor_cores=4096, extra_tables=299),
+     r"300 tables x num_hosts 4096 = 1228800 shards; at most 1048576"),
+]
+
+
+def _in_fresh_process(calls: list[tuple[str, dict]]) -> list[str]:
+    """Runs raw ops in a child process; returns "ErrorClass: message" (or "ok") per call.
+
+    For inputs that once killed the process: a regression fails the test,
+    not the whole suite.
+    """
+    script = """
+import base64, json, sys
+import tensorflow as tf
+import tpu_embed_adam  # registers the kernels
+for name, kwargs in json.load(sys.stdin):
+    kwargs = {k: base64.b64decode(v) if k == "config" else v for k, v in kwargs.items()}
+    try:
+        getattr(tf.raw_ops, name)(**kwargs)
+        print("ok")
+    except tf.errors.OpError as e:
+        print(f"{type(e).__name__}: {e.message}".replace(chr(10), " "))
+"""
+    encoded = [
+        (name, {k: base64.b64encode(v).decode() if k == "config" else v for k, v in kw.items()})
+        for name, kw in calls
+    ]
+    done = subprocess.run(
+        [sys.executable, "-c", script], input=json.dumps(encoded), capture_output=True,
+        text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout.splitlines()[-len(calls):]
+
+
+def test_configuration_limits_are_errors_not_crashes() -> None:
+    z = [[0.0, 0.0]] * 4
+    calls = []
+    for fields, _ in _BAD_SYSTEMS:
+        config = _with_system(**fields)
+        calls.append(("ConfigureTPUEmbedding", {"config": config}))
+        calls.append(("LoadTPUEmbeddingADAMParameters", dict(
+            parameters=z, momenta=z, velocities=z, num_shards=1, shard_id=0, table_name="t",
+            config=config)))
+    calls.append(("ConfigureTPUEmbedding", {"config": _with_system()}))
+    lines = _in_fresh_process(calls)
+    for i, (_, pattern) in enumerate(_BAD_SYSTEMS):
+        for line in lines[2 * i : 2 * i + 2]:
+            assert line.startswith("InvalidArgumentError: "), line
+            assert re.search(pattern, line), (pattern, line)
+    assert lines[-1] == "ok"
+
+
+@pytest.mark.parametrize("fields,pattern", _BAD_SYSTEMS[:7], ids=lambda x: str(x)[:30])
+def test_bad_system_fields_leave_the_engine_as_it_was(loaded: bytes, fields, pattern) -> None:
+    before = _snapshot()
+    with pytest.raises(tf.errors.InvalidArgumentError, match=pattern):
+        raw.ConfigureTPUEmbedding(config=_with_system(**fields))
+    _assert_unchanged(before)
+
+
+@pytest.mark.parametrize(
+    "tensor,value,pattern",
+    [
+        (0, np.nan, r"parameters\[3, 1\] = nan must be finite"),
+        (1, np.inf, r"momenta\[3, 1\] = inf must be finite"),
+        (2, -0.5, r"velocities\[3, 1\] = -0.5 must be finite and >= 0"),
+        (2, np.nan, r"velocities\[3, 1\] = nan must be finite and >= 0"),
+    ],
+)
+def test_load_refuses_values_no_step_recovers_from(
+    loaded: bytes, tensor: int, value: float, pattern: str
+) -> None:
+    before = _snapshot()
+    data = [np.ones((5, 4), np.float32) for _ in range(3)]
+    data[tensor][3, 1] = value
+    kwargs = dict(parameters=data[0], momenta=data[1], velocities=data[2], num_shards=2,
+                  table_name="a")
+    with pytest.raises(tf.errors.InvalidArgumentError, match=rf"table 'a' shard 1: {pattern}"):
+        raw.LoadTPUEmbeddingADAMParameters(shard_id=1, **kwargs)
+    _assert_unchanged(before)
+    # A load that waited for the configuration is refused when it arrives.
+    engine.reset()
+    raw.LoadTPUEmbeddingADAMParameters(shard_id=1, **kwargs)
+    with pytest.raises(
+        tf.errors.InvalidArgumentError, match=f"before the configuration: .*{pattern}"
+    ):
+        raw.LoadTPUEmbeddingADAMParameters(shard_id=0, config=loaded, **kwargs)
+    assert not engine.info()["configured"]
+
+
+def test_bad_enqueue_values(loaded: bytes) -> None:
+    before = _snapshot()
+    with pytest.raises(
+        tf.errors.InvalidArgumentError, match="device_ordinal -5 must be a core"
+    ):
+        _enqueue("arbitrary", _ids([0, 1], [1, 2]), [], [0, 1], ordinal=-5)
+    three = (np.array([[0, 0, 0], [1, 0, 0]], np.int64), np.array([1, 2], np.int64),
+             np.zeros((0,), np.float32))
+    with pytest.raises(
+        tf.errors.InvalidArgumentError,
+        match=r"feature 0 \(table 'a'\): sample indices have 3 columns; input_shape \[2\] takes",
+    ):
+        _enqueue("arbitrary", [three, _ids([1, 2])[0]], [], [0, 1])
+    for bad in (np.nan, np.inf):
+        weighted = (np.array([0, 1, 2], np.int64), np.array([1, 2], np.int64),
+                    np.array([1.0, bad], np.float32))
+        with pytest.raises(
+            tf.errors.InvalidArgumentError,
+            match=rf"feature 0 \(table 'a'\): aggregation_weights\[1\] = {bad} is not finite",
+        ):
+            _enqueue("ragged", [weighted, _ids([1, 2])[0]], ["mean", "sum"], [0, 1])
+    _assert_unchanged(before)
+    assert engine.info()["queued_batches"] == 0
+
+
+def test_enqueue_limits() -> None:
+    wide = _with_system(dim=2**30, input_shape=[1])
+    raw.ConfigureTPUEmbedding(config=wide)
+    with pytest.raises(
+        tf.errors.ResourceExhaustedError, match="reach 3221225472 gradient elements"
+    ):
+        _enqueue("arbitrary", [(np.zeros((3, 2), np.int64), np.array([0, 1, 2], np.int64),
+                                np.zeros((0,), np.float32))], [], [0])
+    engine.reset()
+    raw.ConfigureTPUEmbedding(config=_config([("a", 10, 4, _params())], [(0, [2])]))
+    for _ in range(1024):
+        _enqueue("arbitrary", _ids([0, 1]), [], [0])
+    with pytest.raises(tf.errors.ResourceExhaustedError, match="already has 1024 batches"):
+        _enqueue("arbitrary", _ids([0, 1]), [], [0])
+    assert engine.info()["queued_batches"] == 1024
+
+
+@pytest.mark.parametrize("value", ["abc", "1e9", "9.3e12", "0", "-5", "", " 5", "99999999999"])
+def test_recv_timeout_is_parsed_strictly(
+    loaded: bytes, monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    monkeypatch.setenv("TPU_EMBED_ADAM_RECV_TIMEOUT_MS", value)
+    with pytest.raises(
+        tf.errors.InvalidArgumentError,
+        match=rf"TPU_EMBED_ADAM_RECV_TIMEOUT_MS='{value}' must be a whole number of "
+        r"milliseconds in \[1, 86400000\]",
+    ):
+        raw.RecvTPUEmbeddingActivations(num_outputs=2, config=loaded)
+    monkeypatch.setenv("TPU_EMBED_ADAM_RECV_TIMEOUT_MS", "5")
+    with pytest.raises(tf.errors.FailedPreconditionError, match="nothing was enqueued"):
+        raw.RecvTPUEmbeddingActivations(num_outputs=2, config=loaded)
 
 
 def test_deferred_loads_are_capped() -> None:

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from _ops_helpers import assert_state_close, assert_state_equal, random_state
+from tensorflow.python.ops import variables as variables_lib
 
 from tpu_embed_adam.ops import _loader, apply, options
 from tpu_embed_adam.ops.apply import apply_adam
@@ -121,7 +122,7 @@ def test_check_numerics(implementation):
     state = _state(4)
     variables = _variables(state)
     grads = np.array([[0.0, np.nan, 1.0]], np.float32)
-    with pytest.raises(tf.errors.InvalidArgumentError):
+    with pytest.raises(tf.errors.InvalidArgumentError, match="(?i)nan|not finite"):
         apply_adam(*variables, [2], grads, _PARAMS, implementation=implementation,
                    check_numerics=True)
     assert_state_equal(variables, state)
@@ -302,3 +303,77 @@ def test_ids_with_indexed_slices_must_be_none(spies):
         apply_adam(*variables, [1], grads, _PARAMS)
     with pytest.raises(ValueError, match=r"`ids` is required"):
         apply_adam(*variables, None, np.ones((1, DIM), np.float32), _PARAMS)
+
+
+# Bad input: checked once, before dispatch, so every implementation raises the
+# same error (type and message) and nothing is written.
+
+
+def _partitioned(state):
+    parts = []
+    for i, rows in enumerate(np.split(state[0], 2)):
+        part = tf.Variable(rows)
+        part._set_save_slice_info(
+            variables_lib.Variable.SaveSliceInfo("p", [ROWS, DIM], [i * ROWS // 2, 0], rows.shape)
+        )
+        parts.append(part)
+    return variables_lib.PartitionedVariable("p", [ROWS, DIM], tf.float32, parts, [2, 1])
+
+
+def _with(**changes):
+    """A call's arguments (var, m, v, ids, grads, params, learning_rate) with `changes`."""
+
+    def build(state, variables):
+        args = dict(zip("var m v".split(), variables, strict=True))
+        args.update(ids=[1, 4], grads=np.ones((2, DIM), np.float32), params=_PARAMS,
+                    learning_rate=None)
+        for name, change in changes.items():
+            args[name] = change(state, args) if callable(change) else change
+        return args
+
+    return build
+
+
+_BAD_INPUTS = {
+    "var_numpy": (_with(var=lambda s, a: s[0]), TypeError,
+                  r"`var` must be a tf.Variable; received ndarray"),
+    "var_tensor": (_with(var=lambda s, a: tf.constant(s[0])), TypeError,
+                   r"`var` must be a tf.Variable; received EagerTensor"),
+    "var_partitioned": (_with(var=lambda s, a: _partitioned(s)), TypeError,
+                        r"`var` must be a tf.Variable; received PartitionedVariable \(apply"),
+    "m_numpy": (_with(m=lambda s, a: s[1]), TypeError, r"`m` must be a tf.Variable"),
+    "v_float64": (_with(v=lambda s, a: tf.Variable(s[2].astype(np.float64))), TypeError,
+                  r"`v` must be float32; received float64"),
+    "grads_float64": (_with(grads=np.ones((2, DIM))), TypeError,
+                      r"`grads` must be float32; received float64"),
+    "ids_float": (_with(ids=[1.0, 4.0]), TypeError,
+                  r"`ids` must be int32 or int64; received float"),
+    "all_aliased": (_with(m=lambda s, a: a["var"], v=lambda s, a: a["var"]), ValueError,
+                    r"three distinct variables; `m` is `var`"),
+    "m_is_v": (_with(v=lambda s, a: a["m"]), ValueError, r"three distinct variables; `v` is `m`"),
+    "var_is_v": (_with(v=lambda s, a: a["var"]), ValueError, r"`v` is `var`"),
+    "ids_rank": (_with(ids=[[1, 4]]), ValueError, r"`ids` must have rank 1"),
+    "var_rank": (_with(var=lambda s, a: tf.Variable(s[0][0]), m=lambda s, a: tf.Variable(s[1][0]),
+                       v=lambda s, a: tf.Variable(s[2][0])), ValueError, r"`var` must have rank 2"),
+    "m_shape": (_with(m=lambda s, a: tf.Variable(s[1][:-1])), ValueError,
+                r"`m` must have the shape of `var`"),
+    "grads_rows": (_with(grads=np.ones((3, DIM), np.float32)), ValueError, r"one row per id"),
+    "grads_width": (_with(grads=np.ones((2, DIM + 1), np.float32)), ValueError, r"row width"),
+    "params_type": (_with(params={"learning_rate": 0.1}), TypeError,
+                    r"`params` must be an AdamParameters"),
+    "rate_type": (_with(learning_rate="0.1"), TypeError, r"`learning_rate` must be a Python"),
+}
+
+
+@pytest.mark.parametrize("implementation", ["auto", "fused", "tf"])
+@pytest.mark.parametrize("case", list(_BAD_INPUTS), ids=list(_BAD_INPUTS))
+def test_bad_input_same_error_on_every_implementation(implementation, case):
+    if implementation == "fused" and _loader.load_library() is None:
+        pytest.skip(f"fused kernel library not loaded: {_loader.load_error()}")
+    build, error, pattern = _BAD_INPUTS[case]
+    state = _state(9)
+    variables = _variables(state)
+    args = build(state, variables)
+    with pytest.raises(error, match=pattern):
+        apply_adam(**args, implementation=implementation)
+    assert_state_equal(variables, state)

@@ -208,29 +208,6 @@ def test_check_numerics(mode):
 
 
 @pytest.mark.parametrize(
-    ("ids", "grads", "error", "match"),
-    [
-        (np.array([[0]]), np.ones((1, 2), np.float32), ValueError, r"`ids` must have rank 1"),
-        (np.array([0, 1]), np.ones((3, 2), np.float32), ValueError, r"`grads`.*one row per id"),
-        (np.array([0]), np.ones((1, 3), np.float32), ValueError, r"`grads`.*row width"),
-        (np.array([0]), tf.ones((1, 2), tf.float64), TypeError, r"`grads` must be float32"),
-        (np.array([0.0]), np.ones((1, 2), np.float32), TypeError, r"`ids` must be int32"),
-    ],
-)
-def test_static_errors(ids, grads, error, match):
-    _assert_raises_unchanged("eager", ids, grads, error, match)
-
-
-def test_slot_shape_and_dtype_errors():
-    var, m, v = _eager_variables()
-    ids, grads = np.array([0]), np.ones((1, 2), np.float32)
-    with pytest.raises(ValueError, match=r"`m` must have the shape of `var`"):
-        tf_apply_adam(var, tf.Variable(tf.zeros([4, 3])), v, ids, grads, _PARAMS)
-    with pytest.raises(TypeError, match=r"`v` must be float32"):
-        tf_apply_adam(var, m, tf.Variable(tf.zeros([4, 2], tf.float64)), ids, grads, _PARAMS)
-
-
-@pytest.mark.parametrize(
     ("ids", "grads", "match"),
     [
         (np.array([0, 9]), np.ones((2, 2), np.float32), r"first bad id: 9 at position 1"),

@@ -11,6 +11,7 @@ from typing import Any
 
 import tensorflow as tf
 from tensorflow.python.ops import control_flow_util, resource_variable_ops
+from tensorflow.python.ops import variables as variables_lib
 from tensorflow.python.tpu import tpu_embedding as _tf_tpu_embedding
 
 from tpu_embed_adam.ops import _loader, fused, options
@@ -34,6 +35,76 @@ def _split_gradient(ids: Any, grads: Any) -> tuple[Any, Any]:
             "`indices` are the ids)."
         )
     return grads.indices, grads.values
+
+
+_VARIABLES = ("var", "m", "v")
+
+
+def _check_variables(var: Any, m: Any, v: Any) -> None:
+    """Raises TypeError/ValueError unless `var`, `m`, `v` are three float32 variables.
+
+    Aliases would make the step read values it has just written; the fused
+    kernel refuses them at run time, so every path refuses them here.
+    """
+    variables = dict(zip(_VARIABLES, (var, m, v), strict=True))
+    for name, x in variables.items():
+        if not isinstance(x, tf.Variable):
+            hint = (
+                " (apply the update to each partition: list(var))"
+                if isinstance(x, variables_lib.PartitionedVariable)
+                else ""
+            )
+            raise TypeError(
+                f"Argument `{name}` must be a tf.Variable; received "
+                f"{type(x).__name__}{hint}."
+            )
+        if x.dtype.base_dtype != tf.float32:
+            raise TypeError(
+                f"Argument `{name}` must be float32; received {x.dtype.base_dtype.name}."
+            )
+    for i, first in enumerate(_VARIABLES):
+        for second in _VARIABLES[i + 1 :]:
+            a, b = variables[first], variables[second]
+            if a is b or getattr(a, "handle", a) is getattr(b, "handle", b):
+                raise ValueError(
+                    "Arguments `var`, `m` and `v` must be three distinct variables; "
+                    f"`{second}` is `{first}`."
+                )
+
+
+def _validated(var: Any, m: Any, v: Any, ids: Any, grads: Any) -> tuple[tf.Tensor, tf.Tensor]:
+    """Checks what is known before running; returns `ids` and `grads` as tensors.
+
+    The one place that raises TypeError (dtypes, argument types) and
+    ValueError (static ranks and shapes) for both implementations. Run-time
+    shapes and ids are checked by each implementation (InvalidArgumentError).
+    """
+    _check_variables(var, m, v)
+    # No dtype hints: a hint converts numpy arrays silently (float64 ids to
+    # int32, float64 gradients to float32); Python lists become int32/float32.
+    ids = tf.convert_to_tensor(ids)
+    grads = tf.convert_to_tensor(grads)
+    if ids.dtype not in (tf.int32, tf.int64):
+        raise TypeError(f"Argument `ids` must be int32 or int64; received {ids.dtype.name}.")
+    if grads.dtype != tf.float32:
+        raise TypeError(f"Argument `grads` must be float32; received {grads.dtype.name}.")
+    for name, x, rank in (("var", var, 2), ("ids", ids, 1), ("grads", grads, 2)):
+        if x.shape.rank is not None and x.shape.rank != rank:
+            raise ValueError(f"Argument `{name}` must have rank {rank}; received shape {x.shape}.")
+    for name, x in (("m", m), ("v", v)):
+        if not x.shape.is_compatible_with(var.shape):
+            raise ValueError(
+                f"Argument `{name}` must have the shape of `var` {var.shape}; received {x.shape}."
+            )
+    if not grads.shape[:1].is_compatible_with(ids.shape):
+        raise ValueError(
+            f"Argument `grads` {grads.shape} must have one row per id; `ids` {ids.shape}."
+        )
+    if not grads.shape[1:].is_compatible_with(var.shape[1:]):
+        raise ValueError(
+            f"Argument `grads` {grads.shape} must have the row width of `var` {var.shape}."
+        )
+    return ids, grads
 
 
 def _fallback_reason(var: Any, m: Any, v: Any) -> str | None:
@@ -109,10 +180,16 @@ def apply_adam(
     Returns:
       The update op in graph mode; None when executing eagerly.
 
+    Every implementation raises the same error type for the same bad input:
+    the arguments are checked here, once, before either runs.
+
     Raises:
       ValueError: an unknown `implementation`, `ids` given with
-        `IndexedSlices`, a non-scalar learning rate or static shape mismatches.
-      TypeError: `params` not an AdamParameters, or wrong dtypes.
+        `IndexedSlices`, a non-scalar learning rate, static rank or shape
+        mismatches, or `var`, `m`, `v` not three distinct variables.
+      TypeError: `params` not an AdamParameters, `var`, `m` or `v` not a
+        `tf.Variable` (a numpy array, a tensor, a `PartitionedVariable`), or
+        wrong dtypes (float32 variables and gradients, int32/int64 ids).
       RuntimeError: `implementation="fused"` without the kernel library.
       tf.errors.InvalidArgumentError: run-time shape mismatches, ids outside
         [0, rows) or, with `check_numerics`, non-finite gradients or rate.
@@ -128,7 +205,7 @@ def apply_adam(
             f"tf.compat.v1.tpu.experimental's); received: {type(params).__name__}."
         )
     learning_rate = learning_rate_tensor(params, learning_rate)
-    ids, grads = _split_gradient(ids, grads)
+    ids, grads = _validated(var, m, v, *_split_gradient(ids, grads))
     if implementation == "fused" and _loader.load_library() is None:
         raise RuntimeError(
             "implementation='fused' needs the kernel library, which did not load: "

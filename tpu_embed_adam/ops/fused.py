@@ -31,14 +31,6 @@ def _resource(name: str, variable: Any) -> tf.Tensor:
     )
 
 
-def _check_dtype(name: str, tensor: tf.Tensor, allowed: tuple[tf.DType, ...]) -> None:
-    if tensor.dtype not in allowed:
-        names = " or ".join(d.name for d in allowed)
-        raise tf.errors.InvalidArgumentError(
-            None, None, f"{name} must be {names}; got {tensor.dtype.name}"
-        )
-
-
 def fused_apply_adam(
     var: tf.Variable,
     m: tf.Variable,
@@ -52,9 +44,11 @@ def fused_apply_adam(
     """Applies one TPU embedding sparse Adam step in place with the fused kernel.
 
     The update is `tpu_embed_adam.reference.adam_update`; see its docstring.
-    The kernel locks the three variables for the whole step (concurrent calls
-    never interleave within a row) and validates every input before writing,
-    so on error the variables are unchanged.
+    Types and static shapes are `apply_adam`'s to check (this function trusts
+    them). The kernel locks the three variables for the whole step
+    (concurrent calls never interleave within a row) and checks run-time
+    shapes, ids and aliasing before writing, so on error the variables are
+    unchanged.
 
     Args:
       var: [rows, dim] float32 resource variable, the table.
@@ -77,10 +71,9 @@ def fused_apply_adam(
       TypeError: a variable is not a resource variable, or a learning rate
         that is not a number or a float tensor.
       ValueError: no learning rate (`params.learning_rate` is dynamic and
-        `learning_rate` is None), a learning rate of known non-scalar shape,
-        or static shape mismatches in graph mode.
-      tf.errors.InvalidArgumentError: wrong dtypes, shape mismatches, ids
-        outside [0, rows), or non-finite values with `check_numerics`.
+        `learning_rate` is None), or a learning rate of known non-scalar shape.
+      tf.errors.InvalidArgumentError: shape mismatches, ids outside [0, rows),
+        aliased variables, or non-finite values with `check_numerics`.
     """
     library = _loader.load_library()
     if library is None:
@@ -92,13 +85,6 @@ def fused_apply_adam(
     handles = [_resource(name, x) for name, x in (("var", var), ("m", m), ("v", v))]
     lr = learning_rate_tensor(params, learning_rate)
     c = _constants(params)
-    ids = tf.convert_to_tensor(ids)
-    grads = tf.convert_to_tensor(grads)
-    _check_dtype("ids", ids, (tf.int32, tf.int64))
-    _check_dtype("grads", grads, (tf.float32,))
-    for name, x in (("var", var), ("m", m), ("v", v)):
-        if isinstance(x, tf.Variable):
-            _check_dtype(name, x, (tf.float32,))
     return library.tpu_embed_adam_apply(
         var=handles[0],
         m=handles[1],

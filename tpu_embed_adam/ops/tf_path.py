@@ -201,27 +201,6 @@ def _ops(results: list[Any]) -> list[Any]:
     return [r.op for r in results]
 
 
-def _check_static(var: Any, m: Any, v: Any, ids: tf.Tensor, grads: tf.Tensor) -> None:
-    """Raises TypeError/ValueError for what is wrong before running anything."""
-    for name, x in (("var", var), ("m", m), ("v", v)):
-        if x.dtype.base_dtype != tf.float32:
-            raise TypeError(f"`{name}` must be float32; got {x.dtype.base_dtype.name}.")
-    if ids.dtype not in (tf.int32, tf.int64):
-        raise TypeError(f"`ids` must be int32 or int64; got {ids.dtype.name}.")
-    if grads.dtype != tf.float32:
-        raise TypeError(f"`grads` must be float32; got {grads.dtype.name}.")
-    for name, x, rank in (("var", var, 2), ("ids", ids, 1), ("grads", grads, 2)):
-        if x.shape.rank is not None and x.shape.rank != rank:
-            raise ValueError(f"`{name}` must have rank {rank}; got shape {x.shape}.")
-    for name, x in (("m", m), ("v", v)):
-        if not x.shape.is_compatible_with(var.shape):
-            raise ValueError(f"`{name}` must have the shape of `var` {var.shape}; got {x.shape}.")
-    if not grads.shape[:1].is_compatible_with(ids.shape):
-        raise ValueError(f"`grads` {grads.shape} must have one row per id; `ids` {ids.shape}.")
-    if not grads.shape[1:].is_compatible_with(var.shape[1:]):
-        raise ValueError(f"`grads` {grads.shape} must have the row width of `var` {var.shape}.")
-
-
 def _runtime_checks(
     var: Any,
     m: Any,
@@ -300,8 +279,10 @@ def tf_apply_adam(
 ) -> tf.Operation | None:
     """Applies one TPU embedding Adam step to `var`, `m`, `v` with stock TF ops.
 
-    The semantics are those of `tpu_embed_adam.reference.adam_update`. Every
-    input is checked before anything is written; on error nothing changes.
+    The semantics are those of `tpu_embed_adam.reference.adam_update`. Types
+    and static shapes are `apply_adam`'s to check (this function trusts
+    them); run-time shapes and ids are checked here before anything is
+    written, and on error nothing changes.
     Unlike the fused kernel, this path takes no lock: concurrent calls on the
     same variables are not serialised and may interleave within a row.
 
@@ -321,11 +302,9 @@ def tf_apply_adam(
       The update op in graph mode; None when executing eagerly.
 
     Raises:
-      TypeError: wrong dtypes, or a learning rate that is not a number or a
-        float tensor.
-      ValueError: statically known rank or shape mismatches, a non-scalar
-        learning rate, or none (`params.learning_rate` dynamic and
-        `learning_rate` None).
+      TypeError: a learning rate that is not a number or a float tensor.
+      ValueError: a non-scalar learning rate, or none (`params.learning_rate`
+        dynamic and `learning_rate` None).
       tf.errors.InvalidArgumentError: at run time, for shape mismatches, ids
         out of range (naming the first bad id and the table size) or, with
         `check_numerics`, non-finite gradients or rate. Not under XLA (see
@@ -333,7 +312,6 @@ def tf_apply_adam(
     """
     ids = tf.convert_to_tensor(ids)
     grads = tf.convert_to_tensor(grads, dtype_hint=tf.float32)
-    _check_static(var, m, v, ids, grads)
     hp = _hyper(params, learning_rate)
     xla = control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
     checks, valid = _runtime_checks(var, m, v, ids, grads, hp.lr, check_numerics, xla)

@@ -51,6 +51,14 @@ Status BuildEntries(const std::string& what,
                            in.weights.size(), " values for ", n,
                            " embedding_indices (give none or one per id)");
   }
+  // A NaN or Inf weight would poison its slot's activation and, through the
+  // combiner's denominator, every other id of the slot.
+  for (size_t i = 0; i < in.weights.size(); ++i) {
+    if (!std::isfinite(in.weights[i])) {
+      return InvalidArgument(what, ": aggregation_weights[", i, "] = ",
+                             in.weights[i], " is not finite");
+    }
+  }
   if (in.combiner != "sum" && in.combiner != "mean" && in.combiner != "sqrtn") {
     return InvalidArgument(what, ": combiner '", in.combiner,
                            "' is not 'sum', 'mean' or 'sqrtn'");
@@ -104,6 +112,15 @@ Status BuildEntries(const std::string& what,
         return InvalidArgument(what, ": sample indices of ", in.index.size(),
                                " values with ", cols, " columns for ", n,
                                " embedding_indices");
+      }
+      // A [batch] feature's ids are (sample) or (sample, position in the
+      // bag); a third column would address a dimension the feature does not
+      // have. Sequence features take TF's [sample, position, ...] indices.
+      if (rank == 1 && cols > 2) {
+        return InvalidArgument(what, ": sample indices have ", cols,
+                               " columns; input_shape ",
+                               ShapeString(input_shape),
+                               " takes 1 (sample) or 2 (sample, position)");
       }
       // Without a position column, a sequence id's position is its rank
       // among its sample's ids, as for row splits.

@@ -29,6 +29,19 @@ constexpr float kInf = std::numeric_limits<float>::infinity();
 // a configuration fails instead of copying without bound.
 constexpr size_t kMaxDeferredLoads = 4096;
 
+// Bounds on what a configuration or an input may make the engine allocate
+// (docs/engine.md, "Limits"): each is far above any TPU system or model, and
+// refusing past it turns an allocation that would kill the process into an
+// error naming the field.
+constexpr int64_t kMaxHosts = 4096;
+constexpr int64_t kMaxCoresPerHost = 256;
+constexpr int64_t kMaxFeatures = 65536;
+constexpr int64_t kMaxShards = int64_t{1} << 20;  // tables x hosts
+constexpr int64_t kMaxFeatureSlots = int64_t{1} << 24;         // batch x sequence
+constexpr int64_t kMaxActivationElements = int64_t{1} << 30;  // slots x dimension
+constexpr int64_t kMaxBatchGradientElements = int64_t{1} << 31;  // ids x dimension
+constexpr size_t kMaxQueuedBatches = 1024;  // per core, enqueued and not received
+
 std::string Canonical(const tpu::TPUEmbeddingConfiguration& proto) {
   std::string out;
   google::protobuf::io::StringOutputStream stream(&out);
@@ -95,9 +108,10 @@ Status TableFromProto(const tpu::TPUEmbeddingConfiguration_TableDescriptor& d,
   };
   switch (p.learning_rate().learning_rate_case()) {
     case tpu::LearningRate::kConstant:
-      if (!std::isfinite(p.learning_rate().constant())) {
+      if (!(p.learning_rate().constant() > 0.0f) ||
+          !std::isfinite(p.learning_rate().constant())) {
         return bad("learning_rate constant ", p.learning_rate().constant(),
-                   " is not finite");
+                   " must be positive and finite");
       }
       break;
     case tpu::LearningRate::kDynamic:
@@ -123,6 +137,17 @@ Status TableFromProto(const tpu::TPUEmbeddingConfiguration_TableDescriptor& d,
       return bad("Adam epsilon ", adam.epsilon(),
                  " must be positive and finite");
     }
+  }
+  // The update divides by sqrt(v + epsilon^2) or sqrt(v) + epsilon: a term
+  // that underflows, or is subnormal and flushed to zero by TF's threads,
+  // turns a row with v = m = 0 into NaN.
+  const float eps_term = adam.use_sum_inside_sqrt()
+                             ? adam.epsilon() * adam.epsilon()
+                             : adam.epsilon();
+  if (!(eps_term >= std::numeric_limits<float>::min())) {
+    return bad("Adam epsilon ", adam.epsilon(), " vanishes in float32 (",
+               adam.use_sum_inside_sqrt() ? "epsilon^2" : "epsilon",
+               " must be at least ", std::numeric_limits<float>::min(), ")");
   }
   if (!(p.weight_decay_factor() >= 0.0f) ||
       !std::isfinite(p.weight_decay_factor())) {
@@ -202,6 +227,54 @@ const char* OpInfix(Optimizer optimizer) {
   return optimizer == Optimizer::kAdam ? "ADAM" : "StochasticGradientDescent";
 }
 
+// The system-wide fields: everything sized by them (shards per table, cores)
+// is bounded, and enums must name a known value.
+Status CheckSystem(const tpu::TPUEmbeddingConfiguration& proto) {
+  // 0 is proto3's "unset": one host, as before any multi-host configuration.
+  const int64_t hosts = proto.num_hosts() == 0 ? 1 : proto.num_hosts();
+  if (hosts < 1 || hosts > kMaxHosts) {
+    return InvalidArgument("num_hosts ", proto.num_hosts(),
+                           " is outside [1, ", kMaxHosts, "]");
+  }
+  const int64_t cores = proto.num_tensor_cores();
+  if (cores < hosts || cores > hosts * kMaxCoresPerHost || cores % hosts != 0) {
+    return InvalidArgument("num_tensor_cores ", cores, " must be num_hosts (",
+                           hosts, ") times a cores-per-host count in [1, ",
+                           kMaxCoresPerHost, "]");
+  }
+  if (!tpu::TPUEmbeddingConfiguration::ShardingStrategy_IsValid(
+          proto.sharding_strategy())) {
+    return InvalidArgument("sharding_strategy ", proto.sharding_strategy(),
+                           " is neither DIV_DEFAULT (0) nor MOD (1)");
+  }
+  if (!tpu::TPUEmbeddingConfiguration::Mode_IsValid(proto.mode())) {
+    return InvalidArgument("mode ", proto.mode(), " is not a known mode");
+  }
+  // Every table holds one (empty until loaded) shard per host.
+  const int64_t shards = proto.table_descriptor_size() * hosts;
+  if (shards > kMaxShards) {
+    return InvalidArgument(proto.table_descriptor_size(), " tables x num_hosts ",
+                           hosts, " = ", shards, " shards; at most ",
+                           kMaxShards, " are supported");
+  }
+  int64_t features = proto.feature_descriptor_size();
+  if (features == 0) {
+    for (const auto& t : proto.table_descriptor()) {
+      if (t.num_features() < 0) {
+        return InvalidArgument("table '", t.name(), "': num_features ",
+                               t.num_features(), " is negative");
+      }
+      features += t.num_features();
+    }
+  }
+  if (features > kMaxFeatures) {
+    return InvalidArgument("the configuration has ", features,
+                           " features; at most ", kMaxFeatures,
+                           " are supported");
+  }
+  return tensorflow::OkStatus();
+}
+
 RowLocation Locate(const Table& t, int64_t id) {
   const int64_t shards = t.shards.size();
   if (t.mod_sharding) return {static_cast<int>(id % shards), id / shards};
@@ -275,6 +348,7 @@ Status Engine::Configure(const std::string& serialized) {
 Status Engine::InstallLocked(const std::string& serialized) {
   tpu::TPUEmbeddingConfiguration proto;
   TF_RETURN_IF_ERROR(Parse(serialized, &proto));
+  TF_RETURN_IF_ERROR(CheckSystem(proto));
   const int64_t hosts = std::max<int64_t>(1, proto.num_hosts());
   const bool inference =
       proto.mode() == tpu::TPUEmbeddingConfiguration::INFERENCE;
@@ -313,15 +387,21 @@ Status Engine::InstallLocked(const std::string& serialized) {
                                       [](int64_t d) { return d > 0; });
     std::vector<int64_t> activation = f.input_shape;
     activation.push_back(tables[f.table_id]->dim);
-    // Recv and Send index activations as slot * dim: that must fit int64.
+    // Every enqueue sizes per-slot buffers by the input shape, every Recv
+    // allocates the activation: both bounded, so neither can exhaust memory.
+    const int64_t slots = CheckedProduct(f.input_shape);
+    const int64_t elements = CheckedProduct(activation);
     if (f.input_shape.empty() || f.input_shape.size() > 2 || !positive ||
-        CheckedProduct(activation) < 0) {
+        slots > kMaxFeatureSlots || elements < 0 ||
+        elements > kMaxActivationElements) {
       return InvalidArgument("feature ", i, " (table '",
                              tables[f.table_id]->name, "'): input_shape ",
                              ShapeString(f.input_shape),
                              " must be [batch] or [batch, max_sequence_length] ",
-                             "of positive sizes, with [..., dimension] ",
-                             "fitting int64");
+                             "of positive sizes, with at most ",
+                             kMaxFeatureSlots, " slots and ",
+                             kMaxActivationElements,
+                             " activation elements (slots x dimension)");
     }
   }
   // Loads that ran before any configuration: all valid, or none applied.
@@ -329,7 +409,7 @@ Status Engine::InstallLocked(const std::string& serialized) {
   deferred.swap(deferred_loads_);
   ClearLocked();
   num_hosts_ = hosts;
-  cores_per_host_ = std::max<int64_t>(1, proto.num_tensor_cores() / hosts);
+  cores_per_host_ = proto.num_tensor_cores() / hosts;
   for (auto& t : tables) {
     t->mod_sharding =
         proto.sharding_strategy() == tpu::TPUEmbeddingConfiguration::MOD;
@@ -491,6 +571,25 @@ Status Engine::CheckLoadLocked(const LoadRequest& req, ShardRef* ref) {
                              ShapeString(req.shapes[i]));
     }
   }
+  // Rows the update could never recover from: NaN or Inf weights and moments
+  // spread through every step, a negative velocity puts a negative number
+  // under the square root.
+  const int64_t n = ref->rows * t.dim;
+  for (int i = 0; i < 3; ++i) {
+    const float* data = req.data[i];
+    int64_t at = FindNonFinite(data, n);
+    if (at < 0 && i == 2) {
+      at = std::find_if(data, data + n, [](float x) { return x < 0.0f; }) - data;
+      if (at == n) at = -1;
+    }
+    if (at >= 0) {
+      return InvalidArgument("LoadTPUEmbeddingADAMParameters: table '", t.name,
+                             "' shard ", ref->shard, ": ", kNames[i], "[",
+                             at / t.dim, ", ", at % t.dim, "] = ", data[at],
+                             i == 2 ? " must be finite and >= 0"
+                                    : " must be finite");
+    }
+  }
   return tensorflow::OkStatus();
 }
 
@@ -573,6 +672,7 @@ Status Engine::Enqueue(int64_t task, int64_t core,
                            " tables");
   }
   batch.features.resize(inputs.size());
+  int64_t gradient_elements = 0;
   for (size_t i = 0; i < inputs.size(); ++i) {
     const Feature& f = features_[i];
     const Table& t = *tables_[f.table_id];
@@ -588,8 +688,23 @@ Status Engine::Enqueue(int64_t task, int64_t core,
     TF_RETURN_IF_ERROR(BuildEntries(
         absl::StrCat("feature ", i, " (table '", t.name, "')"), f.input_shape,
         t.vocabulary_size, inputs[i], &batch.features[i]));
+    // Send grows the accumulator by one gradient row per id.
+    gradient_elements += static_cast<int64_t>(batch.features[i].size()) * t.dim;
+    if (gradient_elements > kMaxBatchGradientElements) {
+      return tensorflow::errors::ResourceExhausted(
+          "feature ", i, " (table '", t.name, "'): the batch's ",
+          "embedding_indices x dimension reach ", gradient_elements,
+          " gradient elements; at most ", kMaxBatchGradientElements,
+          " per enqueue");
+    }
   }
   Core& c = cores_[CoreKey{task, core}];
+  if (c.queued.size() >= kMaxQueuedBatches) {
+    return tensorflow::errors::ResourceExhausted(
+        "core ", core, " of task ", task, " already has ", c.queued.size(),
+        " batches enqueued and not received (the limit); run ",
+        "RecvTPUEmbeddingActivations");
+  }
   if (batch.training) ++c.training_batches;
   c.queued.push_back(std::move(batch));
   lock.unlock();

@@ -6,6 +6,7 @@
 // device_ordinal, and for Recv and Send the id of the CPU device they run on,
 // so several cores per host are several logical CPU devices.
 #include <cstdlib>
+#include <string>
 
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/tensor.h"
@@ -70,6 +71,11 @@ class EnqueueOp : public OpKernel {
  public:
   explicit EnqueueOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("device_ordinal", &device_ordinal_));
+    // -1 (TF's default) means the core of the device the op runs on.
+    OP_REQUIRES(ctx, device_ordinal_ >= -1,
+                InvalidArgument("device_ordinal ", device_ordinal_,
+                                " must be a core (>= 0), or -1 for the op's ",
+                                "device"));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("combiners", &combiners_));
     if (kKind == EnqueueKind::kArbitrary) return;
     std::vector<int64_t> num_features;
@@ -171,9 +177,29 @@ class EnqueueOp : public OpKernel {
 // run concurrently in the same Session.run, and on a loaded host it can lag by
 // seconds. A TPU's Recv blocks until the batch arrives; a long bound keeps
 // that behaviour while a program that never enqueues still gets an error.
-int64_t RecvTimeoutMs() {
-  const char* env = std::getenv("TPU_EMBED_ADAM_RECV_TIMEOUT_MS");
-  return env == nullptr ? 60000 : std::atoll(env);
+// Parsed strictly: atoll's silent 0 for "abc" or 1 for "1e9" would turn a
+// typo into a Recv that fails at once or waits for ages.
+constexpr int64_t kMaxRecvTimeoutMs = 86400000;  // one day
+Status RecvTimeoutMs(int64_t* timeout_ms) {
+  static constexpr char kVar[] = "TPU_EMBED_ADAM_RECV_TIMEOUT_MS";
+  const char* env = std::getenv(kVar);
+  if (env == nullptr) {
+    *timeout_ms = 60000;
+    return tensorflow::OkStatus();
+  }
+  const std::string text(env);
+  int64_t value = 0;
+  bool ok = !text.empty() && text.size() <= 9;  // 9 digits cannot overflow
+  for (char c : text) {
+    ok = ok && c >= '0' && c <= '9';
+    value = value * 10 + (c - '0');
+  }
+  if (!ok || value < 1 || value > kMaxRecvTimeoutMs) {
+    return InvalidArgument(kVar, "='", text, "' must be a whole number of ",
+                           "milliseconds in [1, ", kMaxRecvTimeoutMs, "]");
+  }
+  *timeout_ms = value;
+  return tensorflow::OkStatus();
 }
 
 class RecvOp : public OpKernel {
@@ -191,8 +217,10 @@ class RecvOp : public OpKernel {
       *data = out->flat<float>().data();
       return tensorflow::OkStatus();
     };
+    int64_t timeout_ms = 0;
+    OP_REQUIRES_OK(ctx, RecvTimeoutMs(&timeout_ms));
     OP_REQUIRES_OK(ctx, Engine::Get().Recv(config_, Task(ctx), DeviceCore(ctx),
-                                           RecvTimeoutMs(), num_outputs(),
+                                           timeout_ms, num_outputs(),
                                            allocate));
   }
 
