@@ -173,9 +173,9 @@ class EnqueueOp : public OpKernel {
   std::vector<int32_t> max_seq_;
 };
 
-// How long Recv (and a Send whose Recv TF pruned) waits for its core's batch: the enqueue of the same step may
-// run concurrently in the same Session.run, and on a loaded host it can lag by
-// seconds. A TPU's Recv blocks until the batch arrives; a long bound keeps
+// How long Recv (and a Send whose Recv TF pruned) waits for its core's
+// batch: the enqueue of the same step may run concurrently in the same
+// Session.run, and on a loaded host it can lag by seconds. A TPU's Recv blocks until the batch arrives; a long bound keeps
 // that behaviour while a program that never enqueues still gets an error.
 // Parsed strictly: atoll's silent 0 for "abc" or 1 for "1e9" would turn a
 // typo into a Recv that fails at once or waits for ages.
@@ -254,9 +254,10 @@ class SendOp : public OpKernel {
                                   rates[i].shape().DebugString()));
       learning_rates.push_back(rates[i].flat<float>()(0));
     }
+    int64_t timeout_ms = 0;
+    OP_REQUIRES_OK(ctx, RecvTimeoutMs(&timeout_ms));
     OP_REQUIRES_OK(ctx, Engine::Get().Send(Task(ctx), DeviceCore(ctx), grads,
-                                           shapes, learning_rates,
-                                           RecvTimeoutMs(),
+                                           shapes, learning_rates, timeout_ms,
                                            MakeParallelFor(ctx)));
   }
 
