@@ -41,16 +41,16 @@ def _check_bazel_package() -> None:
         elif "/bazel-out/" not in os.path.realpath(path):
             errors.append(f"{label} is not Bazel's output: {os.path.realpath(path)}")
     # The loader must pick the runfiles library, not a `make lib` one in the source
-    # tree (e.g. if it resolved the symlinked _loader.py to the source tree).
+    # tree (e.g. if it resolved the symlinked loader.py to the source tree).
     try:
-        from tpu_embed_adam.ops import _loader
+        from tpu_embed_adam.ops import loader
     except ImportError:
-        _loader = None
-    if _loader is not None and hasattr(_loader, "library_candidates"):
-        candidates = [str(p) for p in _loader.library_candidates()]
+        loader = None
+    if loader is not None and hasattr(loader, "library_candidates"):
+        candidates = [str(p) for p in loader.library_candidates()]
         if not candidates or os.path.abspath(candidates[0]) != so:
             errors.append(
-                f"ops/_loader.py would load {candidates[:1] or 'nothing'}, not {so}"
+                f"ops/loader.py would load {candidates[:1] or 'nothing'}, not {so}"
                 " (does it resolve() its own symlinked path into the source tree?)"
             )
     print(f"pytest_main: tpu_embed_adam from {tpu_embed_adam.__file__}")

@@ -11,7 +11,7 @@ Python API; `install()` does.
 """
 
 from tpu_embed_adam import engine, optimization_parameters_pb2
-from tpu_embed_adam.ops import _loader
+from tpu_embed_adam.ops import loader
 from tpu_embed_adam.ops.apply import apply_adam
 from tpu_embed_adam.params import AdamParameters, DynamicLearningRate
 from tpu_embed_adam.patch import install, installed, uninstall
@@ -31,4 +31,4 @@ __all__ = [
 
 __version__ = "0.1.0"
 
-_loader.load_library()
+loader.load_library()

@@ -156,14 +156,14 @@ def _inspect(args: argparse.Namespace) -> str:
 
 def _info(args: argparse.Namespace) -> str:
     import tpu_embed_adam
-    from tpu_embed_adam.ops import _loader
+    from tpu_embed_adam.ops import loader
 
     lines = [f"tpu_embed_adam {tpu_embed_adam.__version__}"]
-    library = _loader.load_library()
+    library = loader.load_library()
     lines.append(
         "kernel library: loaded"
         if library is not None
-        else f"kernel library: not loaded ({_loader.load_error()}); pure-TF path only"
+        else f"kernel library: not loaded ({loader.load_error()}); pure-TF path only"
     )
     if library is not None:
         from tensorflow.python.framework import kernels

@@ -7,7 +7,6 @@ It rejects everything TF rejects and more (see `AdamParameters.__init__`), and
 behaves as a value: immutable, comparable, hashable, picklable, serializable.
 """
 
-import dataclasses
 import json
 import math
 import numbers
@@ -16,7 +15,10 @@ from typing import Any
 import numpy as np
 from tensorflow.python.tpu import tpu_embedding as _tf_tpu_embedding
 
-__all__ = ["AdamParameters", "DynamicLearningRate"]
+from tpu_embed_adam import proto
+from tpu_embed_adam.learning_rates import DynamicLearningRate
+
+__all__ = ["AdamParameters", "DynamicLearningRate", "as_adam_parameters"]
 
 # The 13 constructor arguments, in TF's order, with TF's defaults.
 _DEFAULTS: dict[str, Any] = {
@@ -35,35 +37,6 @@ _DEFAULTS: dict[str, Any] = {
 }
 _FIELDS = ("learning_rate", *_DEFAULTS)
 _BOOL_FIELDS = ("lazy_adam", "sum_inside_sqrt", "use_gradient_accumulation")
-
-
-@dataclasses.dataclass(frozen=True, repr=False)
-class DynamicLearningRate:
-    """A learning rate fed at run time, as `OptimizationParameters.learning_rate.dynamic`.
-
-    TF's `TPUEmbedding` gives each distinct `TableConfig.learning_rate_fn` a tag
-    and feeds its value at every step; use this as `learning_rate` to describe
-    such a table (it is what `AdamParameters.from_proto` returns for a dynamic
-    rate, so that the proto round-trips without loss).
-
-    Attributes:
-      tag: the non-negative integer tag of the rate.
-    """
-
-    tag: int
-
-    def __post_init__(self) -> None:
-        if isinstance(self.tag, bool) or not isinstance(self.tag, numbers.Integral):
-            raise TypeError(
-                f"Argument `tag` must be an int; received: {self.tag!r} "
-                f"({type(self.tag).__name__})."
-            )
-        if not 0 <= self.tag < 2**31:
-            raise ValueError(f"Argument `tag` must be in [0, 2**31); received: {self.tag!r}.")
-        object.__setattr__(self, "tag", int(self.tag))
-
-    def __repr__(self) -> str:
-        return f"tpu_embed_adam.DynamicLearningRate(tag={self.tag})"
 
 
 def _real(name: str, value: Any) -> float:
@@ -375,8 +348,6 @@ class AdamParameters(_tf_tpu_embedding.AdamParameters):
 
     def to_proto(self) -> Any:
         """Returns the `tpu_embed_adam.OptimizationParameters` message for these parameters."""
-        from tpu_embed_adam import proto
-
         return proto.to_proto(self)
 
     @classmethod
@@ -393,14 +364,10 @@ class AdamParameters(_tf_tpu_embedding.AdamParameters):
           TypeError: `message` is of another type.
           ValueError: corrupt bytes, another optimizer, or invalid values.
         """
-        from tpu_embed_adam import proto
-
         return proto.from_proto(cls, message, proto.our_message_class())
 
     def to_tf_proto(self) -> Any:
         """Returns TF's `tensorflow.tpu.OptimizationParameters` for these parameters."""
-        from tpu_embed_adam import proto
-
         return proto.to_proto(self, proto.tf_message_class())
 
     @classmethod
@@ -417,14 +384,10 @@ class AdamParameters(_tf_tpu_embedding.AdamParameters):
           TypeError: `message` is of another type.
           ValueError: corrupt bytes, another optimizer, or invalid values.
         """
-        from tpu_embed_adam import proto
-
         return proto.from_proto(cls, message, proto.tf_message_class())
 
     def to_tpu_embedding_v2(self) -> Any:
         """Returns the equivalent TF2 `tf.tpu.experimental.embedding.Adam`."""
-        from tpu_embed_adam import proto
-
         return proto.to_tpu_embedding_v2(self)
 
     @classmethod
@@ -442,9 +405,29 @@ class AdamParameters(_tf_tpu_embedding.AdamParameters):
           TypeError: `optimizer` is not a TF2 Adam, or has a callable learning rate.
           ValueError: values that fail validation.
         """
-        from tpu_embed_adam import proto
-
         return proto.from_tpu_embedding_v2(cls, optimizer)
+
+
+def as_adam_parameters(params: Any) -> AdamParameters:
+    """Returns `params` as a `tpu_embed_adam.AdamParameters`, validated.
+
+    Ours are returned as they are; TF's
+    `tf.compat.v1.tpu.experimental.AdamParameters` (which checks less) is
+    rebuilt from its 13 attributes, so it passes our validation: e.g. an
+    epsilon that vanishes in float32 is refused here, whatever path follows.
+
+    Raises:
+      TypeError: `params` is neither, or an attribute of the wrong type.
+      ValueError: an attribute our validation refuses.
+    """
+    if isinstance(params, AdamParameters):
+        return params
+    if not isinstance(params, _tf_tpu_embedding.AdamParameters):
+        raise TypeError(
+            "Argument `params` must be an AdamParameters (tpu_embed_adam's or "
+            f"tf.compat.v1.tpu.experimental's); received: {type(params).__name__}."
+        )
+    return AdamParameters(**{name: getattr(params, name) for name in _FIELDS})
 
 
 def _check_names(names: dict[str, Any], where: str) -> None:

@@ -5,20 +5,19 @@ One writer (`to_proto`) and one reader (`from_proto`) serve both our
 `tensorflow.tpu.OptimizationParameters`: the two share field names and
 numbers, so the same code fills either, and the bytes are interchangeable.
 The fields are filled exactly as TF 2.15's `TPUEmbedding._create_config_proto`
-and `_AdamHandler` fill them.
+and `_AdamHandler` fill them. This module does not import `params`: it reads
+parameters by attribute and builds the class it is given (`params` imports it).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from google.protobuf import message as _message
 
 from tpu_embed_adam import optimization_parameters_pb2 as _pb2
-
-if TYPE_CHECKING:
-    from tpu_embed_adam.params import AdamParameters
+from tpu_embed_adam.learning_rates import DynamicLearningRate
 
 __all__ = [
     "from_proto",
@@ -45,7 +44,7 @@ def tf_message_class() -> type:
     return tf_pb2.OptimizationParameters
 
 
-def to_proto(params: AdamParameters, message_class: type | None = None) -> Any:
+def to_proto(params: Any, message_class: type | None = None) -> Any:
     """Fills an `OptimizationParameters` message from `params`.
 
     Args:
@@ -55,8 +54,6 @@ def to_proto(params: AdamParameters, message_class: type | None = None) -> Any:
     Returns:
       A new message of `message_class`.
     """
-    from tpu_embed_adam.params import DynamicLearningRate
-
     msg = (message_class or our_message_class())()
     if isinstance(params.learning_rate, DynamicLearningRate):
         msg.learning_rate.dynamic.tag = params.learning_rate.tag
@@ -111,7 +108,7 @@ def _bound(limits: Any, bound: str) -> float | None:
     return _decimal(getattr(limits, bound).value) if limits.HasField(bound) else None
 
 
-def from_proto(cls: type[AdamParameters], message: Any, message_class: type) -> AdamParameters:
+def from_proto(cls: type, message: Any, message_class: type) -> Any:
     """Reads `AdamParameters` back from an `OptimizationParameters` message.
 
     Args:
@@ -127,8 +124,6 @@ def from_proto(cls: type[AdamParameters], message: Any, message_class: type) -> 
       ValueError: corrupt bytes, another optimizer, no learning rate, or values
         that fail `AdamParameters`' validation.
     """
-    from tpu_embed_adam.params import DynamicLearningRate
-
     msg = _parsed(message, message_class)
     optimizer = msg.WhichOneof("parameters")
     if message_class is not tf_message_class():
@@ -178,7 +173,7 @@ def from_proto(cls: type[AdamParameters], message: Any, message_class: type) -> 
     )
 
 
-def to_tpu_embedding_v2(params: AdamParameters) -> Any:
+def to_tpu_embedding_v2(params: Any) -> Any:
     """Returns the equivalent `tf.tpu.experimental.embedding.Adam`.
 
     Args:
@@ -192,8 +187,6 @@ def to_tpu_embedding_v2(params: AdamParameters) -> Any:
       ValueError: `params` has a dynamic learning rate.
     """
     import tensorflow as tf
-
-    from tpu_embed_adam.params import DynamicLearningRate
 
     if isinstance(params.learning_rate, DynamicLearningRate):
         raise ValueError(
@@ -222,7 +215,7 @@ def to_tpu_embedding_v2(params: AdamParameters) -> Any:
     )
 
 
-def from_tpu_embedding_v2(cls: type[AdamParameters], optimizer: Any) -> AdamParameters:
+def from_tpu_embedding_v2(cls: type, optimizer: Any) -> Any:
     """Builds `cls` from a TF2 `tf.tpu.experimental.embedding.Adam`.
 
     Args:

@@ -12,7 +12,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-__all__ = ["adam_update", "bias_corrected_learning_rate"]
+__all__ = ["Float32Constants", "adam_update", "bias_corrected_learning_rate", "float32_constants"]
 
 _F32 = np.float32
 
@@ -58,7 +58,7 @@ def bias_corrected_learning_rate(
     return float(rate * np.sqrt(1.0 - beta2 ** float(step)) / (1.0 - beta1 ** float(step)))
 
 
-class _Constants(NamedTuple):
+class Float32Constants(NamedTuple):
     """A step's constants that do not depend on the learning rate, in float32.
 
     Every implementation takes them from here, so that each rounds them (and
@@ -80,10 +80,10 @@ def _bounds(low: float | None, high: float | None) -> tuple[np.float32, np.float
     return _F32(-np.inf if low is None else low), _F32(np.inf if high is None else high)
 
 
-def _constants(params: Any) -> _Constants:
+def float32_constants(params: Any) -> Float32Constants:
     """Reads `params` (ours or TF's `AdamParameters`, by attribute) into float32."""
     beta1, beta2 = _F32(params.beta1), _F32(params.beta2)
-    return _Constants(
+    return Float32Constants(
         beta1=beta1,
         one_minus_beta1=_F32(1) - beta1,
         beta2=beta2,
@@ -160,7 +160,7 @@ def adam_update(
         raise ValueError(f"ids must lie in [0, {w.shape[0]}); got {ids.min()}..{ids.max()}.")
 
     lr = _F32(params.learning_rate if learning_rate is None else learning_rate)
-    c = _constants(params)
+    c = float32_constants(params)
     decay = c.weight_decay
     if params.multiply_weight_decay_factor_by_learning_rate:
         decay = decay * lr

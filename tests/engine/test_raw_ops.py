@@ -24,9 +24,9 @@ from tensorflow.core.protobuf.tpu import optimization_parameters_pb2 as opt_pb2
 from tensorflow.core.protobuf.tpu import tpu_embedding_configuration_pb2 as cfg_pb2
 
 from tpu_embed_adam import engine, reference
-from tpu_embed_adam.ops import _loader
+from tpu_embed_adam.ops import loader
 
-pytestmark = pytest.mark.skipif(_loader.load_library() is None, reason="kernel library not built")
+pytestmark = pytest.mark.skipif(loader.load_library() is None, reason="kernel library not built")
 
 raw = tf.raw_ops
 

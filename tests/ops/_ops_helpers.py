@@ -1,42 +1,66 @@
 """Shared by the tests of the fused kernel, the TF path and `apply_adam`.
 
 A plain module rather than conftest fixtures: hypothesis strategies and the
-`Flags` dataclass are used at collection time, where fixtures do not reach.
+`Flags` class are used at collection time, where fixtures do not reach.
 Named after its directory so that it cannot shadow a helper module of another
 test directory (pytest puts each one on `sys.path`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import numpy as np
 from hypothesis import strategies as st
+from tensorflow.core.protobuf.tpu.optimization_parameters_pb2 import (
+    GradientAccumulationStatus,
+)
 
+from tpu_embed_adam.params import AdamParameters
 from tpu_embed_adam.reference import adam_update
 
 
-@dataclasses.dataclass(frozen=True)
 class Flags:
-    """Every attribute the implementations read, free of AdamParameters'
-    validation, so that combinations TF rejects (non-lazy or clipping without
-    accumulation) are covered too: every implementation follows the reference
-    for them."""
+    """`AdamParameters`, plus gradient accumulation off where the class refuses it.
 
-    learning_rate: float = 0.05
-    beta1: float = 0.9
-    beta2: float = 0.999
-    epsilon: float = 1e-8
-    lazy_adam: bool = True
-    sum_inside_sqrt: bool = True
-    use_gradient_accumulation: bool = True
-    clip_weight_min: float | None = None
-    clip_weight_max: float | None = None
-    weight_decay_factor: float | None = None
-    multiply_weight_decay_factor_by_learning_rate: bool | None = None
-    clip_gradient_min: float | None = None
-    clip_gradient_max: float | None = None
+    TF (and so `AdamParameters`) refuses non-lazy Adam and gradient clipping
+    without accumulation; every implementation still follows the reference
+    for them, so the tests cover them too. The parameters are an
+    `AdamParameters` built with accumulation on (so validated, with its
+    normalisation: no decay is None); `use_gradient_accumulation` is kept
+    beside it, and `to_tf_proto()` turns accumulation off in the proto, which
+    is what the fused kernel reads. Every other attribute is the
+    parameters'. `learning_rate` defaults to 0.05.
+    """
+
+    def __init__(
+        self,
+        learning_rate: float = 0.05,
+        use_gradient_accumulation: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        self.params = AdamParameters(learning_rate, **kwargs)
+        self.use_gradient_accumulation = use_gradient_accumulation
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "params":  # not set yet (copy, pickle): no recursion
+            raise AttributeError(name)
+        return getattr(self.params, name)
+
+    def __repr__(self) -> str:
+        return f"Flags({self.params!r}, use_gradient_accumulation={self.use_gradient_accumulation})"
+
+    def replace(self, **changes: Any) -> Flags:
+        accumulate = changes.pop("use_gradient_accumulation", self.use_gradient_accumulation)
+        flags = Flags(use_gradient_accumulation=accumulate)
+        flags.params = self.params.replace(**changes)
+        return flags
+
+    def to_tf_proto(self) -> Any:
+        msg = self.params.to_tf_proto()
+        if not self.use_gradient_accumulation:
+            msg.gradient_accumulation_status = GradientAccumulationStatus.DISABLED
+        return msg
 
 
 # The values the strategies draw from, also cycled through by the
@@ -45,15 +69,21 @@ LEARNING_RATES = (0.05, 1.0)
 BETA1S = (0.0, 0.5, 0.9)
 BETA2S = (0.0, 0.9, 0.999)
 EPSILONS = (1e-8, 0.1)
-DECAYS = (None, 0.0, 0.01, 0.5)
-DECAY_BY_RATE = (None, False, True)
+# No decay, or a factor with and without the learning rate (the class refuses
+# the multiply flag without a factor).
+DECAYS = (
+    {},
+    {"weight_decay_factor": 0.01},
+    {"weight_decay_factor": 0.5},
+    {"weight_decay_factor": 0.01, "multiply_weight_decay_factor_by_learning_rate": True},
+    {"weight_decay_factor": 0.5, "multiply_weight_decay_factor_by_learning_rate": True},
+)
 BOUNDS = ((None, None), (-0.5, 0.5), (None, 0.3), (-0.2, None), (0.1, 0.4))
 
 
 def with_bounds(flags: Flags, gradient: tuple[Any, Any], weight: tuple[Any, Any]) -> Flags:
     """`flags` with gradient clipping `gradient` and weight clipping 4x `weight`."""
-    return dataclasses.replace(
-        flags,
+    return flags.replace(
         clip_gradient_min=gradient[0],
         clip_gradient_max=gradient[1],
         clip_weight_min=None if weight[0] is None else weight[0] * 4,
@@ -70,12 +100,10 @@ flag_sets = st.builds(
     lazy_adam=st.booleans(),
     sum_inside_sqrt=st.booleans(),
     use_gradient_accumulation=st.booleans(),
-    weight_decay_factor=st.sampled_from(DECAYS),
-    multiply_weight_decay_factor_by_learning_rate=st.sampled_from(DECAY_BY_RATE),
 ).flatmap(
-    lambda f: st.tuples(st.sampled_from(BOUNDS), st.sampled_from(BOUNDS)).map(
-        lambda b: with_bounds(f, *b)
-    )
+    lambda f: st.tuples(
+        st.sampled_from(DECAYS), st.sampled_from(BOUNDS), st.sampled_from(BOUNDS)
+    ).map(lambda d: with_bounds(f.replace(**d[0]), d[1], d[2]))
 )
 
 

@@ -6,7 +6,7 @@ import tensorflow as tf
 from _ops_helpers import assert_state_close, assert_state_equal, random_state
 from tensorflow.python.ops import variables as variables_lib
 
-from tpu_embed_adam.ops import _loader, apply, options
+from tpu_embed_adam.ops import apply, loader, options
 from tpu_embed_adam.ops.apply import apply_adam
 from tpu_embed_adam.params import AdamParameters, DynamicLearningRate
 from tpu_embed_adam.reference import adam_update
@@ -25,8 +25,8 @@ def _fresh_options(monkeypatch):
 @pytest.fixture(params=["tf", "fused"])
 def implementation(request):
     """Runs a test on both implementations; the fused one only where it is built."""
-    if request.param == "fused" and _loader.load_library() is None:
-        pytest.skip(f"fused kernel library not loaded: {_loader.load_error()}")
+    if request.param == "fused" and loader.load_library() is None:
+        pytest.skip(f"fused kernel library not loaded: {loader.load_error()}")
     return request.param
 
 
@@ -95,13 +95,15 @@ def test_tf_function_with_dynamic_rate(implementation):
 
 
 def test_dynamic_params_rate_needs_learning_rate(implementation):
-    variables = _variables(_state())
+    state = _state()
+    variables = _variables(state)
     params = AdamParameters(DynamicLearningRate(0))
+    grads = np.ones((1, DIM), np.float32)
     with pytest.raises(ValueError, match=r"`learning_rate` must be given"):
-        apply_adam(*variables, [0], np.ones((1, DIM), np.float32), params,
-                   implementation=implementation)
-    apply_adam(*variables, [0], np.ones((1, DIM), np.float32), params, 0.1,
-               implementation=implementation)
+        apply_adam(*variables, [0], grads, params, implementation=implementation)
+    assert_state_equal(variables, state)
+    apply_adam(*variables, [0], grads, params, 0.1, implementation=implementation)
+    assert_state_equal(variables, adam_update(*state, [0], grads, params, learning_rate=0.1))
 
 
 @pytest.mark.parametrize("mode", ["eager", "function"])
@@ -177,13 +179,13 @@ def spies(monkeypatch):
 
 @pytest.fixture
 def no_library(monkeypatch):
-    monkeypatch.setattr(_loader, "load_library", lambda: None)
-    monkeypatch.setattr(_loader, "load_error", lambda: "no .so in the test")
+    monkeypatch.setattr(loader, "load_library", lambda: None)
+    monkeypatch.setattr(loader, "load_error", lambda: "no .so in the test")
 
 
 @pytest.fixture
 def fake_library(monkeypatch):
-    monkeypatch.setattr(_loader, "load_library", lambda: object())
+    monkeypatch.setattr(loader, "load_library", lambda: object())
 
 
 def _call(implementation="auto", variables=None, **kwargs):
@@ -286,6 +288,15 @@ def test_tf_adam_parameters_accepted(implementation):
     assert_state_equal(variables, adam_update(*state, _IDS, grads, params))
 
 
+@pytest.mark.parametrize("implementation_name", ["auto", "tf", "fused"])
+def test_tf_adam_parameters_go_through_our_validation(spies, fake_library, implementation_name):
+    # TF's class takes an epsilon whose square vanishes in float32; ours does not.
+    params = tf.compat.v1.tpu.experimental.AdamParameters(0.1, epsilon=1e-23)
+    with pytest.raises(ValueError, match=r"`epsilon`"):
+        _call(implementation_name, params=params)
+    assert (spies[0].calls, spies[1].calls) == (0, 0)
+
+
 @pytest.mark.parametrize(
     ("learning_rate", "error", "match"),
     [(True, TypeError, "Python number"), ("0.1", TypeError, "Python number"),
@@ -368,8 +379,8 @@ _BAD_INPUTS = {
 @pytest.mark.parametrize("implementation", ["auto", "fused", "tf"])
 @pytest.mark.parametrize("case", list(_BAD_INPUTS), ids=list(_BAD_INPUTS))
 def test_bad_input_same_error_on_every_implementation(implementation, case):
-    if implementation == "fused" and _loader.load_library() is None:
-        pytest.skip(f"fused kernel library not loaded: {_loader.load_error()}")
+    if implementation == "fused" and loader.load_library() is None:
+        pytest.skip(f"fused kernel library not loaded: {loader.load_error()}")
     build, error, pattern = _BAD_INPUTS[case]
     state = _state(9)
     variables = _variables(state)

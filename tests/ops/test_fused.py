@@ -3,7 +3,6 @@ numerics checks, concurrency and the library loader."""
 
 from __future__ import annotations
 
-import re
 import threading
 
 import numpy as np
@@ -20,13 +19,14 @@ from _ops_helpers import (
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tpu_embed_adam.ops import _loader
+from tpu_embed_adam.ops import loader
+from tpu_embed_adam.ops.apply import apply_adam
 from tpu_embed_adam.ops.fused import fused_apply_adam
 from tpu_embed_adam.params import AdamParameters
 from tpu_embed_adam.reference import adam_update, bias_corrected_learning_rate
 
 pytestmark = pytest.mark.skipif(
-    _loader.load_library() is None, reason=f"kernel library not built: {_loader.load_error()}"
+    loader.load_library() is None, reason=f"kernel library not built: {loader.load_error()}"
 )
 
 
@@ -153,7 +153,8 @@ def test_accepts_our_and_tf_adam_parameters(params_class):
     ids = np.array([1, 3, 1, 9])
     grads = rng.standard_normal((4, 4)).astype(np.float32)
     variables = _variables(*state)
-    fused_apply_adam(*variables, ids, grads, params)
+    # apply_adam converts TF's class to ours, which the fused wrapper takes.
+    apply_adam(*variables, ids, grads, params, implementation="fused")
     assert_state_equal(variables, adam_update(*state, ids, grads, params))
 
 
@@ -241,9 +242,15 @@ def test_bad_input_raises_and_writes_nothing(overrides, pattern):
 def test_non_scalar_learning_rate():
     state, variables, args = _bad_call()
     del args["learning_rate"]
-    # A known shape fails when the op is built, before the kernel runs...
+    # A known shape fails in apply_adam, before the op is built...
     with pytest.raises(ValueError, match=r"`learning_rate` must be a scalar"):
-        fused_apply_adam(*variables, params=Flags(), learning_rate=tf.constant([0.1, 0.2]), **args)
+        apply_adam(
+            *variables,
+            params=Flags().params,
+            learning_rate=tf.constant([0.1, 0.2]),
+            implementation="fused",
+            **args,
+        )
 
     # ...an unknown one in the kernel, before it writes.
     @tf.function(input_signature=[tf.TensorSpec(None, tf.float32)])
@@ -369,35 +376,3 @@ def test_concurrent_calls_serialise_without_torn_rows():
     for snapshot in snapshots:
         same = np.all(tables == snapshot, axis=(1, 2))
         assert same.any(), "a read saw a table between two serial states"
-
-
-# The loader never raises; the wrapper explains a missing library.
-
-
-def _reset_loader(monkeypatch, package_dir):
-    monkeypatch.setattr(_loader, "_PACKAGE_DIR", package_dir)
-    monkeypatch.setattr(_loader, "_attempted", False)
-    monkeypatch.setattr(_loader, "_module", None)
-    monkeypatch.setattr(_loader, "_error", None)
-
-
-def test_loader_caches_the_module():
-    assert _loader.load_library() is _loader.load_library()
-    assert _loader.load_error() is None
-    assert hasattr(_loader.load_library(), "tpu_embed_adam_apply")
-
-
-def test_missing_library(monkeypatch, tmp_path):
-    _reset_loader(monkeypatch, tmp_path)
-    assert _loader.load_library() is None
-    assert "no _tpu_embed_adam_ops" in _loader.load_error()
-    state, variables, args = _bad_call()
-    with pytest.raises(RuntimeError, match="make lib"):
-        fused_apply_adam(*variables, params=Flags(), **args)
-
-
-def test_broken_library(monkeypatch, tmp_path):
-    (tmp_path / "_tpu_embed_adam_ops.cpython-311-x86_64-linux-gnu.so").write_bytes(b"not elf")
-    _reset_loader(monkeypatch, tmp_path)
-    assert _loader.load_library() is None
-    assert re.search(r"_tpu_embed_adam_ops\.cpython.*\.so: \w+", _loader.load_error())

@@ -1,6 +1,5 @@
 """The pure-TF path against the numpy reference, in every execution mode."""
 
-import dataclasses
 import itertools
 
 import numpy as np
@@ -114,7 +113,7 @@ def test_matches_reference(mode, examples):
 
 @pytest.mark.parametrize("params", list(_every_combination()),
                          ids=lambda p: ",".join(f"{k}={v}" for k, v in
-                                                dataclasses.asdict(p).items()
+                                                p.to_dict().items()
                                                 if v not in (None, False)))
 def test_every_flag_combination(params):
     rng = np.random.default_rng(0)

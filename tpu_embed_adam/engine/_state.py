@@ -11,17 +11,17 @@ from typing import Any
 
 import tensorflow as tf
 
-from tpu_embed_adam.ops import _loader
+from tpu_embed_adam.ops import loader
 
 __all__ = ["info", "reset", "tables"]
 
 
 def _library() -> Any:
-    library = _loader.load_library()
+    library = loader.load_library()
     if library is None:
         raise RuntimeError(
             "the tpu_embed_adam kernel library did not load "
-            f"({_loader.load_error()}); build it with `make lib`."
+            f"({loader.load_error()}); build it with `make lib`."
         )
     return library
 

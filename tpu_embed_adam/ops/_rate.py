@@ -1,4 +1,4 @@
-"""The learning-rate argument, validated once for `apply_adam` and both paths."""
+"""The learning-rate argument: checked once by `apply_adam`, resolved by each path."""
 
 from __future__ import annotations
 
@@ -55,4 +55,15 @@ def learning_rate_tensor(params: Any, learning_rate: Any) -> tf.Tensor:
     # A Python number becomes float32 directly (the hint keeps an int from
     # becoming int32), a float64 one is rounded once: either way the value of
     # the reference's np.float32(learning_rate).
+    return tf.cast(tf.convert_to_tensor(learning_rate, dtype_hint=tf.float32), tf.float32)
+
+
+def resolved_learning_rate(params: Any, learning_rate: Any) -> tf.Tensor:
+    """The rate an implementation runs with, as a float32 tensor; checks nothing.
+
+    `apply_adam` passes the tensor that `learning_rate_tensor` checked; None
+    (direct callers of an implementation) means `params.learning_rate`.
+    """
+    if learning_rate is None:
+        learning_rate = params.learning_rate
     return tf.cast(tf.convert_to_tensor(learning_rate, dtype_hint=tf.float32), tf.float32)

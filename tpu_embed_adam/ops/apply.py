@@ -12,11 +12,11 @@ from typing import Any
 import tensorflow as tf
 from tensorflow.python.ops import control_flow_util, resource_variable_ops
 from tensorflow.python.ops import variables as variables_lib
-from tensorflow.python.tpu import tpu_embedding as _tf_tpu_embedding
 
-from tpu_embed_adam.ops import _loader, fused, options
+from tpu_embed_adam.ops import fused, loader, options
 from tpu_embed_adam.ops._rate import learning_rate_tensor
 from tpu_embed_adam.ops.tf_path import tf_apply_adam
+from tpu_embed_adam.params import as_adam_parameters
 
 __all__ = ["apply_adam"]
 
@@ -113,8 +113,8 @@ def _fallback_reason(var: Any, m: Any, v: Any) -> str | None:
         return (
             f"the custom kernel is disabled ({options.DISABLE_ENV_VAR} or disable_custom_kernel())"
         )
-    if _loader.load_library() is None:
-        return f"the kernel library did not load: {_loader.load_error()}"
+    if loader.load_library() is None:
+        return f"the kernel library did not load: {loader.load_error()}"
     if control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()):
         return "inside an XLA-compiled function (the fused op has no XLA kernel)"
     # The kernel updates all three in place on the CPU: one that is a ref
@@ -166,7 +166,8 @@ def apply_adam(
       grads: [n, dim] float32 gradients, or a `tf.IndexedSlices` (the gradient
         of `tf.gather`/`tf.nn.embedding_lookup`), whose indices are the ids.
       params: an `AdamParameters`, ours or TF's
-        `tf.compat.v1.tpu.experimental.AdamParameters`.
+        `tf.compat.v1.tpu.experimental.AdamParameters` (converted to ours, so
+        validated as ours: e.g. `epsilon=1e-23` is refused).
       learning_rate: this step's rate: a Python number or a scalar float
         tensor; None for `params.learning_rate` (required when that is a
         `DynamicLearningRate`). See `bias_corrected_learning_rate`.
@@ -184,10 +185,12 @@ def apply_adam(
     the arguments are checked here, once, before either runs.
 
     Raises:
-      ValueError: an unknown `implementation`, `ids` given with
+      ValueError: an unknown `implementation`, TF's `AdamParameters` with
+        values ours refuses, `ids` given with
         `IndexedSlices`, a non-scalar learning rate, static rank or shape
         mismatches, or `var`, `m`, `v` not three distinct variables.
-      TypeError: `params` not an AdamParameters, `var`, `m` or `v` not a
+      TypeError: `params` not an AdamParameters (or TF's with an attribute of
+        the wrong type), `var`, `m` or `v` not a
         `tf.Variable` (a numpy array, a tensor, a `PartitionedVariable`), or
         wrong dtypes (float32 variables and gradients, int32/int64 ids).
       RuntimeError: `implementation="fused"` without the kernel library.
@@ -199,17 +202,15 @@ def apply_adam(
             f"Argument `implementation` must be one of {_IMPLEMENTATIONS}; "
             f"received: {implementation!r}."
         )
-    if not isinstance(params, _tf_tpu_embedding.AdamParameters):
-        raise TypeError(
-            "Argument `params` must be an AdamParameters (tpu_embed_adam's or "
-            f"tf.compat.v1.tpu.experimental's); received: {type(params).__name__}."
-        )
+    # The one place the arguments are checked: both implementations take the
+    # results (our AdamParameters, a float32 rate, ids and grads as tensors).
+    params = as_adam_parameters(params)
     learning_rate = learning_rate_tensor(params, learning_rate)
     ids, grads = _validated(var, m, v, *_split_gradient(ids, grads))
-    if implementation == "fused" and _loader.load_library() is None:
+    if implementation == "fused" and loader.load_library() is None:
         raise RuntimeError(
             "implementation='fused' needs the kernel library, which did not load: "
-            f"{_loader.load_error()}. Build it with `make lib`, or pass "
+            f"{loader.load_error()}. Build it with `make lib`, or pass "
             "implementation='auto' or 'tf'."
         )
     if implementation == "auto":

@@ -20,8 +20,8 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.python.ops import control_flow_util
 
-from tpu_embed_adam.ops._rate import learning_rate_tensor
-from tpu_embed_adam.reference import _Constants, _constants
+from tpu_embed_adam.ops._rate import resolved_learning_rate
+from tpu_embed_adam.reference import Float32Constants, float32_constants
 
 __all__ = ["tf_apply_adam"]
 
@@ -35,13 +35,13 @@ class _Hyper(NamedTuple):
 
     lr: tf.Tensor
     decay: tf.Tensor
-    constants: _Constants
+    constants: Float32Constants
     sum_inside_sqrt: bool
 
 
 def _hyper(params: Any, learning_rate: Any) -> _Hyper:
-    lr = learning_rate_tensor(params, learning_rate)
-    constants = _constants(params)
+    lr = resolved_learning_rate(params, learning_rate)
+    constants = float32_constants(params)
     decay = tf.constant(constants.weight_decay)
     if params.multiply_weight_decay_factor_by_learning_rate:
         decay = decay * lr
@@ -279,10 +279,10 @@ def tf_apply_adam(
 ) -> tf.Operation | None:
     """Applies one TPU embedding Adam step to `var`, `m`, `v` with stock TF ops.
 
-    The semantics are those of `tpu_embed_adam.reference.adam_update`. Types
-    and static shapes are `apply_adam`'s to check (this function trusts
-    them); run-time shapes and ids are checked here before anything is
-    written, and on error nothing changes.
+    The semantics are those of `tpu_embed_adam.reference.adam_update`.
+    Arguments are `apply_adam`'s to check (this function trusts them);
+    run-time shapes and ids are checked here before anything is written, and
+    on error nothing changes.
     Unlike the fused kernel, this path takes no lock: concurrent calls on the
     same variables are not serialised and may interleave within a row.
 
@@ -292,9 +292,11 @@ def tf_apply_adam(
       v: [rows, dim] float32 second-moment variable.
       ids: [n] int32/int64 row ids in [0, rows), duplicates allowed.
       grads: [n, dim] float32 gradients, one row per id.
-      params: an `AdamParameters` (ours or TF's; read by attribute).
-      learning_rate: this step's rate (Python number or float scalar tensor);
-        None: `params.learning_rate`.
+      params: a `tpu_embed_adam.AdamParameters` (`apply_adam` converts TF's),
+        read by attribute.
+      learning_rate: this step's rate (float32 scalar tensor, as
+        `apply_adam` checked it, or a Python number); None:
+        `params.learning_rate`.
       check_numerics: raise if `grads` or the learning rate holds NaN or Inf
         (by default they propagate into the table, as on a TPU).
 
@@ -302,9 +304,6 @@ def tf_apply_adam(
       The update op in graph mode; None when executing eagerly.
 
     Raises:
-      TypeError: a learning rate that is not a number or a float tensor.
-      ValueError: a non-scalar learning rate, or none (`params.learning_rate`
-        dynamic and `learning_rate` None).
       tf.errors.InvalidArgumentError: at run time, for shape mismatches, ids
         out of range (naming the first bad id and the table size) or, with
         `check_numerics`, non-finite gradients or rate. Not under XLA (see

@@ -5,7 +5,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "tensorflow/core/platform/errors.h"
-#include "tpu_embed_adam/cc/engine/shape_util.h"
+#include "tpu_embed_adam/cc/core/shape_util.h"
 
 namespace tpu_embed_adam {
 namespace engine {

@@ -10,7 +10,8 @@
 #include "absl/strings/str_join.h"
 #include "tensorflow/core/platform/errors.h"
 #include "tensorflow/core/protobuf/tpu/tpu_embedding_configuration.pb.h"
-#include "tpu_embed_adam/cc/engine/shape_util.h"
+#include "tpu_embed_adam/cc/core/adam_config.h"
+#include "tpu_embed_adam/cc/core/shape_util.h"
 
 namespace tpu_embed_adam {
 namespace engine {
@@ -21,8 +22,6 @@ using tensorflow::Status;
 using tensorflow::errors::FailedPrecondition;
 using tensorflow::errors::InvalidArgument;
 namespace tpu = tensorflow::tpu;
-
-constexpr float kInf = std::numeric_limits<float>::infinity();
 
 // Loads that may wait for a configuration: more than TF's load ops of any
 // realistic model (one per table and host), so that a stream of loads without
@@ -59,14 +58,6 @@ Status Parse(const std::string& serialized,
                            "TPUEmbeddingConfiguration");
   }
   return tensorflow::OkStatus();
-}
-
-// The proto's oneof name of the table's optimizer, for the error message.
-std::string OptimizerName(const tpu::OptimizationParameters& p) {
-  const auto* oneof =
-      tpu::OptimizationParameters::descriptor()->FindOneofByName("parameters");
-  const auto* field = p.GetReflection()->GetOneofFieldDescriptor(p, oneof);
-  return field == nullptr ? "none" : field->name();
 }
 
 // `inference`: the configuration's mode is INFERENCE, for which TF's
@@ -123,47 +114,10 @@ Status TableFromProto(const tpu::TPUEmbeddingConfiguration_TableDescriptor& d,
     case tpu::LearningRate::LEARNING_RATE_NOT_SET:
       return bad("learning_rate sets neither constant nor dynamic");
   }
-  const auto& adam = p.adam();  // all defaults for an SGD table
   if (t->optimizer == Optimizer::kAdam) {
-    for (const auto& [name, value] :
-         {std::pair<const char*, float>{"beta1", adam.beta1()},
-          {"beta2", adam.beta2()}}) {
-      // Written so that NaN fails too.
-      if (!(value >= 0.0f && value < 1.0f)) {
-        return bad("Adam ", name, " ", value, " is outside [0, 1)");
-      }
-    }
-    if (!(adam.epsilon() > 0.0f) || !std::isfinite(adam.epsilon())) {
-      return bad("Adam epsilon ", adam.epsilon(),
-                 " must be positive and finite");
-    }
-  }
-  // The update divides by sqrt(v + epsilon^2) or sqrt(v) + epsilon: a term
-  // that underflows, or is subnormal and flushed to zero by TF's threads,
-  // turns a row with v = m = 0 into NaN.
-  const float eps_term = adam.use_sum_inside_sqrt()
-                             ? adam.epsilon() * adam.epsilon()
-                             : adam.epsilon();
-  if (!(eps_term >= std::numeric_limits<float>::min())) {
-    return bad("Adam epsilon ", adam.epsilon(), " vanishes in float32 (",
-               adam.use_sum_inside_sqrt() ? "epsilon^2" : "epsilon",
-               " must be at least ", std::numeric_limits<float>::min(), ")");
-  }
-  if (!(p.weight_decay_factor() >= 0.0f) ||
-      !std::isfinite(p.weight_decay_factor())) {
-    return bad("weight_decay_factor ", p.weight_decay_factor(),
-               " must be non-negative and finite");
-  }
-  // Infinite limits mean "no limit"; NaN or crossed limits mean nothing.
-  for (const auto& [name, limits] :
-       {std::pair<const char*, const tpu::ClippingLimits*>{
-            "gradient_clipping_limits", &p.gradient_clipping_limits()},
-        {"clipping_limits", &p.clipping_limits()}}) {
-    const float lo = limits->has_lower() ? limits->lower().value() : -kInf;
-    const float hi = limits->has_upper() ? limits->upper().value() : kInf;
-    if (std::isnan(lo) || std::isnan(hi) || lo > hi) {
-      return bad(name, " [", lo, ", ", hi, "] is not an interval");
-    }
+    // An SGD table (INFERENCE mode) trains nothing: its AdamConfig stays unset.
+    const Status read = AdamConfigFromProto(p, &t->adam);
+    if (!read.ok()) return bad(read.message());
   }
   t->name = d.name();
   t->id = id;
@@ -178,23 +132,6 @@ Status TableFromProto(const tpu::TPUEmbeddingConfiguration_TableDescriptor& d,
   } else {
     t->constant_lr = p.learning_rate().constant();
   }
-  AdamConfig& a = t->adam;
-  a.beta1 = adam.beta1();
-  a.beta2 = adam.beta2();
-  a.epsilon = adam.epsilon();
-  a.lazy = !adam.use_non_lazy_adam();
-  a.sum_inside_sqrt = adam.use_sum_inside_sqrt();
-  a.gradient_accumulation =
-      p.gradient_accumulation_status() != tpu::GradientAccumulationStatus::DISABLED;
-  const auto& gc = p.gradient_clipping_limits();
-  a.clip_gradient_min = gc.has_lower() ? gc.lower().value() : -kInf;
-  a.clip_gradient_max = gc.has_upper() ? gc.upper().value() : kInf;
-  const auto& wc = p.clipping_limits();
-  a.clip_weight_min = wc.has_lower() ? wc.lower().value() : -kInf;
-  a.clip_weight_max = wc.has_upper() ? wc.upper().value() : kInf;
-  a.weight_decay_factor = p.weight_decay_factor();
-  a.multiply_weight_decay_factor_by_learning_rate =
-      p.multiply_weight_decay_factor_by_learning_rate();
 
   t->shards.resize(num_shards);
   const int64_t base = t->padded_vocabulary_size / num_shards;

@@ -36,7 +36,7 @@
 
 #include "tensorflow/core/platform/status.h"
 #include "tpu_embed_adam/cc/engine/batch.h"
-#include "tpu_embed_adam/cc/kernels/sparse_adam.h"
+#include "tpu_embed_adam/cc/core/sparse_adam.h"
 
 namespace tpu_embed_adam {
 namespace engine {

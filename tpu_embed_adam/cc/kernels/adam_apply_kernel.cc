@@ -1,5 +1,6 @@
-// CPU kernel of TpuEmbedAdamApply: validates everything, then runs the shared
-// update of sparse_adam.h on the variables' buffers in place.
+// CPU kernel of TpuEmbedAdamApply: reads its optimization_parameters with the
+// engine's reader (core/adam_config.h), validates every input, then runs the
+// shared update of core/sparse_adam.h on the variables' buffers in place.
 // training_op_helpers.h copies tensors on the CPU device's thread pool.
 #define EIGEN_USE_THREADS
 
@@ -17,8 +18,9 @@
 #include "tensorflow/core/framework/tensor.h"
 #include "tensorflow/core/framework/tensor_shape.h"
 #include "tensorflow/core/kernels/training_op_helpers.h"
-#include "tpu_embed_adam/cc/kernels/parallel_for.h"
-#include "tpu_embed_adam/cc/kernels/sparse_adam.h"
+#include "tpu_embed_adam/cc/core/adam_config.h"
+#include "tpu_embed_adam/cc/core/parallel_for.h"
+#include "tpu_embed_adam/cc/core/sparse_adam.h"
 
 namespace tpu_embed_adam {
 namespace {
@@ -60,24 +62,11 @@ template <typename Index>
 class TpuEmbedAdamApplyOp : public OpKernel {
  public:
   explicit TpuEmbedAdamApplyOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("beta1", &cfg_.beta1));
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("beta2", &cfg_.beta2));
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("epsilon", &cfg_.epsilon));
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("lazy_adam", &cfg_.lazy));
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("sum_inside_sqrt", &cfg_.sum_inside_sqrt));
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("use_gradient_accumulation",
-                                     &cfg_.gradient_accumulation));
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("clip_weight_min", &cfg_.clip_weight_min));
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("clip_weight_max", &cfg_.clip_weight_max));
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("weight_decay_factor",
-                                     &cfg_.weight_decay_factor));
-    OP_REQUIRES_OK(
-        ctx, ctx->GetAttr("multiply_weight_decay_factor_by_learning_rate",
-                          &cfg_.multiply_weight_decay_factor_by_learning_rate));
-    OP_REQUIRES_OK(ctx,
-                   ctx->GetAttr("clip_gradient_min", &cfg_.clip_gradient_min));
-    OP_REQUIRES_OK(ctx,
-                   ctx->GetAttr("clip_gradient_max", &cfg_.clip_gradient_max));
+    std::string serialized;
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("optimization_parameters", &serialized));
+    const tensorflow::Status read = AdamConfigFromSerialized(serialized, &cfg_);
+    OP_REQUIRES(ctx, read.ok(),
+                InvalidArgument("optimization_parameters: ", read.message()));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("check_numerics", &check_numerics_));
   }
 

@@ -6,7 +6,7 @@
 #include "tensorflow/core/framework/tensor.h"
 #include "tensorflow/core/protobuf/tpu/topology.pb.h"
 #include "tpu_embed_adam/cc/engine/engine.h"
-#include "tpu_embed_adam/cc/kernels/parallel_for.h"
+#include "tpu_embed_adam/cc/core/parallel_for.h"
 
 namespace tpu_embed_adam {
 namespace {

@@ -67,8 +67,9 @@ Status ApplyShapeFn(InferenceContext* c) {
 }  // namespace
 
 // One step of TPU embedding sparse Adam on resource variables, in place. The
-// attrs mirror tpu_embed_adam.AdamParameters; the rules are in
-// tpu_embed_adam/reference.py and docs/semantics.md.
+// hyper-parameters are a serialized tensorflow.tpu.OptimizationParameters
+// (AdamParameters.to_tf_proto()), read as the engine reads a table's; the
+// rules are in tpu_embed_adam/reference.py and docs/semantics.md.
 REGISTER_OP("TpuEmbedAdamApply")
     .Input("var: resource")
     .Input("m: resource")
@@ -77,18 +78,7 @@ REGISTER_OP("TpuEmbedAdamApply")
     .Input("grads: float")
     .Input("learning_rate: float")
     .Attr("Tindices: {int32, int64}")
-    .Attr("beta1: float")
-    .Attr("beta2: float")
-    .Attr("epsilon: float")
-    .Attr("lazy_adam: bool = true")
-    .Attr("sum_inside_sqrt: bool = true")
-    .Attr("use_gradient_accumulation: bool = true")
-    .Attr("clip_weight_min: float = -inf")
-    .Attr("clip_weight_max: float = inf")
-    .Attr("weight_decay_factor: float = 0")
-    .Attr("multiply_weight_decay_factor_by_learning_rate: bool = false")
-    .Attr("clip_gradient_min: float = -inf")
-    .Attr("clip_gradient_max: float = inf")
+    .Attr("optimization_parameters: string")
     .Attr("check_numerics: bool = false")
     .SetIsStateful()
     .SetShapeFn(ApplyShapeFn)
@@ -100,7 +90,10 @@ m: [rows, dim] float32 first-moment slot.
 v: [rows, dim] float32 second-moment slot.
 ids: [n] row ids in [0, rows), duplicates allowed.
 grads: [n, dim] one gradient row per id.
-learning_rate: scalar learning rate of this step.
+learning_rate: scalar learning rate of this step (it overrides the
+  learning_rate of optimization_parameters, which may be dynamic).
+optimization_parameters: a serialized tensorflow.tpu.OptimizationParameters
+  with Adam set; its learning rate is not read.
 check_numerics: if true, a non-finite gradient or learning rate is an error
   raised before any write.
 )doc");

@@ -2,8 +2,8 @@
 // maths, shared by the fused op (TpuEmbedAdamApply) and the software embedding
 // engine. The formula and every rule are stated once, in
 // tpu_embed_adam/reference.py and docs/semantics.md; this file implements them.
-#ifndef TPU_EMBED_ADAM_CC_KERNELS_SPARSE_ADAM_H_
-#define TPU_EMBED_ADAM_CC_KERNELS_SPARSE_ADAM_H_
+#ifndef TPU_EMBED_ADAM_CC_CORE_SPARSE_ADAM_H_
+#define TPU_EMBED_ADAM_CC_CORE_SPARSE_ADAM_H_
 
 #include <cstdint>
 #include <functional>
@@ -69,4 +69,4 @@ void ApplySparseAdam(const AdamConfig& cfg, float lr, const TableShard& shard,
 
 }  // namespace tpu_embed_adam
 
-#endif  // TPU_EMBED_ADAM_CC_KERNELS_SPARSE_ADAM_H_
+#endif  // TPU_EMBED_ADAM_CC_CORE_SPARSE_ADAM_H_

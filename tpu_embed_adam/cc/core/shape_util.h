@@ -1,15 +1,14 @@
-// Shape helpers shared by the engine's sources: error text and sizes that
+// Shape helpers shared by the engine and the kernels: error text and sizes that
 // must not overflow int64 (shapes come from configurations and tensors that
 // users control).
-#ifndef TPU_EMBED_ADAM_CC_ENGINE_SHAPE_UTIL_H_
-#define TPU_EMBED_ADAM_CC_ENGINE_SHAPE_UTIL_H_
+#ifndef TPU_EMBED_ADAM_CC_CORE_SHAPE_UTIL_H_
+#define TPU_EMBED_ADAM_CC_CORE_SHAPE_UTIL_H_
 
 #include <cstdint>
 #include <string>
 #include <vector>
 
 namespace tpu_embed_adam {
-namespace engine {
 
 // "[2, 3]", for error messages.
 std::string ShapeString(const std::vector<int64_t>& shape);
@@ -18,7 +17,6 @@ std::string ShapeString(const std::vector<int64_t>& shape);
 // overflows int64.
 int64_t CheckedProduct(const std::vector<int64_t>& dims);
 
-}  // namespace engine
 }  // namespace tpu_embed_adam
 
-#endif  // TPU_EMBED_ADAM_CC_ENGINE_SHAPE_UTIL_H_
+#endif  // TPU_EMBED_ADAM_CC_CORE_SHAPE_UTIL_H_

@@ -1,4 +1,4 @@
-#include "tpu_embed_adam/cc/kernels/parallel_for.h"
+#include "tpu_embed_adam/cc/core/parallel_for.h"
 
 #include <functional>
 

@@ -1,10 +1,9 @@
-#include "tpu_embed_adam/cc/engine/shape_util.h"
+#include "tpu_embed_adam/cc/core/shape_util.h"
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 
 namespace tpu_embed_adam {
-namespace engine {
 
 std::string ShapeString(const std::vector<int64_t>& shape) {
   return absl::StrCat("[", absl::StrJoin(shape, ", "), "]");
@@ -18,5 +17,4 @@ int64_t CheckedProduct(const std::vector<int64_t>& dims) {
   return n;
 }
 
-}  // namespace engine
 }  // namespace tpu_embed_adam

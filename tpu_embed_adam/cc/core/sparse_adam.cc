@@ -12,7 +12,7 @@
 // positions and step the rows in parallel, once per occurrence. Non-lazy mode
 // sums first, sorts the distinct rows and streams the whole table in parallel
 // row ranges, stepping absent runs of rows as flat spans.
-#include "tpu_embed_adam/cc/kernels/sparse_adam.h"
+#include "tpu_embed_adam/cc/core/sparse_adam.h"
 
 #include <algorithm>
 #include <atomic>
