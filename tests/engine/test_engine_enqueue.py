@@ -1,0 +1,187 @@
+"""Enqueue through TF's raw ops: bad ids, row splits, sample indices and weights
+fail before any write, and the queue limits hold.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from tpu_embedding_harness import (
+    adam_params,
+    assert_engine_unchanged,
+    dense_ids,
+    embedding_config,
+    engine_snapshot,
+    enqueue,
+    load_all,
+    random_slots,
+    raw,
+    system_config,
+)
+
+from tpu_embed_adam import engine
+from tpu_embed_adam.ops import loader
+
+pytestmark = [
+    pytest.mark.skipif(loader.load_library() is None, reason="kernel library not built"),
+    pytest.mark.usefixtures("clean_engine"),
+]
+
+
+@pytest.mark.parametrize(
+    "feats,pattern",
+    [
+        (
+            dense_ids([0, 10], [1, 2]),
+            r"feature 0 \(table 'a'\): embedding_indices\[1\] = 10 is "
+            r"outside the vocabulary \[0, 10\)",
+        ),
+        (dense_ids([0, 1], [-1, 2]), r"feature 1 \(table 'b'\): embedding_indices\[0\] = -1"),
+        (dense_ids([0, 1, 2], [1, 2]), "3 embedding_indices without sample indices"),
+        (dense_ids([0, 1]), "enqueue has 1 features; the configuration has 2"),
+    ],
+)
+def test_bad_enqueue(loaded: bytes, feats, pattern: str) -> None:
+    before = engine_snapshot()
+    with pytest.raises(tf.errors.InvalidArgumentError, match=pattern):
+        enqueue("arbitrary", feats, [], [0, 1])
+    assert_engine_unchanged(before)
+    with pytest.raises(tf.errors.FailedPreconditionError, match="nothing was enqueued"):
+        raw.RecvTPUEmbeddingActivations(num_outputs=2, config=loaded)
+
+
+def test_bad_enqueue_details(loaded: bytes) -> None:
+    before = engine_snapshot()
+    idx = np.array([[0, 0], [2, 0]], np.int64)
+    feats = [(idx, np.array([1, 2], np.int64), np.zeros((0,), np.float32)), dense_ids([1, 2])[0]]
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"sample index 2 at 1 is outside"):
+        enqueue("arbitrary", feats, [], [0, 1])
+    with pytest.raises(tf.errors.InvalidArgumentError, match="table_ids entry 0 but"):
+        enqueue("sparse", dense_ids([0, 1], [1, 2]), [], [0, 0])
+    with pytest.raises(tf.errors.InvalidArgumentError, match="combiner 'max'"):
+        enqueue("arbitrary", dense_ids([0, 1], [1, 2]), ["sum", "max"], [0, 1])
+    splits = (np.array([0, 1, 3], np.int64), np.array([1, 2], np.int64), np.zeros((0,), np.float32))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="row splits of size 3"):
+        enqueue("ragged", [splits, dense_ids([1, 2])[0]], [], [0, 1])
+    with pytest.raises(tf.errors.InvalidArgumentError, match="core 1 of task 0 is outside"):
+        enqueue("arbitrary", dense_ids([0, 1], [1, 2]), [], [0, 1], ordinal=1)
+    assert_engine_unchanged(before)
+
+
+_MONOTONE = r"row splits must be non-decreasing within \[0, 5\]; "
+
+
+_FEATURE_R = r"feature 0 \(table 'r'\): "
+
+
+@pytest.mark.parametrize("kind", ["ragged", "arbitrary"])
+@pytest.mark.parametrize(
+    "splits,pattern",
+    [
+        # Splits past the ids used to fill slots far beyond them (heap overflow).
+        ([0, 100, 4, 5], _MONOTONE + "entry 1 is 100 after 0"),
+        ([0, 3, 2, 5], _MONOTONE + "entry 2 is 2 after 3"),
+        ([0, -2, 3, 5], _MONOTONE + "entry 1 is -2 after 0"),
+        ([0, 2, 3, 6], r"row splits of size 4 must have batch \+ 1 = 4 entries from 0 to 5"),
+    ],
+)
+def test_bad_row_splits_fail_before_any_write(kind: str, splits: list[int], pattern: str) -> None:
+    cfg = embedding_config([("r", 10, 2, adam_params())], [(0, [3])])
+    load_all(cfg, "r", random_slots(np.random.default_rng(8), 10, 2), 1, False)
+    before = engine_snapshot()
+    feat = (np.array(splits, np.int64), np.arange(5, dtype=np.int64), np.zeros((0,), np.float32))
+    with pytest.raises(tf.errors.InvalidArgumentError, match=_FEATURE_R + pattern):
+        enqueue(kind, [feat], [], [0])
+    assert_engine_unchanged(before)
+    # Good splits still work.
+    enqueue(kind, [(np.array([0, 2, 3, 5], np.int64), feat[1], feat[2])], [], [0])
+    assert engine.info()["queued_batches"] == 1
+
+
+@pytest.mark.parametrize(
+    "index,shape,pattern",
+    [
+        ([[0, 0], [3, 0]], [3], r"sample index 3 at 1 is outside the batch \[0, 3\)"),
+        ([[0, 0], [-1, 0]], [3], r"sample index -1 at 1 is outside the batch \[0, 3\)"),
+        ([[0, 0], [1, -1]], [3, 2], r"sequence position -1 at 1 is negative"),
+        ([[0, 0]], [3], r"sample indices of 2 values with 2 columns for 2 embedding_indices"),
+    ],
+)
+def test_bad_sample_indices(index, shape: list[int], pattern: str) -> None:
+    cfg = embedding_config([("r", 10, 2, adam_params())], [(0, shape)])
+    raw.ConfigureTPUEmbedding(config=cfg)
+    before = engine_snapshot()
+    feat = (np.array(index, np.int64), np.array([1, 2], np.int64), np.zeros((0,), np.float32))
+    with pytest.raises(tf.errors.InvalidArgumentError, match=_FEATURE_R + pattern):
+        enqueue("sparse", [feat], [], [0])
+    assert_engine_unchanged(before)
+
+
+def test_bad_weights_length(loaded: bytes) -> None:
+    before = engine_snapshot()
+    ids, index = np.array([1, 2], np.int64), np.array([0, 1, 2], np.int64)
+    feats = [(index, ids, np.ones((3,), np.float32)), dense_ids([1, 2])[0]]
+    with pytest.raises(
+        tf.errors.InvalidArgumentError,
+        match="aggregation_weights has 3 values for 2 embedding_indices",
+    ):
+        enqueue("arbitrary", feats, [], [0, 1])
+    assert_engine_unchanged(before)
+
+
+def test_ids_in_dummy_padding_are_outside_the_vocabulary() -> None:
+    # vocab 2 < 3 hosts: the third shard holds a dummy row that id 2 must not reach.
+    cfg = embedding_config([("tiny", 2, 2, adam_params())], [(0, [1])], num_hosts=3)
+    raw.ConfigureTPUEmbedding(config=cfg)
+    before = engine_snapshot()
+    with pytest.raises(
+        tf.errors.InvalidArgumentError,
+        match=r"feature 0 \(table 'tiny'\): embedding_indices\[0\] = 2 is outside the "
+        r"vocabulary \[0, 2\)",
+    ):
+        enqueue("arbitrary", dense_ids([2]), [], [0])
+    assert_engine_unchanged(before)
+    enqueue("arbitrary", dense_ids([1]), [], [0])
+
+
+def test_bad_enqueue_values(loaded: bytes) -> None:
+    before = engine_snapshot()
+    with pytest.raises(
+        tf.errors.InvalidArgumentError, match="device_ordinal -5 must be a core"
+    ):
+        enqueue("arbitrary", dense_ids([0, 1], [1, 2]), [], [0, 1], ordinal=-5)
+    three = (np.array([[0, 0, 0], [1, 0, 0]], np.int64), np.array([1, 2], np.int64),
+             np.zeros((0,), np.float32))
+    with pytest.raises(
+        tf.errors.InvalidArgumentError,
+        match=r"feature 0 \(table 'a'\): sample indices have 3 columns; input_shape \[2\] takes",
+    ):
+        enqueue("arbitrary", [three, dense_ids([1, 2])[0]], [], [0, 1])
+    for bad in (np.nan, np.inf):
+        weighted = (np.array([0, 1, 2], np.int64), np.array([1, 2], np.int64),
+                    np.array([1.0, bad], np.float32))
+        with pytest.raises(
+            tf.errors.InvalidArgumentError,
+            match=rf"feature 0 \(table 'a'\): aggregation_weights\[1\] = {bad} is not finite",
+        ):
+            enqueue("ragged", [weighted, dense_ids([1, 2])[0]], ["mean", "sum"], [0, 1])
+    assert_engine_unchanged(before)
+    assert engine.info()["queued_batches"] == 0
+
+
+def test_enqueue_limits() -> None:
+    wide = system_config(dim=2**30, input_shape=[1])
+    raw.ConfigureTPUEmbedding(config=wide)
+    with pytest.raises(
+        tf.errors.ResourceExhaustedError, match="reach 3221225472 gradient elements"
+    ):
+        enqueue("arbitrary", [(np.zeros((3, 2), np.int64), np.array([0, 1, 2], np.int64),
+                                np.zeros((0,), np.float32))], [], [0])
+    engine.reset()
+    raw.ConfigureTPUEmbedding(config=embedding_config([("a", 10, 4, adam_params())], [(0, [2])]))
+    for _ in range(1024):
+        enqueue("arbitrary", dense_ids([0, 1]), [], [0])
+    with pytest.raises(tf.errors.ResourceExhaustedError, match="already has 1024 batches"):
+        enqueue("arbitrary", dense_ids([0, 1]), [], [0])
+    assert engine.info()["queued_batches"] == 1024
