@@ -137,17 +137,17 @@ Status TableFromProto(const tpu::TPUEmbeddingConfiguration_TableDescriptor& d,
       return bad("Adam epsilon ", adam.epsilon(),
                  " must be positive and finite");
     }
-  }
-  // The update divides by sqrt(v + epsilon^2) or sqrt(v) + epsilon: a term
-  // that underflows, or is subnormal and flushed to zero by TF's threads,
-  // turns a row with v = m = 0 into NaN.
-  const float eps_term = adam.use_sum_inside_sqrt()
-                             ? adam.epsilon() * adam.epsilon()
-                             : adam.epsilon();
-  if (!(eps_term >= std::numeric_limits<float>::min())) {
-    return bad("Adam epsilon ", adam.epsilon(), " vanishes in float32 (",
-               adam.use_sum_inside_sqrt() ? "epsilon^2" : "epsilon",
-               " must be at least ", std::numeric_limits<float>::min(), ")");
+    // The update divides by sqrt(v + epsilon^2) or sqrt(v) + epsilon: a term
+    // that underflows, or is subnormal and flushed to zero by TF's threads,
+    // turns a row with v = m = 0 into NaN.
+    const float eps_term = adam.use_sum_inside_sqrt()
+                               ? adam.epsilon() * adam.epsilon()
+                               : adam.epsilon();
+    if (!(eps_term >= std::numeric_limits<float>::min())) {
+      return bad("Adam epsilon ", adam.epsilon(), " vanishes in float32 (",
+                 adam.use_sum_inside_sqrt() ? "epsilon^2" : "epsilon",
+                 " must be at least ", std::numeric_limits<float>::min(), ")");
+    }
   }
   if (!(p.weight_decay_factor() >= 0.0f) ||
       !std::isfinite(p.weight_decay_factor())) {
@@ -575,7 +575,7 @@ Status Engine::CheckLoadLocked(const LoadRequest& req, ShardRef* ref) {
   // spread through every step, a negative velocity puts a negative number
   // under the square root.
   const int64_t n = ref->rows * t.dim;
-  for (int i = 0; i < 3; ++i) {
+  for (int i = 0; i < NumArrays(req.optimizer); ++i) {
     const float* data = req.data[i];
     int64_t at = FindNonFinite(data, n);
     if (at < 0 && i == 2) {
@@ -583,7 +583,7 @@ Status Engine::CheckLoadLocked(const LoadRequest& req, ShardRef* ref) {
       if (at == n) at = -1;
     }
     if (at >= 0) {
-      return InvalidArgument("LoadTPUEmbeddingADAMParameters: table '", t.name,
+      return InvalidArgument(LoadOpName(req.optimizer), ": table '", t.name,
                              "' shard ", ref->shard, ": ", kNames[i], "[",
                              at / t.dim, ", ", at % t.dim, "] = ", data[at],
                              i == 2 ? " must be finite and >= 0"
