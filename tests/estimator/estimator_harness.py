@@ -61,6 +61,7 @@ def oracle_embedding(spec: Any, batch_size: int) -> tpu_embedding.TPUEmbedding:
             master=None,
             optimization_parameters=spec.optimization_parameters,
             partition_strategy=spec.partition_strategy,
+            pipeline_execution_with_tensor_core=spec.pipeline_execution_with_tensor_core,
             device_config=tpu_embedding.DeviceConfig(1, 1, "/job:localhost"),
         )
 

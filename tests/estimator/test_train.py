@@ -92,3 +92,12 @@ def test_cross_shard_optimizer_in_model_fn(tmp_path):
     for _ in range(TABLE_STEPS):
         bias -= BIAS_LEARNING_RATE * (bias - 1.0)
     np.testing.assert_allclose(reader.get_tensor("bias"), bias, rtol=1e-6)
+
+
+def test_pipeline_execution_with_tensor_core_accepted(tmp_path):
+    """Accepted; lookups still see the previous step's update (docs/estimator.md)."""
+    reader, model, emb = train_and_replay(
+        tmp_path, tpu_embed_adam.AdamParameters(0.05), pipeline_execution_with_tensor_core=True
+    )
+    assert emb.config_proto.pipeline_execution_with_tensor_core
+    assert_tables_equal(reader, model)
