@@ -19,6 +19,9 @@ import tensorflow as tf
 from tensorflow.python.tpu import tpu_embedding
 from tensorflow_estimator.python.estimator.tpu import _tpu_estimator_embedding as tf_tpu_est_emb
 
+import tpu_embed_adam
+from tpu_embed_adam.estimator import TPUEstimator
+
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "engine"))
 from tpu_embedding_harness import (  # noqa: E402
     Batch,
@@ -58,6 +61,7 @@ def oracle_embedding(spec: Any, batch_size: int) -> tpu_embedding.TPUEmbedding:
             master=None,
             optimization_parameters=spec.optimization_parameters,
             partition_strategy=spec.partition_strategy,
+            pipeline_execution_with_tensor_core=spec.pipeline_execution_with_tensor_core,
             device_config=tpu_embedding.DeviceConfig(1, 1, "/job:localhost"),
         )
 
@@ -193,3 +197,225 @@ def replay(
 def zeros_slots(initial: Mapping[str, np.ndarray]) -> dict[str, Slots]:
     """Tables at their initial values with zero Adam slots (a fresh start)."""
     return {t: Slots(w.copy(), np.zeros_like(w), np.zeros_like(w)) for t, w in initial.items()}
+
+
+# --- A model on table_to_config_dict / feature_to_config_dict (features read
+# the activations directly): three tables, one per combiner, a sequence
+# feature, and two features sharing a table.
+
+TABLE_BATCH = 6
+TABLE_STEPS = 4
+TABLES = {"t_mean": (23, 4, "mean"), "t_sum": (17, 3, "sum"), "t_sqrtn": (11, 2, "sqrtn")}
+FEATURES = {
+    "a": ("t_mean", 0),
+    "s": ("t_mean", 3),
+    "b": ("t_sum", 0),
+    "d": ("t_sum", 0),
+    "c": ("t_sqrtn", 0),
+}
+
+
+def initial_tables(seed: int = 7) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {t: rng.normal(size=(v, d)).astype(np.float32) for t, (v, d, _) in TABLES.items()}
+
+
+def table_spec(
+    params, initial, partition_strategy="div", table_rates=None, rate_fns=None, **spec_kwargs
+):
+    """An EmbeddingConfigSpec of `TABLES` and `FEATURES` (tables start at `initial`).
+
+    `table_rates` and `rate_fns` give tables a constant learning rate or a
+    `learning_rate_fn` of their own.
+    """
+    tables = {
+        t: tpu_embedding.TableConfig(
+            v,
+            d,
+            initializer=tf.constant_initializer(initial[t]),
+            combiner=c,
+            learning_rate=(table_rates or {}).get(t),
+            learning_rate_fn=(rate_fns or {}).get(t),
+        )
+        for t, (v, d, c) in TABLES.items()
+    }
+    features = {
+        f: tpu_embedding.FeatureConfig(t, max_sequence_length=n) for f, (t, n) in FEATURES.items()
+    }
+    return tf.compat.v1.estimator.tpu.experimental.EmbeddingConfigSpec(
+        table_to_config_dict=tables,
+        feature_to_config_dict=features,
+        optimization_parameters=params,
+        partition_strategy=partition_strategy,
+        **spec_kwargs,
+    )
+
+
+def make_estimator(model_fn, spec, model_dir, estimator_class=TPUEstimator, **kwargs):
+    config = tf.compat.v1.estimator.tpu.RunConfig(
+        model_dir=str(model_dir), save_checkpoints_steps=1000
+    )
+    kwargs.setdefault("train_batch_size", TABLE_BATCH)
+    kwargs.setdefault("eval_batch_size", TABLE_BATCH)
+    return estimator_class(
+        model_fn=model_fn, config=config, use_tpu=False, embedding_config_spec=spec, **kwargs
+    )
+
+
+def train_and_replay(
+    tmp_path,
+    params,
+    steps=TABLE_STEPS,
+    seed=0,
+    estimator_class=TPUEstimator,
+    optimizer=None,
+    dynamic_rates=None,
+    **spec_kwargs,
+):
+    """Trains `steps` steps; returns (checkpoint reader, numpy model replayed, oracle emb)."""
+    initial = initial_tables()
+    spec = table_spec(params, initial, **spec_kwargs)
+    emb = oracle_embedding(spec, TABLE_BATCH)
+    rng = np.random.default_rng(seed)
+    batches = [random_batch(rng, emb, min_ids_per_sample=0) for _ in range(steps)]
+    targets = [random_targets(rng, emb) for _ in range(steps)]
+    fetched: list = []
+    estimator = make_estimator(
+        regression_model_fn(list(FEATURES), fetched, optimizer), spec, tmp_path, estimator_class
+    )
+    estimator.train(input_fn_of(batches, targets, TABLE_BATCH), max_steps=steps)
+    assert len(fetched) == steps
+    model = replay(emb, zeros_slots(initial), batches, targets, fetched, dynamic_rates)
+    return tf.train.load_checkpoint(str(tmp_path)), model, emb
+
+
+def assert_tables_equal(reader, model, names=None):
+    for table, want in model.state.items():
+        name = (names or {}).get(table, table)
+        for slot, suffix in (("w", ""), ("m", "/Adam/m"), ("v", "/Adam/v")):
+            got = reader.get_tensor(name + suffix)
+            np.testing.assert_array_equal(got, getattr(want, slot), err_msg=f"{name}{suffix}")
+
+
+# --- A model on TPU embedding feature columns: an embedding column and two
+# shared columns, read through TF1's DenseFeatures.
+
+COLUMN_BATCH = 5
+COLUMN_STEPS = 3
+WIDTH = 8
+TF_TPU_ESTIMATOR = TPUEstimator.__mro__[1]
+# Column feature key -> checkpoint name of its table (TPUEstimator's names on a TPU).
+TABLE_NAMES = {
+    "tbl_user": "dense_features/user_embedding/embedding_weights",
+    "tbl_hist_item_shared_embedding": "hist_item_shared_embedding",
+}
+
+
+def initial_column_tables() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(3)
+    return {
+        "tbl_user": rng.normal(size=(23, 4)).astype(np.float32),
+        "tbl_hist_item_shared_embedding": rng.normal(size=(17, 3)).astype(np.float32),
+    }
+
+
+def columns(initial, combiner="mean"):
+    """The model's columns; tables start at `initial` (None: TF's initializers)."""
+
+    def init(table):
+        return None if initial is None else tf.constant_initializer(initial[table])
+
+    fc = tf.compat.v1.feature_column
+    tpu = tf.compat.v1.tpu.experimental
+    user = tpu.embedding_column(
+        fc.categorical_column_with_identity("user", 23),
+        4,
+        combiner=combiner,
+        initializer=init("tbl_user"),
+    )
+    item, hist = tpu.shared_embedding_columns(
+        [
+            fc.categorical_column_with_identity("item", 17),
+            fc.categorical_column_with_identity("hist", 17),
+        ],
+        3,
+        combiner="sqrtn",
+        initializer=init("tbl_hist_item_shared_embedding"),
+    )
+    return [user, item, hist]
+
+
+def spec_of(cols, params=None, **kwargs):
+    return tf.compat.v1.estimator.tpu.experimental.EmbeddingConfigSpec(
+        feature_columns=cols,
+        optimization_parameters=params or tpu_embed_adam.AdamParameters(0.05),
+        **kwargs,
+    )
+
+
+def column_layer(cols):
+    """TF1's DenseFeatures over the columns, split back into one activation per feature."""
+    ordered = sorted(cols, key=lambda c: c.name)
+    dims = [int(c.variable_shape[-1]) for c in ordered]
+
+    def layer(features):
+        net = tf.compat.v1.keras.layers.DenseFeatures(cols)(features)
+        parts = tf.split(net, dims, axis=1)
+        return {c.categorical_column.key: p for c, p in zip(ordered, parts, strict=True)}
+
+    return layer
+
+
+class ColumnRun:
+    """One estimator, its batches, and the numpy replay of its training."""
+
+    def __init__(self, tmp_path, estimator_class=TPUEstimator, seed=0, **spec_kwargs):
+        self.initial = initial_column_tables()
+        self.cols = columns(self.initial)
+        self.spec = spec_of(self.cols, **spec_kwargs)
+        self.emb = oracle_embedding(self.spec, COLUMN_BATCH)
+        self.features = list(self.emb.feature_to_config_dict)
+        rng = np.random.default_rng(seed)
+        self.batches = [
+            random_batch(rng, self.emb, max_ids_per_sample=4) for _ in range(COLUMN_STEPS + 1)
+        ]
+        self.targets = [random_targets(rng, self.emb) for _ in range(COLUMN_STEPS + 1)]
+        self.fetched: list = []
+        config = tf.compat.v1.estimator.tpu.RunConfig(
+            model_dir=str(tmp_path), save_checkpoints_steps=1000
+        )
+        self.estimator = estimator_class(
+            model_fn=regression_model_fn(
+                self.features, self.fetched, layer=column_layer(self.cols)
+            ),
+            config=config,
+            use_tpu=False,
+            train_batch_size=COLUMN_BATCH,
+            eval_batch_size=COLUMN_BATCH,
+            predict_batch_size=COLUMN_BATCH,
+            export_to_tpu=False,
+            embedding_config_spec=self.spec,
+        )
+        self.model_dir = str(tmp_path)
+
+    def train(self):
+        self.estimator.train(
+            input_fn_of(
+                self.batches[:COLUMN_STEPS], self.targets[:COLUMN_STEPS], COLUMN_BATCH, WIDTH
+            ),
+            max_steps=COLUMN_STEPS,
+        )
+        return tf.train.load_checkpoint(self.model_dir)
+
+    def replayed(self) -> NumpyModel:
+        return replay(
+            self.emb,
+            zeros_slots(self.initial),
+            self.batches[:COLUMN_STEPS],
+            self.targets[:COLUMN_STEPS],
+            self.fetched,
+        )
+
+
+def trained_model(reader, emb) -> NumpyModel:
+    return NumpyModel(emb, zeros_slots({t: reader.get_tensor(n) for t, n in TABLE_NAMES.items()}))

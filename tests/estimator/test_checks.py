@@ -5,16 +5,27 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tensorflow as tf
-from estimator_harness import input_fn_of, oracle_embedding, random_batch, random_targets, replay
+from estimator_harness import (
+    FEATURES,
+    TABLE_BATCH,
+    TF_TPU_ESTIMATOR,
+    columns,
+    initial_tables,
+    input_fn_of,
+    make_estimator,
+    oracle_embedding,
+    random_batch,
+    random_targets,
+    regression_model_fn,
+    replay,
+    spec_of,
+    table_spec,
+    zeros_slots,
+)
 from tensorflow.python.tpu import tpu_embedding
-from test_feature_columns import columns, spec_of
-from test_train import BATCH, _FEATURES, _initial_tables, make_estimator, table_spec, zeros_slots
-from estimator_harness import regression_model_fn
 
 import tpu_embed_adam
 from tpu_embed_adam.estimator import TPUEstimator
-
-TF_TPU_ESTIMATOR = TPUEstimator.__mro__[1]
 
 
 def _model_fn(features, labels, mode, params):
@@ -39,7 +50,7 @@ def test_optimizer_must_be_adam(tmp_path, params, match):
 
 
 def test_per_table_optimizer_named(tmp_path):
-    spec = table_spec(tpu_embed_adam.AdamParameters(0.1), _initial_tables())
+    spec = table_spec(tpu_embed_adam.AdamParameters(0.1), initial_tables())
     tables = dict(spec.table_to_config_dict)
     tables["t_sum"] = tables["t_sum"]._replace(
         optimization_parameters=tpu_embedding.AdagradParameters(0.1)
@@ -84,16 +95,18 @@ def test_tf_class_checks_after_install(tmp_path):
 
 def test_batch_larger_than_train_batch_size_fails_naming_it(tmp_path):
     """Statically larger: at graph construction; dynamically: when the step runs."""
-    spec = table_spec(tpu_embed_adam.AdamParameters(0.1), _initial_tables())
-    emb = oracle_embedding(spec, BATCH + 2)
+    spec = table_spec(tpu_embed_adam.AdamParameters(0.1), initial_tables())
+    emb = oracle_embedding(spec, TABLE_BATCH + 2)
     rng = np.random.default_rng(0)
     batches, targets = [random_batch(rng, emb)], [random_targets(rng, emb)]
-    estimator = make_estimator(regression_model_fn(list(_FEATURES)), spec, tmp_path)
-    with pytest.raises(ValueError, match=f"train_batch_size is {BATCH}.*batches of {BATCH + 2}"):
-        estimator.train(input_fn_of(batches, targets, BATCH + 2), max_steps=1)
+    estimator = make_estimator(regression_model_fn(list(FEATURES)), spec, tmp_path)
+    with pytest.raises(
+        ValueError, match=f"train_batch_size is {TABLE_BATCH}.*batches of {TABLE_BATCH + 2}"
+    ):
+        estimator.train(input_fn_of(batches, targets, TABLE_BATCH + 2), max_steps=1)
 
     def unknown_batch(params):
-        return input_fn_of(batches, targets, BATCH + 2)(params).map(
+        return input_fn_of(batches, targets, TABLE_BATCH + 2)(params).map(
             lambda f, t: (
                 {
                     k: tf.sparse.SparseTensor(
@@ -110,23 +123,61 @@ def test_batch_larger_than_train_batch_size_fails_naming_it(tmp_path):
             )
         )
 
-    with pytest.raises(tf.errors.InvalidArgumentError, match=f"train_batch_size is {BATCH}"):
-        make_estimator(regression_model_fn(list(_FEATURES)), spec, tmp_path / "dynamic").train(
+    with pytest.raises(tf.errors.InvalidArgumentError, match=f"train_batch_size is {TABLE_BATCH}"):
+        make_estimator(regression_model_fn(list(FEATURES)), spec, tmp_path / "dynamic").train(
             unknown_batch, max_steps=1
         )
 
 
 def test_smaller_last_batch_is_padded(tmp_path):
     """A batch below train_batch_size trains as that batch alone (empty padding samples)."""
-    initial = _initial_tables()
+    initial = initial_tables()
     spec = table_spec(tpu_embed_adam.AdamParameters(0.1), initial)
-    small = oracle_embedding(spec, BATCH - 2)
+    small = oracle_embedding(spec, TABLE_BATCH - 2)
     rng = np.random.default_rng(1)
     batches, targets = [random_batch(rng, small)], [random_targets(rng, small)]
     fetched: list = []
-    estimator = make_estimator(regression_model_fn(list(_FEATURES), fetched), spec, tmp_path)
-    estimator.train(input_fn_of(batches, targets, BATCH - 2), max_steps=1)
+    estimator = make_estimator(regression_model_fn(list(FEATURES), fetched), spec, tmp_path)
+    estimator.train(input_fn_of(batches, targets, TABLE_BATCH - 2), max_steps=1)
     want = replay(small, zeros_slots(initial), batches, targets, fetched)
     reader = tf.train.load_checkpoint(str(tmp_path))
     for table, state in want.state.items():
         np.testing.assert_array_equal(reader.get_tensor(table), state.w)
+
+
+def test_multi_process_run_config_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv(
+        "TF_CONFIG",
+        '{"cluster": {"chief": ["localhost:1"], "worker": ["localhost:2"]}, '
+        '"task": {"type": "chief", "index": 0}}',
+    )
+    config = tf.compat.v1.estimator.tpu.RunConfig(model_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="config: the RunConfig describes a cluster"):
+        TPUEstimator(
+            model_fn=_model_fn,
+            config=config,
+            use_tpu=False,
+            train_batch_size=TABLE_BATCH,
+            embedding_config_spec=spec_of(columns(None)),
+        )
+
+
+def test_scaffold_with_own_saver_refused(tmp_path):
+    """A saver of the model_fn's would save the tables as loaded, not as trained."""
+    spec = table_spec(tpu_embed_adam.AdamParameters(0.1), initial_tables())
+    emb = oracle_embedding(spec, TABLE_BATCH)
+    rng = np.random.default_rng(0)
+    inner = regression_model_fn(list(FEATURES))
+
+    def model_fn(features, labels, mode, params):
+        tpu_spec = inner(features, labels, mode, params)
+        return tpu_spec._replace(
+            scaffold_fn=lambda: tf.compat.v1.train.Scaffold(saver=tf.compat.v1.train.Saver())
+        )
+
+    estimator = make_estimator(model_fn, spec, tmp_path)
+    with pytest.raises(ValueError, match=r"scaffold has a saver.*RetrievingSaver"):
+        estimator.train(
+            input_fn_of([random_batch(rng, emb)], [random_targets(rng, emb)], TABLE_BATCH),
+            max_steps=1,
+        )

@@ -12,112 +12,13 @@ import pytest
 import tensorflow as tf
 from estimator_harness import (
     BIAS_LEARNING_RATE,
-    input_fn_of,
-    oracle_embedding,
-    random_batch,
-    random_targets,
-    regression_model_fn,
-    replay,
-    zeros_slots,
+    TABLE_STEPS,
+    assert_tables_equal,
+    train_and_replay,
 )
 from tensorflow.python.tpu import tpu_embedding
 
 import tpu_embed_adam
-from tpu_embed_adam.estimator import TPUEstimator
-
-BATCH = 6
-STEPS = 4
-_TABLES = {"t_mean": (23, 4, "mean"), "t_sum": (17, 3, "sum"), "t_sqrtn": (11, 2, "sqrtn")}
-_FEATURES = {
-    "a": ("t_mean", 0),
-    "s": ("t_mean", 3),
-    "b": ("t_sum", 0),
-    "d": ("t_sum", 0),
-    "c": ("t_sqrtn", 0),
-}
-
-
-def _initial_tables(seed: int = 7) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return {t: rng.normal(size=(v, d)).astype(np.float32) for t, (v, d, _) in _TABLES.items()}
-
-
-def table_spec(
-    params, initial, partition_strategy="div", table_rates=None, rate_fns=None, **spec_kwargs
-):
-    """An EmbeddingConfigSpec of `_TABLES` and `_FEATURES` (tables start at `initial`).
-
-    `table_rates` and `rate_fns` give tables a constant learning rate or a
-    `learning_rate_fn` of their own.
-    """
-    tables = {
-        t: tpu_embedding.TableConfig(
-            v,
-            d,
-            initializer=tf.constant_initializer(initial[t]),
-            combiner=c,
-            learning_rate=(table_rates or {}).get(t),
-            learning_rate_fn=(rate_fns or {}).get(t),
-        )
-        for t, (v, d, c) in _TABLES.items()
-    }
-    features = {
-        f: tpu_embedding.FeatureConfig(t, max_sequence_length=n) for f, (t, n) in _FEATURES.items()
-    }
-    return tf.compat.v1.estimator.tpu.experimental.EmbeddingConfigSpec(
-        table_to_config_dict=tables,
-        feature_to_config_dict=features,
-        optimization_parameters=params,
-        partition_strategy=partition_strategy,
-        **spec_kwargs,
-    )
-
-
-def make_estimator(model_fn, spec, model_dir, estimator_class=TPUEstimator, **kwargs):
-    config = tf.compat.v1.estimator.tpu.RunConfig(
-        model_dir=str(model_dir), save_checkpoints_steps=1000
-    )
-    kwargs.setdefault("train_batch_size", BATCH)
-    kwargs.setdefault("eval_batch_size", BATCH)
-    return estimator_class(
-        model_fn=model_fn, config=config, use_tpu=False, embedding_config_spec=spec, **kwargs
-    )
-
-
-def train_and_replay(
-    tmp_path,
-    params,
-    steps=STEPS,
-    seed=0,
-    estimator_class=TPUEstimator,
-    optimizer=None,
-    dynamic_rates=None,
-    **spec_kwargs,
-):
-    """Trains `steps` steps; returns (checkpoint reader, numpy model replayed, oracle emb)."""
-    initial = _initial_tables()
-    spec = table_spec(params, initial, **spec_kwargs)
-    emb = oracle_embedding(spec, BATCH)
-    rng = np.random.default_rng(seed)
-    batches = [random_batch(rng, emb, min_ids_per_sample=0) for _ in range(steps)]
-    targets = [random_targets(rng, emb) for _ in range(steps)]
-    fetched: list = []
-    estimator = make_estimator(
-        regression_model_fn(list(_FEATURES), fetched, optimizer), spec, tmp_path, estimator_class
-    )
-    estimator.train(input_fn_of(batches, targets, BATCH), max_steps=steps)
-    assert len(fetched) == steps
-    model = replay(emb, zeros_slots(initial), batches, targets, fetched, dynamic_rates)
-    return tf.train.load_checkpoint(str(tmp_path)), model, emb
-
-
-def assert_tables_equal(reader, model, names=None):
-    for table, want in model.state.items():
-        name = (names or {}).get(table, table)
-        for slot, suffix in (("w", ""), ("m", "/Adam/m"), ("v", "/Adam/v")):
-            got = reader.get_tensor(name + suffix)
-            np.testing.assert_array_equal(got, getattr(want, slot), err_msg=f"{name}{suffix}")
-
 
 PARAMS = {
     "default": tpu_embed_adam.AdamParameters(0.05),
@@ -143,10 +44,10 @@ def test_tables_and_slots_equal_reference(tmp_path, name):
     assert_tables_equal(reader, model)
     # The dense bias trained with the model_fn's SGD: b <- b - lr * (b - 1).
     bias = 0.0
-    for _ in range(STEPS):
+    for _ in range(TABLE_STEPS):
         bias -= BIAS_LEARNING_RATE * (bias - 1.0)
     np.testing.assert_allclose(reader.get_tensor("bias"), bias, rtol=1e-6)
-    assert reader.get_tensor("global_step") == STEPS
+    assert reader.get_tensor("global_step") == TABLE_STEPS
 
 
 def test_per_table_learning_rates_and_mod_sharding(tmp_path):
@@ -188,6 +89,15 @@ def test_cross_shard_optimizer_in_model_fn(tmp_path):
     )
     assert_tables_equal(reader, model)
     bias = 0.0
-    for _ in range(STEPS):
+    for _ in range(TABLE_STEPS):
         bias -= BIAS_LEARNING_RATE * (bias - 1.0)
     np.testing.assert_allclose(reader.get_tensor("bias"), bias, rtol=1e-6)
+
+
+def test_pipeline_execution_with_tensor_core_accepted(tmp_path):
+    """Accepted; lookups still see the previous step's update (docs/estimator.md)."""
+    reader, model, emb = train_and_replay(
+        tmp_path, tpu_embed_adam.AdamParameters(0.05), pipeline_execution_with_tensor_core=True
+    )
+    assert emb.config_proto.pipeline_execution_with_tensor_core
+    assert_tables_equal(reader, model)

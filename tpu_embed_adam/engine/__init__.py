@@ -1,9 +1,11 @@
 """A software TPU embedding engine: TF's own `TPUEmbedding` graph on CPU.
 
 Importing `tpu_embed_adam` registers CPU kernels for TF's TPU embedding ops
-(`ConfigureTPUEmbedding`, `Load/RetrieveTPUEmbeddingADAMParameters`, the
+(`ConfigureTPUEmbedding`, `ConfigureDistributedTPU`,
+`Load/RetrieveTPUEmbedding{ADAM,StochasticGradientDescent}Parameters`, the
 `EnqueueTPUEmbedding*Batch` ops, `RecvTPUEmbeddingActivations`,
-`SendTPUEmbeddingGradients`). The tables, their Adam slots and the hidden
+`SendTPUEmbeddingGradients`, `TPUEmbeddingActivations`, and
+`CrossReplicaSum` for one replica). The tables, their Adam slots and the hidden
 gradient accumulator then live in this process, and each training step
 applies TPU sparse Adam (`tpu_embed_adam.reference.adam_update`).
 
@@ -18,15 +20,18 @@ one core; the rest is TF's own code, unchanged)::
     sess.run(ops.load_ops()); sess.run(emb.generate_enqueue_ops([batch]))  # 4. each step
     sess.run(emb.generate_send_gradients_op(grads))  # 5. grads of get_activations()
 
-then `sess.run(ops.retrieve_ops())` before saving. Several hosts (a cluster
-of `tf.distribute.Server` workers) and several cores per host (logical CPU
-devices, one per core) are described in `docs/engine.md`.
+then `sess.run(ops.retrieve_ops())` before saving, or save with
+`RetrievingSaver(ops.retrieve_ops())`, which retrieves before every save.
+Several hosts (a cluster of `tf.distribute.Server` workers) and several
+cores per host (logical CPU devices, one per core) are described in
+`docs/engine.md`; TPUEstimator on CPU in `docs/estimator.md`.
 
 State is per process and survives sessions and graphs: the first op that
 carries a configuration installs it, later ops must carry the same one (or
 none), and `reset()` (or `tpu.shutdown_system()`) clears everything.
 """
 
+from tpu_embed_adam.engine._session import RetrievingSaver, load_tables_at_session_start
 from tpu_embed_adam.engine._state import info, reset, tables
 
-__all__ = ["info", "reset", "tables"]
+__all__ = ["RetrievingSaver", "info", "load_tables_at_session_start", "reset", "tables"]

@@ -14,6 +14,5 @@ lines that train a TPUEstimator program on CPU::
 """
 
 from tpu_embed_adam.estimator._estimator import TPUEstimator
-from tpu_embed_adam.estimator._session import RetrievingSaver
 
-__all__ = ["RetrievingSaver", "TPUEstimator"]
+__all__ = ["TPUEstimator"]

@@ -16,7 +16,7 @@ from typing import Any
 from tensorflow_estimator.python.estimator import model_fn as model_fn_lib
 from tensorflow_estimator.python.estimator.tpu import tpu_estimator as tf_tpu_estimator
 
-from tpu_embed_adam.estimator._checks import check_spec
+from tpu_embed_adam.estimator._checks import check_run_config, check_spec
 from tpu_embed_adam.estimator._model_fn import (
     EngineEmbeddingConfig,
     call_user_model_fn,
@@ -41,6 +41,7 @@ def _init(self: Any, *args: Any, **kwargs: Any) -> None:
         _TF_INIT(*bound.args, **bound.kwargs)
         return
     check_spec(spec, arguments["train_batch_size"], arguments["eval_batch_size"])
+    check_run_config(arguments["config"])
     # TF's constructor calls _augment_model_fn, which needs to know; the
     # RunConfig it completes comes after, so the config is built lazily.
     setattr(self, _ENGINE_ATTR, (spec, arguments["train_batch_size"], arguments["eval_batch_size"]))

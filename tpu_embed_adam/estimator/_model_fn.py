@@ -25,7 +25,7 @@ from tensorflow.python.util import function_utils
 from tensorflow_estimator.python.estimator import model_fn as model_fn_lib
 from tensorflow_estimator.python.estimator.tpu import _tpu_estimator_embedding as tf_tpu_est_emb
 
-from tpu_embed_adam.estimator._session import RetrievingSaver, add_load_to_local_init
+from tpu_embed_adam.engine import RetrievingSaver, load_tables_at_session_start
 
 _ModeKeys = model_fn_lib.ModeKeys
 # The host of the one-host, one-core configuration: the Estimator's own
@@ -185,7 +185,7 @@ def engine_model_fn(
             tf.compat.v1.get_default_graph(), emb.table_to_config_dict, emb.optimization_parameters
         )
     variables_and_ops = emb.create_variables_and_ops(names, slot_names)
-    add_load_to_local_init(emb.config_proto, variables_and_ops.load_ops, init_ops)
+    load_tables_at_session_start(emb.config_proto, variables_and_ops.load_ops, init_ops)
     if not training:
         return spec
 
@@ -198,7 +198,7 @@ def engine_model_fn(
     with tf.control_dependencies(enqueue_ops):
         send = emb.generate_send_gradients_op(gradients, step)
     _use_retrieving_saver(variables_and_ops.retrieve_ops(), config)
-    return spec._replace(train_op=tf.group(spec.train_op, send))
+    return _without_own_saver(spec)._replace(train_op=tf.group(spec.train_op, send))
 
 
 def _batch_of(features: dict[str, Any], emb: Any, argument: str) -> Any:
@@ -243,3 +243,24 @@ def _use_retrieving_saver(retrieve_ops: list[Any], config: Any) -> None:
             save_relative_paths=True,
         ),
     )
+
+
+def _check_scaffold(scaffold: Any) -> Any:
+    if scaffold is not None and scaffold.saver is not None:
+        raise ValueError(
+            "The model_fn's scaffold has a saver: with the CPU TPU embedding engine, "
+            "TPUEstimator saves with tpu_embed_adam.engine.RetrievingSaver, which copies "
+            "the tables out of the engine first; leave Scaffold(saver=...) unset."
+        )
+    return scaffold
+
+
+def _without_own_saver(spec: Any) -> Any:
+    """Refuses a spec whose scaffold brings a saver, which would save stale tables."""
+    if isinstance(spec, model_fn_lib.EstimatorSpec):
+        _check_scaffold(spec.scaffold)
+        return spec
+    scaffold_fn = spec.scaffold_fn
+    if scaffold_fn is None:
+        return spec
+    return spec._replace(scaffold_fn=lambda: _check_scaffold(scaffold_fn()))

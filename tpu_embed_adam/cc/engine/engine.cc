@@ -512,7 +512,7 @@ Status Engine::CheckLoadLocked(const LoadRequest& req, ShardRef* ref) {
   // spread through every step, a negative velocity puts a negative number
   // under the square root.
   const int64_t n = ref->rows * t.dim;
-  for (int i = 0; i < 3; ++i) {
+  for (int i = 0; i < NumArrays(req.optimizer); ++i) {
     const float* data = req.data[i];
     int64_t at = FindNonFinite(data, n);
     if (at < 0 && i == 2) {
@@ -520,7 +520,7 @@ Status Engine::CheckLoadLocked(const LoadRequest& req, ShardRef* ref) {
       if (at == n) at = -1;
     }
     if (at >= 0) {
-      return InvalidArgument("LoadTPUEmbeddingADAMParameters: table '", t.name,
+      return InvalidArgument(LoadOpName(req.optimizer), ": table '", t.name,
                              "' shard ", ref->shard, ": ", kNames[i], "[",
                              at / t.dim, ", ", at % t.dim, "] = ", data[at],
                              i == 2 ? " must be finite and >= 0"

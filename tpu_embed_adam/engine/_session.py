@@ -2,10 +2,11 @@
 
 On a TPU, TPUEstimator configures the embedding engine and runs the load ops
 when a session starts, and retrieves the tables into their variables after
-each training loop. Here the load happens when a session starts, and the
-retrieve right before each checkpoint save: the variables only need the
-engine's values when something reads them, and a retrieve copies whole
-tables (seconds for large ones), too much for every step.
+each training loop. Here the load happens when a session starts
+(`load_tables_at_session_start`), and the retrieve right before each
+checkpoint save (`RetrievingSaver`): the variables only need the engine's
+values when something reads them, and a retrieve copies whole tables
+(seconds for large ones), too much for every step.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import tensorflow as tf
 from tensorflow.python.tpu.ops import tpu_ops
 
 
-def add_load_to_local_init(
+def load_tables_at_session_start(
     config_proto: Any, load_ops_fn: Callable[[], list[Any]], init_ops: Sequence[Any]
 ) -> None:
     """Makes every session of the graph configure the engine and load the tables.
@@ -49,7 +50,11 @@ class RetrievingSaver(tf.compat.v1.train.Saver):
     """A `Saver` that copies the engine's tables into their variables first.
 
     Without the retrieve, a checkpoint would hold the tables as loaded, not
-    as trained. Every `save` (periodic, final, by a hook) retrieves.
+    as trained. Every `save` (periodic, final, by a hook) retrieves. Use it
+    in place of `tf.compat.v1.train.Saver` in a `TPUEmbedding` program::
+
+        saver = tpu_embed_adam.engine.RetrievingSaver(ops.retrieve_ops())
+        saver.save(sess, path)  # retrieve, then save
     """
 
     def __init__(self, retrieve_ops: Sequence[Any], *args: Any, **kwargs: Any):

@@ -10,16 +10,25 @@ from __future__ import annotations
 
 import numpy as np
 import tensorflow as tf
-from estimator_harness import replay
+from estimator_harness import (
+    COLUMN_BATCH,
+    COLUMN_STEPS,
+    TABLE_NAMES,
+    ColumnRun,
+    Slots,
+    column_layer,
+    columns,
+    replay,
+    spec_of,
+)
 from tensorflow.python.tpu import tpu_embedding, tpu_function
 from tensorflow_estimator.python.estimator.tpu import _tpu_estimator_embedding as tf_tpu_est_emb
-from test_feature_columns import BATCH, STEPS, TABLE_NAMES, Run, column_layer, columns, spec_of
-from tpu_embedding_harness import Slots, cluster
+from tpu_embedding_harness import cluster
 
 NUM_HOSTS = 2
 
 
-def tpu_graph(run: Run):
+def tpu_graph(run: ColumnRun):
     """TPUEstimator's TPU-side variables for `run`'s spec: (graph, variables, saver)."""
     graph = tf.Graph()
     cols = columns(None)  # Partitioned variables take TF's initializers.
@@ -29,7 +38,7 @@ def tpu_graph(run: Run):
         emb = tpu_embedding.TPUEmbedding(
             tables,
             features,
-            BATCH * NUM_HOSTS,
+            COLUMN_BATCH * NUM_HOSTS,
             tpu_embedding.TRAINING,
             master=None,
             optimization_parameters=spec.optimization_parameters,
@@ -37,7 +46,8 @@ def tpu_graph(run: Run):
         )
         # The model_fn's column calls in TPU mode record the variable scopes.
         inputs = {
-            f: tf.zeros([BATCH, int(tables[c.table_id].dimension)]) for f, c in features.items()
+            f: tf.zeros([COLUMN_BATCH, int(tables[c.table_id].dimension)])
+            for f, c in features.items()
         }
         with tpu_function.tpu_shard_context(NUM_HOSTS):
             column_layer(cols)(inputs)
@@ -56,7 +66,7 @@ def _full(parts):
 
 
 def test_cpu_checkpoint_restores_into_tpu_graph(tmp_path):
-    run = Run(tmp_path / "cpu")
+    run = ColumnRun(tmp_path / "cpu")
     reader = run.train()
     graph, variables, saver = tpu_graph(run)
     servers = cluster(NUM_HOSTS)
@@ -74,7 +84,7 @@ def test_cpu_checkpoint_restores_into_tpu_graph(tmp_path):
 
 
 def test_tpu_checkpoint_trains_on_cpu(tmp_path):
-    run = Run(tmp_path)
+    run = ColumnRun(tmp_path)
     graph, variables, saver = tpu_graph(run)
     rng = np.random.default_rng(11)
     start = {}
@@ -98,7 +108,9 @@ def test_tpu_checkpoint_trains_on_cpu(tmp_path):
             start[table] = Slots(*values)
         saver.save(sess, str(tmp_path / "model.ckpt"), global_step=0)
     run.train()  # Restores the TPU checkpoint from its model_dir, then trains.
-    want = replay(run.emb, start, run.batches[:STEPS], run.targets[:STEPS], run.fetched)
+    want = replay(
+        run.emb, start, run.batches[:COLUMN_STEPS], run.targets[:COLUMN_STEPS], run.fetched
+    )
     reader = tf.train.load_checkpoint(run.model_dir)
     for table, name in TABLE_NAMES.items():
         for slot, suffix in (("w", ""), ("m", "/Adam/m"), ("v", "/Adam/v")):
