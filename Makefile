@@ -10,7 +10,7 @@ OBJS := $(patsubst tpu_embed_adam/cc/%.cc,build/obj/%.o,$(CC_SRCS))
 CXXFLAGS_EXTRA ?= -Wall -Wno-sign-compare -Wno-unused-function
 TF_FLAGS := build/tf_flags.mk
 
-.PHONY: venv lib demo test test-all lint bench bazel-test clean proto
+.PHONY: venv lib demo demo-graph demo-tf2 test test-all lint bench bazel-test clean proto
 
 venv: $(STAMP)
 
@@ -40,8 +40,17 @@ $(LIB): $(OBJS)
 lib: $(STAMP)
 	flock build.lock $(MAKE) -j2 --no-print-directory $(LIB)
 
+# TPUEstimator on CPU: a recommender whose tables train with TPU Adam.
 demo: lib
+	$(PY) examples/recommender_estimator.py
+
+# TF's v1 TPUEmbedding graph, unchanged, on the software engine.
+demo-graph: lib
 	$(PY) examples/train_tpu_embedding.py
+
+# A TF2 custom loop: apply_adam on IndexedSlices gradients, Keras for the rest.
+demo-tf2: lib
+	$(PY) examples/custom_loop_tf2.py
 
 test: lib
 	$(PY) -m pytest -q -m "not slow" tests

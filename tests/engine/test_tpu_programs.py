@@ -296,7 +296,7 @@ def test_configure_distributed_tpu_installs_its_embedding_config():
     assert len({tuple(c) for c in topology.device_coordinates.reshape(-1, 4)}) == 6
     info = engine.info()
     assert (info["num_hosts"], info["cores_per_host"]) == (2, 3)
-    bad = cfg_pb2.TPUEmbeddingConfiguration()
+    bad = cfg_pb2.TPUEmbeddingConfiguration(num_hosts=1, num_tensor_cores=1)
     bad.table_descriptor.add(name="t", vocabulary_size=0, dimension=2)
     with pytest.raises(tf.errors.InvalidArgumentError, match="vocabulary_size 0"):
         raw.ConfigureDistributedTPU(embedding_config=bad.SerializeToString())
