@@ -312,6 +312,36 @@ def test_static_shape_errors_in_tf_function():
     assert_state_equal(variables, state)
 
 
+def _raw_apply(variables, optimization_parameters: bytes):
+    return loader.load_library().tpu_embed_adam_apply(
+        var=variables[0].handle, m=variables[1].handle, v=variables[2].handle,
+        ids=np.array([1], np.int64), grads=np.ones([1, _DIM], np.float32),
+        learning_rate=np.float32(0.1), optimization_parameters=optimization_parameters,
+    )
+
+
+def test_parameters_are_read_as_the_engine_reads_them():
+    # One C++ reader (cc/core/adam_config.h) for the op's attr and the engine's
+    # tables: what AdamParameters refuses but a proto can hold is refused
+    # with the engine's message, and nothing is written.
+    state, variables, _ = _bad_call()
+    msg = AdamParameters(0.1).to_tf_proto()
+    msg.adam.epsilon = 1e-23
+    with pytest.raises(
+        tf.errors.InvalidArgumentError,
+        match=r"optimization_parameters: Adam epsilon 1e-23 vanishes in float32",
+    ):
+        _raw_apply(variables, msg.SerializeToString())
+    msg.stochastic_gradient_descent.SetInParent()
+    with pytest.raises(
+        tf.errors.InvalidArgumentError, match="optimizer is 'stochastic_gradient_descent', not adam"
+    ):
+        _raw_apply(variables, msg.SerializeToString())
+    with pytest.raises(tf.errors.InvalidArgumentError, match="not a serialized Optimization"):
+        _raw_apply(variables, b"\xff\xff")
+    assert_state_equal(variables, state)
+
+
 def test_uninitialized_variable_in_session():
     with tf.Graph().as_default() as graph:
         variables = [tf.compat.v1.Variable(tf.zeros([4, 2]), use_resource=True) for _ in range(3)]

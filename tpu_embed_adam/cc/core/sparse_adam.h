@@ -11,7 +11,8 @@
 
 namespace tpu_embed_adam {
 
-// Hyper-parameters of one table's update; mirrors tpu_embed_adam.AdamParameters.
+// Hyper-parameters of one table's update, as AdamConfigFromProto (adam_config.h)
+// reads them from TF's OptimizationParameters.
 // Unset clipping bounds are +-infinity; no weight decay is a factor of 0.
 struct AdamConfig {
   float beta1 = 0.9f;
