@@ -6,13 +6,12 @@ silently trained differently on CPU would be worse than one that stops.
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 from tensorflow.python.tpu import feature_column_v2 as tpu_fc_v2
 from tensorflow.python.tpu import tpu_embedding as tf_tpu_embedding
 
-from tpu_embed_adam.params import AdamParameters
+from tpu_embed_adam.params import as_adam_parameters
 
 # Columns that look their rows up on the TensorCore or the host CPU of a TPU
 # (embedding_lookup_device='tpu_tensor_core' / 'cpu'): they bypass the TPU
@@ -23,30 +22,25 @@ _DEVICE_SPECIFIC_COLUMNS = (
 )
 
 
-def as_adam_parameters(value: Any, where: str) -> AdamParameters:
-    """Returns `value` (TF's or our Adam parameters) as a validated `AdamParameters`.
+def check_adam(value: Any, where: str) -> None:
+    """Refuses optimization parameters the engine cannot train with.
 
     Args:
       value: the optimization parameters of a spec or a table.
       where: the argument that holds it, for the error message.
 
-    Returns:
-      Our `AdamParameters` with the same values (stricter validation applied).
-
     Raises:
-      ValueError: `value` is not Adam, or fails `AdamParameters` validation.
+      ValueError: `value` is not Adam (TF's or ours), or fails
+        `AdamParameters` validation; the message starts with `where`.
     """
-    if isinstance(value, AdamParameters):
-        return value
     if not isinstance(value, tf_tpu_embedding.AdamParameters):
         raise ValueError(
             f"{where}: the CPU TPU embedding engine trains with Adam only; got "
             f"{type(value).__name__}. Use tf.compat.v1.tpu.experimental.AdamParameters "
             "or tpu_embed_adam.AdamParameters."
         )
-    names = inspect.signature(AdamParameters).parameters
     try:
-        return AdamParameters(**{name: getattr(value, name) for name in names})
+        as_adam_parameters(value)
     except (TypeError, ValueError) as err:
         raise ValueError(f"{where}: {err}") from err
 
@@ -69,9 +63,7 @@ def check_spec(spec: Any, train_batch_size: Any, eval_batch_size: Any) -> None:
             "embedding_config_spec.optimization_parameters is None: the CPU TPU "
             "embedding engine needs AdamParameters to train the tables."
         )
-    as_adam_parameters(
-        spec.optimization_parameters, "embedding_config_spec.optimization_parameters"
-    )
+    check_adam(spec.optimization_parameters, "embedding_config_spec.optimization_parameters")
     if spec.tensor_core_feature_columns:
         names = [column.name for column in spec.tensor_core_feature_columns]
         raise ValueError(
@@ -88,7 +80,7 @@ def check_spec(spec: Any, train_batch_size: Any, eval_batch_size: Any) -> None:
             )
     for name, table in (spec.table_to_config_dict or {}).items():
         if table.optimization_parameters is not None:
-            as_adam_parameters(
+            check_adam(
                 table.optimization_parameters,
                 f"embedding_config_spec.table_to_config_dict[{name!r}].optimization_parameters",
             )
