@@ -1005,7 +1005,14 @@ void Engine::ApplyStepLocked(const ParallelFor& parallel_for) {
       // Non-lazy Adam steps every row of a table each step, sent or not.
       if (!s.loaded || (t.adam.lazy && s.acc_ids.empty())) continue;
       const TableShard shard{s.w.data(), s.m.data(), s.v.data(), s.rows, t.dim};
-      ApplySparseAdam<int64_t>(t.adam, lr, shard, s.acc_ids.data(),
+      // With accumulation the accumulator's ids are distinct and their rows
+      // already summed (see Shard): for lazy Adam, stepping each row once
+      // with its sum (ApplySparseAdam's per-occurrence mode) is the
+      // accumulated update bit for bit (its own sum would be 0 + row, the
+      // row itself), without a second, serial pass over the gradients.
+      AdamConfig cfg = t.adam;
+      if (cfg.lazy) cfg.gradient_accumulation = false;
+      ApplySparseAdam<int64_t>(cfg, lr, shard, s.acc_ids.data(),
                                s.acc_grads.data(), s.acc_ids.size(),
                                parallel_for);
       ClearAccumulator(s);
