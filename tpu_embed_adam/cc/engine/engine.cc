@@ -6,6 +6,10 @@
 #include <cstdio>
 #include <limits>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "tensorflow/core/platform/errors.h"
@@ -344,6 +348,27 @@ void Accumulate(Shard& s, int64_t dim, bool accumulate, int64_t local,
   for (int64_t j = 0; j < dim; ++j) dst[j] = 0.0f + scale * g[j];
 }
 
+// Sizes `a` for n floats, asking the kernel to back it with huge pages
+// (transparent huge pages in "madvise" mode give them only on request):
+// lookups and updates touch rows scattered over the whole shard, and with
+// 4 KB pages nearly every row costs a TLB miss. Only a hint; contents are
+// the caller's to write.
+void ReserveShardArray(std::vector<float>& a, size_t n) {
+  if (a.capacity() < n) {
+    std::vector<float>().swap(a);
+    a.reserve(n);
+  }
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(a.data());
+  const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t last = (begin + n * sizeof(float)) & ~(kHuge - 1);
+  if (last > first) {
+    madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+  }
+#endif
+}
+
 void ClearAccumulator(Shard& s) {
   s.acc_ids.clear();
   s.acc_grads.clear();
@@ -665,6 +690,7 @@ void Engine::WriteLoadLocked(const ShardRef& ref, const LoadRequest& req) {
   const int64_t n = s.rows * t.dim;  // fits: TableFromProto checked vocab x dim
   std::vector<float>* arrays[3] = {&s.w, &s.m, &s.v};
   for (int i = 0; i < NumArrays(t.optimizer); ++i) {
+    ReserveShardArray(*arrays[i], n);
     arrays[i]->assign(req.data[i], req.data[i] + n);
   }
   s.loaded = true;
