@@ -12,7 +12,11 @@ Direct path: the same lookup (`tf.gather`), the same gradient, and the update
 by `tpu_embed_adam.apply_adam` (`--implementation`, default the fused kernel)
 on `tf.Variable`s, in one `Session.run`.
 
-Both report the median over `--iters` timed steps after `--warmup` steps.
+Both report the median over `--iters` timed steps after `--warmup` steps, for
+each `--zipf` exponent (0 draws ids uniformly; the default runs uniform ids,
+then zipf 1.2), and a last table of the ratio engine step / `apply_adam` step
+per distribution (measured in the same run: compare ratios, not milliseconds,
+on a shared machine).
 
   python benchmarks/bench_engine_step.py --rows=1000000 --dim=64 --ids=16384
 """
@@ -38,7 +42,9 @@ _DIM = flags.DEFINE_integer("dim", 64, "Embedding dimension.")
 _IDS = flags.DEFINE_integer("ids", 16_384, "Ids per step (one per sample).")
 _ITERS = flags.DEFINE_integer("iters", 10, "Timed steps.")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps first.")
-_ZIPF = flags.DEFINE_float("zipf", 0.0, "Power-law exponent of the ids; 0 draws them uniformly.")
+_ZIPF = flags.DEFINE_multi_float(
+    "zipf", [0.0, 1.2],
+    "Power-law exponents of the ids, one run each; 0 draws them uniformly.")
 _IMPLEMENTATION = flags.DEFINE_enum(
     "implementation", "fused", ["auto", "fused", "tf"], "`apply_adam` implementation (direct path)."
 )
@@ -49,9 +55,9 @@ _PATHS = flags.DEFINE_multi_enum(
 _LR = 0.01
 
 
-def _ids(rng: np.random.Generator) -> np.ndarray:
-    if _ZIPF.value > 0:
-        return ((rng.zipf(_ZIPF.value, _IDS.value) - 1) % _ROWS.value).astype(np.int64)
+def _ids(rng: np.random.Generator, zipf: float) -> np.ndarray:
+    if zipf > 0:
+        return ((rng.zipf(zipf, _IDS.value) - 1) % _ROWS.value).astype(np.int64)
     return rng.integers(0, _ROWS.value, _IDS.value).astype(np.int64)
 
 
@@ -71,7 +77,7 @@ def _initializer() -> Callable[..., tf.Tensor]:
     return tf.compat.v1.random_uniform_initializer(-0.05, 0.05, seed=0)
 
 
-def bench_engine(rng: np.random.Generator) -> dict[str, float]:
+def bench_engine(rng: np.random.Generator, zipf: float) -> dict[str, float]:
     """Times enqueue, Recv..Send, and the whole step through TF's TPU embedding ops."""
     graph = tf.Graph()
     with graph.as_default():
@@ -100,7 +106,7 @@ def bench_engine(rng: np.random.Generator) -> dict[str, float]:
         sess.run(load)
         load_s = time.perf_counter() - start
 
-        batches = iter([_ids(rng) for _ in range(_WARMUP.value + 2 * _ITERS.value)])
+        batches = iter([_ids(rng, zipf) for _ in range(_WARMUP.value + 2 * _ITERS.value)])
 
         def step() -> tuple[float, float]:
             feed = {ids: next(batches)}
@@ -140,7 +146,7 @@ def bench_engine(rng: np.random.Generator) -> dict[str, float]:
     }
 
 
-def bench_direct(rng: np.random.Generator) -> dict[str, float]:
+def bench_direct(rng: np.random.Generator, zipf: float) -> dict[str, float]:
     """Times gather -> loss -> gradient -> `apply_adam` on variables, one Session.run."""
     params = tpu_embedding.AdamParameters(_LR)
     graph = tf.Graph()
@@ -159,19 +165,32 @@ def bench_direct(rng: np.random.Generator) -> dict[str, float]:
         initializer = tf.compat.v1.global_variables_initializer()
     with tf.compat.v1.Session(graph=graph) as sess:
         sess.run(initializer)
-        batches = iter([_ids(rng) for _ in range(_WARMUP.value + _ITERS.value)])
+        batches = iter([_ids(rng, zipf) for _ in range(_WARMUP.value + _ITERS.value)])
         return {"step": _time(lambda: sess.run(update, {ids: next(batches)}))}
+
+
+def _label(zipf: float) -> str:
+    return f"zipf {zipf}" if zipf > 0 else "uniform"
 
 
 def main(argv: list[str]) -> None:
     del argv
-    logging.info("table %d x %d, %d ids per step (%s), median of %d steps",
-                 _ROWS.value, _DIM.value, _IDS.value,
-                 f"zipf {_ZIPF.value}" if _ZIPF.value > 0 else "uniform", _ITERS.value)
-    for path in _PATHS.value:
-        rng = np.random.default_rng(0)
-        times = bench_engine(rng) if path == "engine" else bench_direct(rng)
-        logging.info("%-6s %s", path, "  ".join(f"{k} {1e3 * s:.1f} ms" for k, s in times.items()))
+    steps: dict[tuple[str, float], float] = {}
+    for zipf in _ZIPF.value:
+        logging.info("table %d x %d, %d ids per step (%s), median of %d steps",
+                     _ROWS.value, _DIM.value, _IDS.value, _label(zipf), _ITERS.value)
+        for path in _PATHS.value:
+            rng = np.random.default_rng(0)
+            times = bench_engine(rng, zipf) if path == "engine" else bench_direct(rng, zipf)
+            steps[path, zipf] = times["step"]
+            logging.info("%-6s %s", path,
+                         "  ".join(f"{k} {1e3 * s:.1f} ms" for k, s in times.items()))
+    if set(_PATHS.value) == {"engine", "direct"}:
+        logging.info("%-12s %12s %16s %8s", "ids", "engine step", "apply_adam step", "ratio")
+        for zipf in _ZIPF.value:
+            engine, direct = steps["engine", zipf], steps["direct", zipf]
+            logging.info("%-12s %9.2f ms %13.2f ms %7.2fx", _label(zipf), 1e3 * engine,
+                         1e3 * direct, engine / direct)
 
 
 if __name__ == "__main__":

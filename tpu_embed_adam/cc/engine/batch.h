@@ -38,6 +38,10 @@ struct Entry {
   int64_t slot;  // flat index into the feature's input_shape
   int64_t id;    // global row id
   float scale;
+  // Where the id lives (shard of its table, row within the shard): set by
+  // the engine at enqueue, so that Recv and Send locate each id only once.
+  int32_t shard = 0;
+  int64_t local = 0;
 };
 
 struct Batch {

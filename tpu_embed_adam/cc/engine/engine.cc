@@ -6,6 +6,10 @@
 #include <cstdio>
 #include <limits>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "tensorflow/core/platform/errors.h"
@@ -40,6 +44,9 @@ constexpr int64_t kMaxFeatureSlots = int64_t{1} << 24;         // batch x sequen
 constexpr int64_t kMaxActivationElements = int64_t{1} << 30;  // slots x dimension
 constexpr int64_t kMaxBatchGradientElements = int64_t{1} << 31;  // ids x dimension
 constexpr size_t kMaxQueuedBatches = 1024;  // per core, enqueued and not received
+
+// Entries ahead whose table row Recv prefetches.
+constexpr size_t kPrefetchDistance = 8;
 
 std::string Canonical(const tpu::TPUEmbeddingConfiguration& proto) {
   std::string out;
@@ -220,6 +227,89 @@ RowLocation Locate(const Table& t, int64_t id) {
   const int64_t big = extra * (base + 1);  // ids in the larger shards
   if (id < big) return {static_cast<int>(id / (base + 1)), id % (base + 1)};
   return {static_cast<int>(extra + (id - big) / base), (id - big) % base};
+}
+
+// Fibonacci hashing: the top bits of the product are well mixed even for
+// consecutive or strided ids.
+inline uint64_t RowHash(int64_t local) {
+  return static_cast<uint64_t>(local) * 0x9E3779B97F4A7C15ull;
+}
+
+// Rebuilds the shard's accumulator index with room for one more row.
+void GrowAccumulatorIndex(Shard& s) {
+  size_t capacity = std::max<size_t>(64, s.acc_index.size());
+  while (capacity < 2 * (s.acc_ids.size() + 1)) capacity *= 2;
+  s.acc_index.assign(capacity, 0);
+  const uint64_t mask = capacity - 1;
+  const int shift = 64 - __builtin_ctzll(capacity);
+  for (size_t p = 0; p < s.acc_ids.size(); ++p) {
+    uint64_t h = RowHash(s.acc_ids[p]) >> shift;
+    while (s.acc_index[h] != 0) h = (h + 1) & mask;
+    s.acc_index[h] = p + 1;
+  }
+}
+
+// Adds scale * g (dim floats) to the accumulator row of `local`. With
+// accumulation, a local id's first row is 0 + scale * g and later ones add
+// to it, in arrival order: exactly ApplySparseAdam's per-row sum. Without,
+// every occurrence gets its own row.
+void Accumulate(Shard& s, int64_t dim, bool accumulate, int64_t local,
+                float scale, const float* g) {
+  float* dst = nullptr;
+  if (accumulate) {
+    if (2 * (s.acc_ids.size() + 1) > s.acc_index.size()) {
+      GrowAccumulatorIndex(s);
+    }
+    const uint64_t mask = s.acc_index.size() - 1;
+    const int shift = 64 - __builtin_ctzll(s.acc_index.size());
+    for (uint64_t h = RowHash(local) >> shift;; h = (h + 1) & mask) {
+      int64_t& slot = s.acc_index[h];
+      if (slot == 0) {
+        slot = s.acc_ids.size() + 1;
+        break;
+      }
+      if (s.acc_ids[slot - 1] == local) {
+        dst = s.acc_grads.data() + (slot - 1) * dim;
+        for (int64_t j = 0; j < dim; ++j) dst[j] += scale * g[j];
+        return;
+      }
+    }
+  }
+  s.acc_ids.push_back(local);
+  // Grow by a whole row, then fill: one size check per row, and a loop the
+  // compiler vectorises. `0.0f +` is the sum's start, not a no-op: it turns
+  // -0 into +0 as ApplySparseAdam's sum from zero does.
+  const size_t offset = s.acc_grads.size();
+  s.acc_grads.resize(offset + dim);
+  dst = s.acc_grads.data() + offset;
+  for (int64_t j = 0; j < dim; ++j) dst[j] = 0.0f + scale * g[j];
+}
+
+// Sizes `a` for n floats, asking the kernel to back it with huge pages
+// (transparent huge pages in "madvise" mode give them only on request):
+// lookups and updates touch rows scattered over the whole shard, and with
+// 4 KB pages nearly every row costs a TLB miss. Only a hint; contents are
+// the caller's to write.
+void ReserveShardArray(std::vector<float>& a, size_t n) {
+  if (a.capacity() < n) {
+    std::vector<float>().swap(a);
+    a.reserve(n);
+  }
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(a.data());
+  const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t last = (begin + n * sizeof(float)) & ~(kHuge - 1);
+  if (last > first) {
+    madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+  }
+#endif
+}
+
+void ClearAccumulator(Shard& s) {
+  s.acc_ids.clear();
+  s.acc_grads.clear();
+  std::fill(s.acc_index.begin(), s.acc_index.end(), 0);
 }
 
 }  // namespace
@@ -537,6 +627,7 @@ void Engine::WriteLoadLocked(const ShardRef& ref, const LoadRequest& req) {
   const int64_t n = s.rows * t.dim;  // fits: TableFromProto checked vocab x dim
   std::vector<float>* arrays[3] = {&s.w, &s.m, &s.v};
   for (int i = 0; i < NumArrays(t.optimizer); ++i) {
+    ReserveShardArray(*arrays[i], n);
     arrays[i]->assign(req.data[i], req.data[i] + n);
   }
   s.loaded = true;
@@ -625,6 +716,13 @@ Status Engine::Enqueue(int64_t task, int64_t core,
     TF_RETURN_IF_ERROR(BuildEntries(
         absl::StrCat("feature ", i, " (table '", t.name, "')"), f.input_shape,
         t.vocabulary_size, inputs[i], &batch.features[i]));
+    // Sharding is fixed by the configuration, which outlives the batch (a
+    // reset or reconfiguration clears the queues).
+    for (Entry& e : batch.features[i]) {
+      const RowLocation loc = Locate(t, e.id);
+      e.shard = loc.shard;
+      e.local = loc.local;
+    }
     // Send grows the accumulator by one gradient row per id.
     gradient_elements += static_cast<int64_t>(batch.features[i].size()) * t.dim;
     if (gradient_elements > kMaxBatchGradientElements) {
@@ -686,17 +784,39 @@ Status Engine::Recv(const std::string& config, int64_t task, int64_t core,
   lock.unlock();
 
   // Rows change only under their table's lock, so every activation is built
-  // from whole rows of one step.
+  // from whole rows of one step. Each slot's first id writes 0 + scale * row
+  // (the same float as adding to a zeroed slot), later ones add to it, and
+  // only slots no id reached are zeroed: one pass over the output.
+  std::vector<uint8_t> written;
   for (size_t i = 0; i < batch->features.size(); ++i) {
     Table& t = *tables[i];
+    const int64_t dim = t.dim;
     float* out = outputs[i];
-    std::fill(out, out + sizes[i], 0.0f);
+    const std::vector<Entry>& entries = batch->features[i];
+    written.assign(sizes[i] / dim, 0);
     std::lock_guard<std::mutex> table_lock(t.mu);
-    for (const Entry& e : batch->features[i]) {
-      const RowLocation loc = Locate(t, e.id);
-      const float* row = t.shards[loc.shard].w.data() + loc.local * t.dim;
-      float* dst = out + e.slot * t.dim;
-      for (int64_t j = 0; j < t.dim; ++j) dst[j] += e.scale * row[j];
+    const auto row_of = [&](const Entry& e) {
+      return t.shards[e.shard].w.data() + e.local * dim;
+    };
+    for (size_t k = 0; k < entries.size(); ++k) {
+      // The rows are scattered over the table: ask for a later one early.
+      if (k + kPrefetchDistance < entries.size()) {
+        const float* ahead = row_of(entries[k + kPrefetchDistance]);
+        for (int64_t j = 0; j < dim; j += 16) __builtin_prefetch(ahead + j);
+      }
+      const Entry& e = entries[k];
+      const float* row = row_of(e);
+      const float scale = e.scale;
+      float* dst = out + e.slot * dim;
+      if (written[e.slot]) {
+        for (int64_t j = 0; j < dim; ++j) dst[j] += scale * row[j];
+      } else {
+        written[e.slot] = 1;
+        for (int64_t j = 0; j < dim; ++j) dst[j] = 0.0f + scale * row[j];
+      }
+    }
+    for (size_t slot = 0; slot < written.size(); ++slot) {
+      if (!written[slot]) std::fill(out + slot * dim, out + (slot + 1) * dim, 0.0f);
     }
   }
   return tensorflow::OkStatus();
@@ -734,9 +854,8 @@ Status Engine::CheckRowsLoadedLocked(const Batch& batch) const {
     // `loaded` changes only under mu_ too, so reading it needs no table lock.
     const Table& t = *tables_[features_[i].table_id];
     for (const Entry& e : batch.features[i]) {
-      const int shard = Locate(t, e.id).shard;
-      if (!t.shards[shard].loaded) {
-        return FailedPrecondition("table '", t.name, "' shard ", shard,
+      if (!t.shards[e.shard].loaded) {
+        return FailedPrecondition("table '", t.name, "' shard ", e.shard,
                                   " (id ", e.id, " of feature ", i,
                                   ") was never loaded in this process");
       }
@@ -816,18 +935,11 @@ Status Engine::Send(int64_t task, int64_t core,
   if (sent_.count(key)) ApplyStepLocked(parallel_for);
   for (size_t i = 0; i < features_.size(); ++i) {
     Table& t = *tables_[features_[i].table_id];
+    const bool accumulate = t.adam.gradient_accumulation;
     std::lock_guard<std::mutex> table_lock(t.mu);
     for (const Entry& e : batch->features[i]) {
-      const RowLocation loc = Locate(t, e.id);
-      Shard& s = t.shards[loc.shard];
-      const float* g = grads[i] + e.slot * t.dim;
-      s.acc_ids.push_back(loc.local);
-      // Grow by a whole row, then fill: one size check per row, and a loop
-      // the compiler vectorises.
-      const size_t offset = s.acc_grads.size();
-      s.acc_grads.resize(offset + t.dim);
-      float* dst = s.acc_grads.data() + offset;
-      for (int64_t j = 0; j < t.dim; ++j) dst[j] = e.scale * g[j];
+      Accumulate(t.shards[e.shard], t.dim, accumulate, e.local, e.scale,
+                 grads[i] + e.slot * t.dim);
     }
   }
   --c->training_batches;
@@ -856,11 +968,17 @@ void Engine::ApplyStepLocked(const ParallelFor& parallel_for) {
       // Non-lazy Adam steps every row of a table each step, sent or not.
       if (!s.loaded || (t.adam.lazy && s.acc_ids.empty())) continue;
       const TableShard shard{s.w.data(), s.m.data(), s.v.data(), s.rows, t.dim};
-      ApplySparseAdam<int64_t>(t.adam, lr, shard, s.acc_ids.data(),
+      // With accumulation the accumulator's ids are distinct and their rows
+      // already summed (see Shard): for lazy Adam, stepping each row once
+      // with its sum (ApplySparseAdam's per-occurrence mode) is the
+      // accumulated update bit for bit (its own sum would be 0 + row, the
+      // row itself), without a second, serial pass over the gradients.
+      AdamConfig cfg = t.adam;
+      if (cfg.lazy) cfg.gradient_accumulation = false;
+      ApplySparseAdam<int64_t>(cfg, lr, shard, s.acc_ids.data(),
                                s.acc_grads.data(), s.acc_ids.size(),
                                parallel_for);
-      s.acc_ids.clear();
-      s.acc_grads.clear();
+      ClearAccumulator(s);
     }
   }
   sent_.clear();

@@ -55,13 +55,23 @@ std::string RetrieveOpName(Optimizer optimizer);
 
 // One shard of a table with its Adam slots (empty for an SGD table). The hidden gradient accumulator
 // of a TPU is `acc_ids`/`acc_grads`: this step's (local id, gradient row)
-// pairs, summed by ApplySparseAdam when the step completes.
+// pairs, handed to ApplySparseAdam when the step completes. With gradient
+// accumulation (the default) it holds one row per distinct local id, in the
+// order the ids first arrive, each the sum from zero of that id's gradient
+// rows in arrival order: the sum ApplySparseAdam would form from one row per
+// occurrence, bit for bit (a sum started from +0 is never -0, so the
+// update's own 0 + row returns the row unchanged). Without accumulation each
+// occurrence steps its row, so it keeps one row per occurrence.
 struct Shard {
   int64_t rows = 0;
   bool loaded = false;
   std::vector<float> w, m, v;
   std::vector<int64_t> acc_ids;
   std::vector<float> acc_grads;
+  // Open-addressing index of acc_ids by local id (1 + position; 0 is an
+  // empty slot), a power of two at least twice acc_ids' size; all zeros
+  // between steps. Used only with accumulation.
+  std::vector<int64_t> acc_index;
 };
 
 struct Table {
