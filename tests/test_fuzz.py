@@ -178,3 +178,20 @@ def test_known_defect_d1_weight_decay_underflow_round_trip():
                        multiply_weight_decay_factor_by_learning_rate=True)
     # Either the constructor refuses the factor (0 in float32), or the proto round-trips.
     assert AdamParameters.from_proto(p.to_proto()) == p
+
+
+@pytest.mark.xfail(strict=True, reason=ft.KNOWN_DEFECTS["known:D2-apply-lr-overflow"])
+def test_known_defect_d2_apply_adam_learning_rate_overflow():
+    import tensorflow as tf
+
+    from tpu_embed_adam import AdamParameters, apply_adam
+
+    var, m, v = (tf.Variable(tf.zeros([2, 2])) for _ in range(3))
+
+    @tf.function(autograph=False)
+    def step():
+        apply_adam(var, m, v, tf.constant([0]), tf.ones([1, 2]), AdamParameters(0.1),
+                   learning_rate=10**400)
+
+    with pytest.raises((TypeError, ValueError)):
+        step()
