@@ -129,7 +129,7 @@ def test_from_dict(value):
     _check("from_dict", value)
 
 
-@settings(FAST, max_examples=100)
+@settings(FAST, max_examples=60)
 @given(_generated("apply_adam"))
 def test_apply_adam(value):
     _check("apply_adam", value)
@@ -153,7 +153,7 @@ def _engine_inputs(draw: st.DrawFn) -> tuple[int, bytes]:
     return rng.randrange(len(_ENGINE_SEEDS)), ft.engine_input(rng, _ENGINE_SEEDS)
 
 
-@settings(FAST, max_examples=200)
+@settings(FAST, max_examples=120)
 @given(_engine_inputs())
 def test_engine_config(engine_worker, value):
     try:

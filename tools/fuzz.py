@@ -35,9 +35,8 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from absl import app, flags  # noqa: E402
-
 import fuzz_targets as ft  # noqa: E402
+from absl import app, flags  # noqa: E402
 
 _TARGET = flags.DEFINE_enum("target", "from_proto", [*ft.TARGETS, "all"], "What to fuzz.")
 _COUNT = flags.DEFINE_integer("count", 10_000, "Inputs per target.")
