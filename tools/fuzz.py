@@ -11,7 +11,8 @@ target runs `ConfigureTPUEmbedding` in a child process, so that a crash is
 caught with its input.
 
 Engines:
-  atheris: coverage-guided (libFuzzer) over Python code of `tpu_embed_adam`,
+  atheris: coverage-guided (libFuzzer) over Python code of `tpu_embed_adam`
+    (and `json`),
     with a structure-aware custom mutator (protobuf field edits, JSON/dict
     value edits), when `atheris` is installed (`pip install atheris`);
     `--count` is libFuzzer's `-runs`. A violation stops the run, and
@@ -95,9 +96,13 @@ def _run_atheris(target: str, count: int) -> int:
     outcomes: collections.Counter[str] = collections.Counter()
     start = time.perf_counter()
 
+    every = _REPORT_EVERY.value or max(count // 10, 1)
+
     def test_one_input(data: bytes) -> None:
         value = ft.decode(target, data, seeds)
         outcomes[ft.check(target, value, worker)] += 1
+        if sum(outcomes.values()) % every == 0:
+            report()
 
     def custom_mutator(data: bytes, max_size: int, seed: int) -> bytes:
         rng = random.Random(seed)
@@ -116,16 +121,12 @@ def _run_atheris(target: str, count: int) -> int:
         return bytes(rng.randrange(256) for _ in range(rng.randint(1, 32)))
 
     def report() -> None:
+        # libFuzzer ends the process with _exit: no atexit; report as we go.
         elapsed = time.perf_counter() - start
         n = sum(outcomes.values())
         print(f"{target}: {n} inputs in {elapsed:.1f} s ({n / max(elapsed, 1e-9):,.0f}/s); "
               f"outcomes {dict(outcomes.most_common())}", flush=True)
-        if worker is not None:
-            worker.close()
 
-    import atexit
-
-    atexit.register(report)
     os.makedirs(_ARTIFACT_DIR.value, exist_ok=True)
     argv = [sys.argv[0], f"-runs={count}", f"-artifact_prefix={_ARTIFACT_DIR.value}/{target}-",
             "-print_final_stats=1", "-max_len=4096"]
