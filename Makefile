@@ -10,7 +10,7 @@ OBJS := $(patsubst tpu_embed_adam/cc/%.cc,build/obj/%.o,$(CC_SRCS))
 CXXFLAGS_EXTRA ?= -Wall -Wno-sign-compare -Wno-unused-function
 TF_FLAGS := build/tf_flags.mk
 
-.PHONY: venv lib demo demo-graph demo-tf2 test test-all lint bench bazel-test clean proto
+.PHONY: venv lib demo demo-graph demo-tf2 test test-all lint bench bazel-test clean proto fuzz
 
 venv: $(STAMP)
 
@@ -61,6 +61,19 @@ test-all: lib
 lint: $(STAMP)
 	$(PY) -m ruff check tpu_embed_adam tests examples benchmarks tools setup.py
 	$(PY) -m mypy tpu_embed_adam
+
+# FUZZ_COUNT inputs per target (tools/fuzz.py): atheris (coverage-guided) for the
+# in-process AdamParameters readers, the structure-aware random engine for
+# apply_adam and the engine's ConfigureTPUEmbedding (a child process; slower).
+FUZZ_COUNT ?= 1000000
+FUZZ_OP_COUNT ?= 20000
+fuzz: lib
+	$(PY) -m pip install -q atheris || echo "atheris unavailable: using the random engine"
+	mkdir -p build/fuzz
+	set -e; for t in from_proto from_tf_proto from_json from_dict; do \
+	  $(PY) tools/fuzz.py --target=$$t --count=$(FUZZ_COUNT) --artifact_dir=build/fuzz; done
+	$(PY) tools/fuzz.py --target=apply_adam --count=$(FUZZ_OP_COUNT) --engine=random
+	$(PY) tools/fuzz.py --target=engine_config --count=$(FUZZ_OP_COUNT) --engine=random
 
 bench: lib
 	$(PY) -m pip install -q -r requirements-bench.txt
