@@ -128,6 +128,11 @@ def _validated(kwargs: dict[str, Any]) -> dict[str, Any]:
     out["weight_decay_factor"] = None if wd is None else _real("weight_decay_factor", wd)
     if out["weight_decay_factor"] is not None and out["weight_decay_factor"] < 0:
         raise ValueError(f"Argument `weight_decay_factor` must be >= 0; received: {wd!r}.")
+    if out["weight_decay_factor"] and np.float32(out["weight_decay_factor"]) == 0:
+        raise ValueError(
+            "Argument `weight_decay_factor` must be 0, None or at least the smallest "
+            f"float32 (about 1.4e-45): it is 0 in float32; received: {wd!r}."
+        )
     if out["weight_decay_factor"] == 0:
         # A factor of 0 is no decay: TF writes no field for it, so it is
         # stored as None and reads back from the proto equal.

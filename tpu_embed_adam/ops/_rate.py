@@ -24,7 +24,8 @@ def learning_rate_tensor(params: Any, learning_rate: Any) -> tf.Tensor:
 
     Raises:
       ValueError: `learning_rate` is None while `params.learning_rate` is not a
-        number (a `DynamicLearningRate`), or a tensor of known non-scalar shape.
+        number (a `DynamicLearningRate`), a tensor of known non-scalar shape,
+        or a number that is not finite in float32.
       TypeError: a bool, a non-number, or a non-float tensor.
     """
     if learning_rate is None:
@@ -52,6 +53,8 @@ def learning_rate_tensor(params: Any, learning_rate: Any) -> tf.Tensor:
             "Argument `learning_rate` must be a Python number, a scalar float tensor or "
             f"None; received {learning_rate!r} ({type(learning_rate).__name__})."
         )
+    else:
+        _check_finite_in_float32(learning_rate)
     # A Python number becomes float32 directly (the hint keeps an int from
     # becoming int32), a float64 one is rounded once: either way the value of
     # the reference's np.float32(learning_rate).
@@ -67,3 +70,19 @@ def resolved_learning_rate(params: Any, learning_rate: Any) -> tf.Tensor:
     if learning_rate is None:
         learning_rate = params.learning_rate
     return tf.cast(tf.convert_to_tensor(learning_rate, dtype_hint=tf.float32), tf.float32)
+
+
+def _check_finite_in_float32(learning_rate: numbers.Real) -> None:
+    # A number beyond any float (10**400) would otherwise raise OverflowError
+    # in a graph and ValueError eagerly; inf or NaN would step every row to
+    # NaN.
+    try:
+        value = float(learning_rate)
+    except OverflowError:
+        value = float("inf")
+    with np.errstate(over="ignore"):
+        finite = np.isfinite(value) and np.isfinite(np.float32(value))
+    if not finite:
+        raise ValueError(
+            f"Argument `learning_rate` must be finite in float32; received {learning_rate!r}."
+        )
