@@ -1,5 +1,8 @@
-"""Fixtures of the tests that call TF's TPU embedding ops directly
-(`test_engine_*.py`, which ask for `clean_engine` in their `pytestmark`)."""
+"""Fixtures of the tests that call TF's TPU embedding ops directly (`test_engine_*.py`).
+
+Every test of those files runs on a `clean_engine` and is skipped when the
+kernel library is not built; the marks are added here, once.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +11,24 @@ import pytest
 from tpu_embedding_harness import adam_params, embedding_config, load_all, random_slots
 
 from tpu_embed_adam import engine
+from tpu_embed_adam.ops import loader
+
+
+def _raw_op_test(path) -> bool:
+    return path.name.startswith("test_engine_")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    if loader.load_library() is None:
+        for item in items:
+            if _raw_op_test(item.path):
+                item.add_marker(pytest.mark.skip(reason="kernel library not built"))
+
+
+@pytest.fixture(autouse=True)
+def _raw_op_tests_start_clean(request: pytest.FixtureRequest) -> None:
+    if _raw_op_test(request.node.path):
+        request.getfixturevalue("clean_engine")
 
 
 @pytest.fixture

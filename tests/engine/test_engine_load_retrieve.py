@@ -20,12 +20,6 @@ from tpu_embedding_harness import (
 )
 
 from tpu_embed_adam import engine
-from tpu_embed_adam.ops import loader
-
-pytestmark = [
-    pytest.mark.skipif(loader.load_library() is None, reason="kernel library not built"),
-    pytest.mark.usefixtures("clean_engine"),
-]
 
 
 @pytest.mark.parametrize("mod", [False, True], ids=["div", "mod"])
