@@ -15,6 +15,7 @@
 #include "tensorflow/core/platform/errors.h"
 #include "tensorflow/core/protobuf/tpu/tpu_embedding_configuration.pb.h"
 #include "tpu_embed_adam/cc/core/adam_config.h"
+#include "tpu_embed_adam/cc/engine/activations.h"
 #include "tpu_embed_adam/cc/core/shape_util.h"
 
 namespace tpu_embed_adam {
@@ -44,9 +45,6 @@ constexpr int64_t kMaxFeatureSlots = int64_t{1} << 24;         // batch x sequen
 constexpr int64_t kMaxActivationElements = int64_t{1} << 30;  // slots x dimension
 constexpr int64_t kMaxBatchGradientElements = int64_t{1} << 31;  // ids x dimension
 constexpr size_t kMaxQueuedBatches = 1024;  // per core, enqueued and not received
-
-// Entries ahead whose table row Recv prefetches.
-constexpr size_t kPrefetchDistance = 8;
 
 std::string Canonical(const tpu::TPUEmbeddingConfiguration& proto) {
   std::string out;
@@ -166,11 +164,6 @@ std::string JsonString(const std::string& s) {
   return out + "\"";
 }
 
-// The optimizer's part of TF's Load/Retrieve op names.
-const char* OpInfix(Optimizer optimizer) {
-  return optimizer == Optimizer::kAdam ? "ADAM" : "StochasticGradientDescent";
-}
-
 // The system-wide fields: everything sized by them (shards per table, cores)
 // is bounded, and enums must name a known value.
 Status CheckSystem(const tpu::TPUEmbeddingConfiguration& proto) {
@@ -219,72 +212,6 @@ Status CheckSystem(const tpu::TPUEmbeddingConfiguration& proto) {
   return tensorflow::OkStatus();
 }
 
-RowLocation Locate(const Table& t, int64_t id) {
-  const int64_t shards = t.shards.size();
-  if (t.mod_sharding) return {static_cast<int>(id % shards), id / shards};
-  const int64_t base = t.padded_vocabulary_size / shards;
-  const int64_t extra = t.padded_vocabulary_size % shards;
-  const int64_t big = extra * (base + 1);  // ids in the larger shards
-  if (id < big) return {static_cast<int>(id / (base + 1)), id % (base + 1)};
-  return {static_cast<int>(extra + (id - big) / base), (id - big) % base};
-}
-
-// Fibonacci hashing: the top bits of the product are well mixed even for
-// consecutive or strided ids.
-inline uint64_t RowHash(int64_t local) {
-  return static_cast<uint64_t>(local) * 0x9E3779B97F4A7C15ull;
-}
-
-// Rebuilds the shard's accumulator index with room for one more row.
-void GrowAccumulatorIndex(Shard& s) {
-  size_t capacity = std::max<size_t>(64, s.acc_index.size());
-  while (capacity < 2 * (s.acc_ids.size() + 1)) capacity *= 2;
-  s.acc_index.assign(capacity, 0);
-  const uint64_t mask = capacity - 1;
-  const int shift = 64 - __builtin_ctzll(capacity);
-  for (size_t p = 0; p < s.acc_ids.size(); ++p) {
-    uint64_t h = RowHash(s.acc_ids[p]) >> shift;
-    while (s.acc_index[h] != 0) h = (h + 1) & mask;
-    s.acc_index[h] = p + 1;
-  }
-}
-
-// Adds scale * g (dim floats) to the accumulator row of `local`. With
-// accumulation, a local id's first row is 0 + scale * g and later ones add
-// to it, in arrival order: exactly ApplySparseAdam's per-row sum. Without,
-// every occurrence gets its own row.
-void Accumulate(Shard& s, int64_t dim, bool accumulate, int64_t local,
-                float scale, const float* g) {
-  float* dst = nullptr;
-  if (accumulate) {
-    if (2 * (s.acc_ids.size() + 1) > s.acc_index.size()) {
-      GrowAccumulatorIndex(s);
-    }
-    const uint64_t mask = s.acc_index.size() - 1;
-    const int shift = 64 - __builtin_ctzll(s.acc_index.size());
-    for (uint64_t h = RowHash(local) >> shift;; h = (h + 1) & mask) {
-      int64_t& slot = s.acc_index[h];
-      if (slot == 0) {
-        slot = s.acc_ids.size() + 1;
-        break;
-      }
-      if (s.acc_ids[slot - 1] == local) {
-        dst = s.acc_grads.data() + (slot - 1) * dim;
-        for (int64_t j = 0; j < dim; ++j) dst[j] += scale * g[j];
-        return;
-      }
-    }
-  }
-  s.acc_ids.push_back(local);
-  // Grow by a whole row, then fill: one size check per row, and a loop the
-  // compiler vectorises. `0.0f +` is the sum's start, not a no-op: it turns
-  // -0 into +0 as ApplySparseAdam's sum from zero does.
-  const size_t offset = s.acc_grads.size();
-  s.acc_grads.resize(offset + dim);
-  dst = s.acc_grads.data() + offset;
-  for (int64_t j = 0; j < dim; ++j) dst[j] = 0.0f + scale * g[j];
-}
-
 // Sizes `a` for n floats, asking the kernel to back it with huge pages
 // (transparent huge pages in "madvise" mode give them only on request):
 // lookups and updates touch rows scattered over the whole shard, and with
@@ -306,26 +233,7 @@ void ReserveShardArray(std::vector<float>& a, size_t n) {
 #endif
 }
 
-void ClearAccumulator(Shard& s) {
-  s.acc_ids.clear();
-  s.acc_grads.clear();
-  std::fill(s.acc_index.begin(), s.acc_index.end(), 0);
-}
-
 }  // namespace
-
-int NumArrays(Optimizer optimizer) {
-  return optimizer == Optimizer::kAdam ? 3 : 1;
-}
-
-std::string LoadOpName(Optimizer optimizer) {
-  return absl::StrCat("LoadTPUEmbedding", OpInfix(optimizer), "Parameters");
-}
-
-std::string RetrieveOpName(Optimizer optimizer) {
-  return absl::StrCat("RetrieveTPUEmbedding", OpInfix(optimizer),
-                      "Parameters");
-}
 
 Engine& Engine::Get() {
   // Never destroyed: kernels may still run while the process exits.
@@ -784,40 +692,16 @@ Status Engine::Recv(const std::string& config, int64_t task, int64_t core,
   lock.unlock();
 
   // Rows change only under their table's lock, so every activation is built
-  // from whole rows of one step. Each slot's first id writes 0 + scale * row
-  // (the same float as adding to a zeroed slot), later ones add to it, and
-  // only slots no id reached are zeroed: one pass over the output.
+  // from whole rows of one step.
   std::vector<uint8_t> written;
   for (size_t i = 0; i < batch->features.size(); ++i) {
     Table& t = *tables[i];
-    const int64_t dim = t.dim;
-    float* out = outputs[i];
-    const std::vector<Entry>& entries = batch->features[i];
-    written.assign(sizes[i] / dim, 0);
     std::lock_guard<std::mutex> table_lock(t.mu);
-    const auto row_of = [&](const Entry& e) {
-      return t.shards[e.shard].w.data() + e.local * dim;
+    const auto row_of = [&t](const Entry& e) {
+      return t.shards[e.shard].w.data() + e.local * t.dim;
     };
-    for (size_t k = 0; k < entries.size(); ++k) {
-      // The rows are scattered over the table: ask for a later one early.
-      if (k + kPrefetchDistance < entries.size()) {
-        const float* ahead = row_of(entries[k + kPrefetchDistance]);
-        for (int64_t j = 0; j < dim; j += 16) __builtin_prefetch(ahead + j);
-      }
-      const Entry& e = entries[k];
-      const float* row = row_of(e);
-      const float scale = e.scale;
-      float* dst = out + e.slot * dim;
-      if (written[e.slot]) {
-        for (int64_t j = 0; j < dim; ++j) dst[j] += scale * row[j];
-      } else {
-        written[e.slot] = 1;
-        for (int64_t j = 0; j < dim; ++j) dst[j] = 0.0f + scale * row[j];
-      }
-    }
-    for (size_t slot = 0; slot < written.size(); ++slot) {
-      if (!written[slot]) std::fill(out + slot * dim, out + (slot + 1) * dim, 0.0f);
-    }
+    WriteActivations(batch->features[i], t.dim, sizes[i] / t.dim, row_of,
+                     written, outputs[i]);
   }
   return tensorflow::OkStatus();
 }
@@ -938,8 +822,8 @@ Status Engine::Send(int64_t task, int64_t core,
     const bool accumulate = t.adam.gradient_accumulation;
     std::lock_guard<std::mutex> table_lock(t.mu);
     for (const Entry& e : batch->features[i]) {
-      Accumulate(t.shards[e.shard], t.dim, accumulate, e.local, e.scale,
-                 grads[i] + e.slot * t.dim);
+      t.shards[e.shard].acc.Add(t.dim, accumulate, e.local, e.scale,
+                                grads[i] + e.slot * t.dim);
     }
   }
   --c->training_batches;
@@ -964,22 +848,7 @@ void Engine::ApplyStepLocked(const ParallelFor& parallel_for) {
                          ? step_learning_rates_[t.dynamic_lr_tag]
                          : t.constant_lr;
     std::lock_guard<std::mutex> table_lock(t.mu);
-    for (Shard& s : t.shards) {
-      // Non-lazy Adam steps every row of a table each step, sent or not.
-      if (!s.loaded || (t.adam.lazy && s.acc_ids.empty())) continue;
-      const TableShard shard{s.w.data(), s.m.data(), s.v.data(), s.rows, t.dim};
-      // With accumulation the accumulator's ids are distinct and their rows
-      // already summed (see Shard): for lazy Adam, stepping each row once
-      // with its sum (ApplySparseAdam's per-occurrence mode) is the
-      // accumulated update bit for bit (its own sum would be 0 + row, the
-      // row itself), without a second, serial pass over the gradients.
-      AdamConfig cfg = t.adam;
-      if (cfg.lazy) cfg.gradient_accumulation = false;
-      ApplySparseAdam<int64_t>(cfg, lr, shard, s.acc_ids.data(),
-                               s.acc_grads.data(), s.acc_ids.size(),
-                               parallel_for);
-      ClearAccumulator(s);
-    }
+    for (Shard& s : t.shards) StepShard(t, lr, parallel_for, s);
   }
   sent_.clear();
 }
@@ -997,9 +866,9 @@ std::string Engine::InfoJson() {
     std::vector<std::string> shards;
     for (size_t i = 0; i < t.shards.size(); ++i) {
       const Shard& s = t.shards[i];
-      const int64_t b = (s.w.size() + s.m.size() + s.v.size() +
-                         s.acc_grads.size()) * sizeof(float) +
-                        s.acc_ids.size() * sizeof(int64_t);
+      const int64_t b =
+          (s.w.size() + s.m.size() + s.v.size()) * sizeof(float) +
+          s.acc.Bytes();
       bytes += b;
       shards.push_back(absl::StrCat("{\"shard\": ", i, ", \"rows\": ", s.rows,
                                     ", \"loaded\": ",

@@ -36,70 +36,14 @@
 
 #include "tensorflow/core/platform/status.h"
 #include "tpu_embed_adam/cc/engine/batch.h"
-#include "tpu_embed_adam/cc/core/sparse_adam.h"
+#include "tpu_embed_adam/cc/engine/table.h"
 
 namespace tpu_embed_adam {
 namespace engine {
 
-// Which of TF's optimizers a table uses, i.e. which Load/Retrieve ops move
-// it. Training needs Adam; TF's INFERENCE mode configures every table with
-// stochastic gradient descent, whose state is the table alone.
-enum class Optimizer { kAdam, kSgd };
-
-// How many arrays the optimizer's Load/Retrieve ops move: the parameters,
-// then the slots (Adam: momenta, velocities).
-int NumArrays(Optimizer optimizer);
-// "LoadTPUEmbeddingADAMParameters" and the like, for error messages.
-std::string LoadOpName(Optimizer optimizer);
-std::string RetrieveOpName(Optimizer optimizer);
-
-// One shard of a table with its Adam slots (empty for an SGD table). The hidden gradient accumulator
-// of a TPU is `acc_ids`/`acc_grads`: this step's (local id, gradient row)
-// pairs, handed to ApplySparseAdam when the step completes. With gradient
-// accumulation (the default) it holds one row per distinct local id, in the
-// order the ids first arrive, each the sum from zero of that id's gradient
-// rows in arrival order: the sum ApplySparseAdam would form from one row per
-// occurrence, bit for bit (a sum started from +0 is never -0, so the
-// update's own 0 + row returns the row unchanged). Without accumulation each
-// occurrence steps its row, so it keeps one row per occurrence.
-struct Shard {
-  int64_t rows = 0;
-  bool loaded = false;
-  std::vector<float> w, m, v;
-  std::vector<int64_t> acc_ids;
-  std::vector<float> acc_grads;
-  // Open-addressing index of acc_ids by local id (1 + position; 0 is an
-  // empty slot), a power of two at least twice acc_ids' size; all zeros
-  // between steps. Used only with accumulation.
-  std::vector<int64_t> acc_index;
-};
-
-struct Table {
-  std::string name;
-  int id = 0;
-  int64_t vocabulary_size = 0;  // as configured: valid ids are below it
-  // At least one row per shard (TF pads small tables with dummy rows): the
-  // size that sharding splits.
-  int64_t padded_vocabulary_size = 0;
-  int64_t dim = 0;
-  bool mod_sharding = false;  // else div: contiguous blocks
-  Optimizer optimizer = Optimizer::kAdam;
-  AdamConfig adam;
-  float constant_lr = 0.0f;
-  int dynamic_lr_tag = -1;  // index into Send's learning_rates, or -1
-  std::mutex mu;
-  std::vector<Shard> shards;
-};
-
 struct Feature {
   int table_id = 0;
   std::vector<int64_t> input_shape;
-};
-
-// Where one global id lives.
-struct RowLocation {
-  int shard;
-  int64_t local;
 };
 
 // A shard named by a Load or Retrieve op, resolved against the configuration.

@@ -1,0 +1,67 @@
+#include "tpu_embed_adam/cc/engine/accumulator.h"
+
+#include <algorithm>
+
+namespace tpu_embed_adam {
+namespace engine {
+
+namespace {
+
+// Fibonacci hashing: the top bits of the product are well mixed even for
+// consecutive or strided ids.
+inline uint64_t RowHash(int64_t local) {
+  return static_cast<uint64_t>(local) * 0x9E3779B97F4A7C15ull;
+}
+
+}  // namespace
+
+void Accumulator::GrowIndex() {
+  size_t capacity = std::max<size_t>(64, index.size());
+  while (capacity < 2 * (ids.size() + 1)) capacity *= 2;
+  index.assign(capacity, 0);
+  const uint64_t mask = capacity - 1;
+  const int shift = 64 - __builtin_ctzll(capacity);
+  for (size_t p = 0; p < ids.size(); ++p) {
+    uint64_t h = RowHash(ids[p]) >> shift;
+    while (index[h] != 0) h = (h + 1) & mask;
+    index[h] = p + 1;
+  }
+}
+
+void Accumulator::Add(int64_t dim, bool accumulate, int64_t local, float scale,
+                      const float* g) {
+  if (accumulate) {
+    if (2 * (ids.size() + 1) > index.size()) GrowIndex();
+    const uint64_t mask = index.size() - 1;
+    const int shift = 64 - __builtin_ctzll(index.size());
+    for (uint64_t h = RowHash(local) >> shift;; h = (h + 1) & mask) {
+      int64_t& slot = index[h];
+      if (slot == 0) {
+        slot = ids.size() + 1;
+        break;
+      }
+      if (ids[slot - 1] == local) {
+        float* dst = grads.data() + (slot - 1) * dim;
+        for (int64_t j = 0; j < dim; ++j) dst[j] += scale * g[j];
+        return;
+      }
+    }
+  }
+  ids.push_back(local);
+  // Grow by a whole row, then fill: one size check per row, and a loop the
+  // compiler vectorises. `0.0f +` is the sum's start, not a no-op: it turns
+  // -0 into +0 as ApplySparseAdam's sum from zero does.
+  const size_t offset = grads.size();
+  grads.resize(offset + dim);
+  float* dst = grads.data() + offset;
+  for (int64_t j = 0; j < dim; ++j) dst[j] = 0.0f + scale * g[j];
+}
+
+void Accumulator::Clear() {
+  ids.clear();
+  grads.clear();
+  std::fill(index.begin(), index.end(), 0);
+}
+
+}  // namespace engine
+}  // namespace tpu_embed_adam

@@ -1,0 +1,48 @@
+// A TPU's hidden gradient accumulator for one table shard (or, on the
+// sending core of a multi-process step, for the rows one owner will get):
+// one step's (local id, gradient row) pairs, handed to ApplySparseAdam when
+// the step completes.
+//
+// With gradient accumulation (the default) it holds one row per distinct
+// local id, in the order the ids first arrive, each the sum from zero of that
+// id's gradient rows in arrival order: the sum ApplySparseAdam would form
+// from one row per occurrence, bit for bit (a sum started from +0 is never
+// -0, so the update's own 0 + row returns the row unchanged). Without
+// accumulation each occurrence steps its row, so it keeps one row per
+// occurrence.
+#ifndef TPU_EMBED_ADAM_CC_ENGINE_ACCUMULATOR_H_
+#define TPU_EMBED_ADAM_CC_ENGINE_ACCUMULATOR_H_
+
+#include <cstdint>
+#include <vector>
+
+namespace tpu_embed_adam {
+namespace engine {
+
+struct Accumulator {
+  std::vector<int64_t> ids;
+  std::vector<float> grads;  // ids.size() rows of the table's dimension
+  // Open-addressing index of `ids` (1 + position; 0 is an empty slot), a
+  // power of two at least twice ids' size; all zeros when empty. Used only
+  // with accumulation.
+  std::vector<int64_t> index;
+
+  // Adds scale * g (dim floats) to the row of `local`: a local id's first
+  // row is 0 + scale * g and later ones add to it with accumulation;
+  // without, every call appends a row.
+  void Add(int64_t dim, bool accumulate, int64_t local, float scale,
+           const float* g);
+  // Empties the accumulator, keeping its capacity for the next step.
+  void Clear();
+  int64_t Bytes() const {
+    return grads.size() * sizeof(float) + ids.size() * sizeof(int64_t);
+  }
+
+ private:
+  void GrowIndex();
+};
+
+}  // namespace engine
+}  // namespace tpu_embed_adam
+
+#endif  // TPU_EMBED_ADAM_CC_ENGINE_ACCUMULATOR_H_

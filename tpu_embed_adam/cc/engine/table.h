@@ -1,0 +1,74 @@
+// A table as the engine holds it: its configuration, its shards (rows, Adam
+// slots, gradient accumulator), where each id lives, and one step's update
+// of a shard. Shared by the single-process step and the owner's half of a
+// multi-process one.
+#ifndef TPU_EMBED_ADAM_CC_ENGINE_TABLE_H_
+#define TPU_EMBED_ADAM_CC_ENGINE_TABLE_H_
+
+#include <cstdint>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "tpu_embed_adam/cc/core/sparse_adam.h"
+#include "tpu_embed_adam/cc/engine/accumulator.h"
+
+namespace tpu_embed_adam {
+namespace engine {
+
+// Which of TF's optimizers a table uses, i.e. which Load/Retrieve ops move
+// it. Training needs Adam; TF's INFERENCE mode configures every table with
+// stochastic gradient descent, whose state is the table alone.
+enum class Optimizer { kAdam, kSgd };
+
+// How many arrays the optimizer's Load/Retrieve ops move: the parameters,
+// then the slots (Adam: momenta, velocities).
+int NumArrays(Optimizer optimizer);
+// "LoadTPUEmbeddingADAMParameters" and the like, for error messages.
+std::string LoadOpName(Optimizer optimizer);
+std::string RetrieveOpName(Optimizer optimizer);
+
+// One shard of a table with its Adam slots (empty for an SGD table) and the
+// step's gradient accumulator.
+struct Shard {
+  int64_t rows = 0;
+  bool loaded = false;
+  std::vector<float> w, m, v;
+  Accumulator acc;
+};
+
+struct Table {
+  std::string name;
+  int id = 0;
+  int64_t vocabulary_size = 0;  // as configured: valid ids are below it
+  // At least one row per shard (TF pads small tables with dummy rows): the
+  // size that sharding splits.
+  int64_t padded_vocabulary_size = 0;
+  int64_t dim = 0;
+  bool mod_sharding = false;  // else div: contiguous blocks
+  Optimizer optimizer = Optimizer::kAdam;
+  AdamConfig adam;
+  float constant_lr = 0.0f;
+  int dynamic_lr_tag = -1;  // index into Send's learning_rates, or -1
+  std::mutex mu;
+  std::vector<Shard> shards;
+};
+
+// Where one global id lives.
+struct RowLocation {
+  int shard;
+  int64_t local;
+};
+
+RowLocation Locate(const Table& t, int64_t id);
+
+// Applies the step accumulated in `s` (a shard of `t`, under t.mu) with
+// learning rate `lr` and clears its accumulator. Lazy Adam skips a shard
+// that got no gradient; non-lazy Adam steps every row of a loaded shard.
+void StepShard(const Table& t, float lr, const ParallelFor& parallel_for,
+               Shard& s);
+
+}  // namespace engine
+}  // namespace tpu_embed_adam
+
+#endif  // TPU_EMBED_ADAM_CC_ENGINE_TABLE_H_
