@@ -655,40 +655,53 @@ Status Engine::Enqueue(int64_t task, int64_t core,
   return tensorflow::OkStatus();
 }
 
+Status Engine::TakeBatchLocked(
+    std::unique_lock<std::mutex>& lock, const char* op, int64_t task,
+    int64_t core, int64_t timeout_ms,
+    const std::function<Status(const Batch&)>& use) {
+  TF_RETURN_IF_ERROR(CheckCoreLocked(task, core));
+  Core* c = nullptr;
+  TF_RETURN_IF_ERROR(AwaitBatchLocked(lock, op, CoreKey{task, core},
+                                      timeout_ms,
+                                      "nothing was enqueued for this core",
+                                      &c));
+  TF_RETURN_IF_ERROR(use(c->queued.front()));
+  auto batch = std::make_shared<const Batch>(std::move(c->queued.front()));
+  c->queued.pop_front();
+  // A received batch that was never sent drops out of the step.
+  if (c->received != nullptr && c->received->training) --c->training_batches;
+  c->received = std::move(batch);
+  c->routing.reset();
+  return tensorflow::OkStatus();
+}
+
 Status Engine::Recv(const std::string& config, int64_t task, int64_t core,
                     int64_t timeout_ms, int num_outputs,
                     const AllocateOutput& allocate) {
   std::unique_lock<std::mutex> lock(mu_);
   TF_RETURN_IF_ERROR(CheckConfigLocked(config));
-  TF_RETURN_IF_ERROR(CheckCoreLocked(task, core));
   if (num_outputs != static_cast<int>(features_.size())) {
     return InvalidArgument("RecvTPUEmbeddingActivations has ", num_outputs,
                            " outputs; the configuration has ",
                            features_.size(), " features");
   }
-  Core* c = nullptr;
-  TF_RETURN_IF_ERROR(AwaitBatchLocked(lock, "RecvTPUEmbeddingActivations",
-                                      CoreKey{task, core}, timeout_ms,
-                                      "nothing was enqueued for this core",
-                                      &c));
-  TF_RETURN_IF_ERROR(CheckRowsLoadedLocked(c->queued.front()));
   std::vector<std::shared_ptr<Table>> tables(features_.size());
-  for (size_t i = 0; i < features_.size(); ++i) {
-    tables[i] = tables_[features_[i].table_id];
-  }
   std::vector<float*> outputs(features_.size());
   std::vector<int64_t> sizes(features_.size());
-  for (size_t i = 0; i < features_.size(); ++i) {
-    std::vector<int64_t> shape = features_[i].input_shape;
-    shape.push_back(tables[i]->dim);
-    sizes[i] = CheckedProduct(shape);  // fits: checked at install
-    TF_RETURN_IF_ERROR(allocate(i, shape, &outputs[i]));
-  }
-  auto batch = std::make_shared<const Batch>(std::move(c->queued.front()));
-  c->queued.pop_front();
-  // A received batch that was never sent drops out of the step.
-  if (c->received != nullptr && c->received->training) --c->training_batches;
-  c->received = batch;
+  TF_RETURN_IF_ERROR(TakeBatchLocked(
+      lock, "RecvTPUEmbeddingActivations", task, core, timeout_ms,
+      [&](const Batch& batch) {
+        TF_RETURN_IF_ERROR(CheckRowsLoadedLocked(batch));
+        for (size_t i = 0; i < features_.size(); ++i) {
+          tables[i] = tables_[features_[i].table_id];
+          std::vector<int64_t> shape = features_[i].input_shape;
+          shape.push_back(tables[i]->dim);
+          sizes[i] = CheckedProduct(shape);  // fits: checked at install
+          TF_RETURN_IF_ERROR(allocate(i, shape, &outputs[i]));
+        }
+        return tensorflow::OkStatus();
+      }));
+  const std::shared_ptr<const Batch> batch = cores_[CoreKey{task, core}].received;
   lock.unlock();
 
   // Rows change only under their table's lock, so every activation is built
@@ -748,22 +761,21 @@ Status Engine::CheckRowsLoadedLocked(const Batch& batch) const {
   return tensorflow::OkStatus();
 }
 
-Status Engine::Send(int64_t task, int64_t core,
-                    const std::vector<const float*>& grads,
-                    const std::vector<std::vector<int64_t>>& shapes,
-                    const std::vector<float>& learning_rates,
-                    int64_t timeout_ms, const ParallelFor& parallel_for) {
-  std::unique_lock<std::mutex> lock(mu_);
+Status Engine::TakeSendBatchLocked(
+    std::unique_lock<std::mutex>& lock, const char* op, int64_t task,
+    int64_t core, const std::vector<std::vector<int64_t>>& shapes,
+    int64_t timeout_ms, bool local_rows,
+    std::shared_ptr<const Batch>* batch) {
   TF_RETURN_IF_ERROR(CheckConfigLocked(""));
   TF_RETURN_IF_ERROR(CheckCoreLocked(task, core));
   if (!training_mode_) {
-    return FailedPrecondition("SendTPUEmbeddingGradients on core ", core,
-                              " of task ", task, ": the TPU embedding ",
-                              "configuration is in INFERENCE mode, which ",
-                              "trains nothing; configure a TRAINING one");
+    return FailedPrecondition(op, " on core ", core, " of task ", task,
+                              ": the TPU embedding configuration is in ",
+                              "INFERENCE mode, which trains nothing; ",
+                              "configure a TRAINING one");
   }
-  if (grads.size() != features_.size()) {
-    return InvalidArgument("Send has ", grads.size(), " gradients; the ",
+  if (shapes.size() != features_.size()) {
+    return InvalidArgument("Send has ", shapes.size(), " gradients; the ",
                            "configuration has ", features_.size(),
                            " features");
   }
@@ -778,6 +790,44 @@ Status Engine::Send(int64_t task, int64_t core,
                              ShapeString(expected));
     }
   }
+  const CoreKey key{task, core};
+  auto it = cores_.find(key);
+  Core* c = it == cores_.end() ? nullptr : &it->second;
+  const auto check_training = [&](const Batch& b) {
+    return b.training ? tensorflow::OkStatus()
+                      : FailedPrecondition(op, " on core ", core, " of task ",
+                                           task, ": the batch was enqueued ",
+                                           "for inference");
+  };
+  if (c != nullptr && c->received != nullptr) {
+    TF_RETURN_IF_ERROR(check_training(*c->received));
+    *batch = std::move(c->received);
+    c->received.reset();
+    c->routing.reset();
+  } else {
+    // TF prunes Recv from a step whose loss is linear in the activations
+    // (their gradient does not depend on them); a TPU's Send still pairs
+    // with the core's next batch, so take it as Recv would have.
+    TF_RETURN_IF_ERROR(AwaitBatchLocked(
+        lock, op, key, timeout_ms,
+        "no batch awaits gradients (nothing was received or enqueued for "
+        "this core)",
+        &c));
+    TF_RETURN_IF_ERROR(check_training(c->queued.front()));
+    if (local_rows) TF_RETURN_IF_ERROR(CheckRowsLoadedLocked(c->queued.front()));
+    *batch = std::make_shared<const Batch>(std::move(c->queued.front()));
+    c->queued.pop_front();
+  }
+  --c->training_batches;
+  return tensorflow::OkStatus();
+}
+
+Status Engine::Send(int64_t task, int64_t core,
+                    const std::vector<const float*>& grads,
+                    const std::vector<std::vector<int64_t>>& shapes,
+                    const std::vector<float>& learning_rates,
+                    int64_t timeout_ms, const ParallelFor& parallel_for) {
+  std::unique_lock<std::mutex> lock(mu_);
   for (const auto& t : tables_) {
     if (t->dynamic_lr_tag >= static_cast<int64_t>(learning_rates.size())) {
       return InvalidArgument("table '", t->name, "' uses dynamic learning ",
@@ -785,35 +835,11 @@ Status Engine::Send(int64_t task, int64_t core,
                              learning_rates.size(), " learning_rates");
     }
   }
+  std::shared_ptr<const Batch> batch;
+  TF_RETURN_IF_ERROR(TakeSendBatchLocked(lock, "SendTPUEmbeddingGradients",
+                                         task, core, shapes, timeout_ms,
+                                         /*local_rows=*/true, &batch));
   const CoreKey key{task, core};
-  auto it = cores_.find(key);
-  Core* c = it == cores_.end() ? nullptr : &it->second;
-  std::shared_ptr<const Batch> batch =
-      c == nullptr ? nullptr : c->received;
-  const auto check_training = [&](const Batch& b) {
-    return b.training ? tensorflow::OkStatus()
-                      : FailedPrecondition("SendTPUEmbeddingGradients on core ",
-                                           core, " of task ", task,
-                                           ": the batch was enqueued for ",
-                                           "inference");
-  };
-  if (batch != nullptr) {
-    TF_RETURN_IF_ERROR(check_training(*batch));
-    c->received.reset();
-  } else {
-    // TF prunes Recv from a step whose loss is linear in the activations
-    // (their gradient does not depend on them); a TPU's Send still pairs
-    // with the core's next batch, so take it as Recv would have.
-    TF_RETURN_IF_ERROR(AwaitBatchLocked(
-        lock, "SendTPUEmbeddingGradients", key, timeout_ms,
-        "no batch awaits gradients (nothing was received or enqueued for "
-        "this core)",
-        &c));
-    TF_RETURN_IF_ERROR(check_training(c->queued.front()));
-    TF_RETURN_IF_ERROR(CheckRowsLoadedLocked(c->queued.front()));
-    batch = std::make_shared<const Batch>(std::move(c->queued.front()));
-    c->queued.pop_front();
-  }
   // A core sending twice before the others finished the step closes that
   // step first, so no core's gradients ever count twice in one update.
   if (sent_.count(key)) ApplyStepLocked(parallel_for);
@@ -826,7 +852,6 @@ Status Engine::Send(int64_t task, int64_t core,
                                 grads[i] + e.slot * t.dim);
     }
   }
-  --c->training_batches;
   sent_.insert(key);
   step_learning_rates_ = learning_rates;
   if (!StepOutstandingLocked()) ApplyStepLocked(parallel_for);

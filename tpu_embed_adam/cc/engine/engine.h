@@ -138,13 +138,81 @@ class Engine {
                           const std::vector<float>& learning_rates,
                           int64_t timeout_ms, const ParallelFor& parallel_for);
 
+  // The multi-process step (docs/engine.md, "Training across processes").
+  // A graph pass (cc/graph/routing_pass.cc) replaces each Recv with
+  // RouteIds on its core, GatherRows on every owner host and
+  // CombineActivations on the core, and each step's Sends with
+  // SplitGradients on every core and ApplyGradients on every owner; TF's
+  // runtime carries the tensors between them. Rows travel as [n, 2] int64
+  // (table id, local row) pairs and flat float32 rows, table-major.
+
+  // Allocates output `owner` as n (table, local row) pairs.
+  using AllocateIds =
+      std::function<tensorflow::Status(int owner, int64_t n, int64_t** data)>;
+  // Pops the core's oldest batch as Recv does (waiting up to timeout_ms),
+  // keeps it as the core's received batch, and writes for each of the
+  // `num_owners` hosts the distinct rows of its shards that the batch reads.
+  tensorflow::Status RouteIds(const std::string& config, int64_t task,
+                              int64_t core, int64_t timeout_ms, int num_owners,
+                              const AllocateIds& allocate);
+  // Copies the rows named by `ids` (n pairs) from this process's shard
+  // `task` of each table into a buffer of their total floats.
+  using AllocateFloats =
+      std::function<tensorflow::Status(int64_t n, float** data)>;
+  tensorflow::Status GatherRows(const std::string& config, int64_t task,
+                                const int64_t* ids, int64_t n,
+                                const AllocateFloats& allocate);
+  // Writes the activations of the core's batch taken by RouteIds from the
+  // rows each owner returned: rows[o] holds row_sizes[o] floats.
+  tensorflow::Status CombineActivations(
+      const std::string& config, int64_t task, int64_t core,
+      const std::vector<const float*>& rows,
+      const std::vector<int64_t>& row_sizes, int num_outputs,
+      const AllocateOutput& allocate);
+  // Allocates owner `owner`'s payload: n (table, local row) pairs and their
+  // `floats` gradient floats.
+  using AllocatePayload = std::function<tensorflow::Status(
+      int owner, int64_t n, int64_t floats, int64_t** ids, float** grads)>;
+  // Backpropagates `grads` through the core's batch (as Send does, taking
+  // the oldest queued one if TF pruned the lookup) and writes, per owner,
+  // the gradient rows of its shards: with accumulation one row per distinct
+  // row, summed in entry order; without, one per occurrence.
+  tensorflow::Status SplitGradients(
+      int64_t task, int64_t core, const std::vector<const float*>& grads,
+      const std::vector<std::vector<int64_t>>& shapes, int num_owners,
+      int64_t timeout_ms, const AllocatePayload& allocate);
+  // One core's payload for this owner, as SplitGradients wrote it.
+  struct Payload {
+    const int64_t* ids = nullptr;
+    int64_t rows = 0;
+    const float* grads = nullptr;
+    int64_t floats = 0;
+  };
+  // Accumulates every core's payload into shard `task` of each table, in
+  // the order given, and applies one Adam step per table shard.
+  tensorflow::Status ApplyGradients(int64_t task,
+                                    const std::vector<Payload>& payloads,
+                                    const std::vector<float>& learning_rates,
+                                    const ParallelFor& parallel_for);
+
   // Tables, shards, rows and bytes held, as a JSON object.
   std::string InfoJson();
 
  private:
+  // For each feature and entry of a routed batch, the offset of its row in
+  // the floats its owner (the entry's shard) returns; and per owner, that
+  // buffer's size.
+  struct Routing {
+    std::vector<std::vector<int64_t>> offsets;
+    std::vector<int64_t> owner_floats;
+  };
+
   struct Core {
     std::deque<Batch> queued;
     std::shared_ptr<const Batch> received;  // awaiting Send
+    // Set with `received` by RouteIds: where each entry's row is in the
+    // rows its owner returns.
+    std::shared_ptr<const Routing> routing;
     // Training batches queued or received and not yet sent: while the core
     // has not sent in the open step, these keep the step open.
     int64_t training_batches = 0;
@@ -155,6 +223,21 @@ class Engine {
     std::vector<float> copies[3];
   };
 
+  // Waits for the core's oldest batch as Recv does, runs `use` on it, and
+  // only if that succeeds pops it into the core's `received` (dropping an
+  // unsent one from the step), so that a failed lookup changes nothing.
+  tensorflow::Status TakeBatchLocked(
+      std::unique_lock<std::mutex>& lock, const char* op, int64_t task,
+      int64_t core, int64_t timeout_ms,
+      const std::function<tensorflow::Status(const Batch&)>& use);
+  // Send's and SplitGradients' checks, then the core's received batch (or,
+  // with none, its oldest queued one, whose rows must be loaded here if
+  // `local_rows`), taken out of the core.
+  tensorflow::Status TakeSendBatchLocked(
+      std::unique_lock<std::mutex>& lock, const char* op, int64_t task,
+      int64_t core, const std::vector<std::vector<int64_t>>& shapes,
+      int64_t timeout_ms, bool local_rows,
+      std::shared_ptr<const Batch>* batch);
   tensorflow::Status InstallLocked(const std::string& serialized);
   tensorflow::Status ResolveShardLocked(Optimizer optimizer, int64_t table_id,
                                         const std::string& table_name,
