@@ -368,6 +368,9 @@ class EmbeddingGraph:
         depend on the activations (TF then prunes Recv from a Send-only step).
       target: the master to run on (e.g. a `LocalCluster`'s, one worker
         process per host); default an in-process cluster of this shape.
+      operation_timeout_ms: the session's bound on any one run, and on
+        closing it after a worker died (LocalCluster says why TF would
+        otherwise wait forever).
     """
 
     def __init__(
@@ -391,6 +394,7 @@ class EmbeddingGraph:
         dummy_table_variables: bool = False,
         linear_loss: bool = False,
         target: str | None = None,
+        operation_timeout_ms: int = 60_000,
     ):
         if local and num_hosts != 1:
             raise ValueError(f"local=True runs one host; got num_hosts={num_hosts}.")
@@ -445,12 +449,10 @@ class EmbeddingGraph:
         self.session = tf.compat.v1.Session(
             self.target,
             graph=self.graph,
-            # The timeout bounds closing a session whose worker process died
-            # (LocalCluster explains why TF would wait forever).
             config=tf.compat.v1.ConfigProto(
                 allow_soft_placement=True,
                 device_count={"CPU": cores_per_host},
-                operation_timeout_in_ms=60_000,
+                operation_timeout_in_ms=operation_timeout_ms,
             ),
         )
 

@@ -40,13 +40,20 @@ def _run(make_op: Any) -> Any:
             return sess.run(op)
 
 
-def reset() -> None:
-    """Clears this process's engine: configuration, tables, slots, queues.
+def reset(target: str | None = None, task: int | None = None) -> None:
+    """Clears this process's engine, or a worker's: configuration, tables, slots, queues.
 
     The next op carrying a `TPUEmbeddingConfiguration` configures it afresh.
     `tpu.shutdown_system()` (ShutdownDistributedTPU) has the same effect.
+
+    Args:
+      target: as for `info`.
+      task: as for `info`.
+
+    Raises:
+      As `info`.
     """
-    _run(_library().tpu_embed_adam_engine_reset)
+    _run_where(_library().tpu_embed_adam_engine_reset, target, task)
 
 
 def _run_on_worker(make_op: Any, target: Any, task: Any) -> Any:
@@ -83,6 +90,19 @@ def _run_on_worker(make_op: Any, target: Any, task: Any) -> Any:
             ) from e
 
 
+def _run_where(make_op: Any, target: Any, task: Any) -> Any:
+    """Runs the op in this process (neither given) or on a worker (both given)."""
+    if (target is None) != (task is None):
+        missing = "task" if task is None else "target"
+        raise ValueError(
+            f"Argument `{missing}` is missing: give both `target` and `task` (a worker's "
+            f"engine) or neither (this process's); received: target={target!r}, task={task!r}."
+        )
+    if target is None:
+        return _run(make_op)
+    return _run_on_worker(make_op, target, task)
+
+
 def info(target: str | None = None, task: int | None = None) -> dict[str, Any]:
     """Returns what this process's engine holds, or what a worker's holds.
 
@@ -111,15 +131,7 @@ def info(target: str | None = None, task: int | None = None) -> dict[str, Any]:
         (`UnavailableError` naming it), or did not answer within 10 s
         (`DeadlineExceededError` naming it).
     """
-    if (target is None) != (task is None):
-        missing = "task" if task is None else "target"
-        raise ValueError(
-            f"Argument `{missing}` is missing: give both `target` and `task` (a worker's "
-            f"engine) or neither (this process's); received: target={target!r}, task={task!r}."
-        )
-    if target is None:
-        return json.loads(_run(_library().tpu_embed_adam_engine_info))
-    return json.loads(_run_on_worker(_library().tpu_embed_adam_engine_info, target, task))
+    return json.loads(_run_where(_library().tpu_embed_adam_engine_info, target, task))
 
 
 def tables(target: str | None = None, task: int | None = None) -> list[dict[str, Any]]:
