@@ -37,6 +37,10 @@ if TYPE_CHECKING:
 _PROG = "tpu-embed-adam"
 _OK, _BAD_INPUT, _USAGE = 0, 1, 2
 _EXIT_CODES = "exit status: 0 success, 1 bad input (missing or unparsable file), 2 usage error"
+_ALL_EXIT_CODES = (
+    "exit status: 0 success, 1 bad input (missing or unparsable file) or a worker that could "
+    "not start or exited, 2 usage error"
+)
 _CLUSTER_EXIT_CODES = (
     "exit status: 0 stopped by Ctrl-C or SIGTERM, 1 a worker could not start or exited, "
     "2 usage error"
@@ -302,8 +306,9 @@ def _parser() -> _Parser:
         "C++ log lines, which are off by default",
     )
     parser = _Parser(
-        prog=_PROG, description="TPU embedding Adam: parameters, checkpoints, kernels.",
-        epilog=_EXIT_CODES, parents=[common], allow_abbrev=False,
+        prog=_PROG,
+        description="TPU embedding Adam: parameters, checkpoints, kernels, worker processes.",
+        epilog=_ALL_EXIT_CODES, parents=[common], allow_abbrev=False,
     )
     commands = parser.add_subparsers(
         dest="command", required=True, metavar="COMMAND", parser_class=_Parser
@@ -382,7 +387,7 @@ def _parser() -> _Parser:
     )
     worker.add_argument(
         "--parent_pid", type=_int_flag(1), metavar="PID",
-        help="exit when this process, the worker's parent, exits (what `cluster` passes)",
+        help="exit when this process, the worker's parent, exits (what LocalCluster passes)",
     )
     return parser
 

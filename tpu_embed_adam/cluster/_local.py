@@ -86,7 +86,7 @@ class LocalCluster:
         self._cores_per_host = check_int(
             "cores_per_host", cores_per_host, 1, _worker.MAX_CORES_PER_HOST
         )
-        check_seconds("startup_timeout_s", startup_timeout_s)
+        startup_timeout_s = check_seconds("startup_timeout_s", startup_timeout_s)
         self._grace_period_s = check_seconds("grace_period_s", grace_period_s)
         self._addresses = [f"localhost:{port}" for port in _free_ports(self._num_hosts)]
         self._cluster_spec = tf.train.ClusterSpec({_worker.JOB: self._addresses})
