@@ -1,7 +1,10 @@
 """Reads and clears the process's engine through its own ops.
 
-The ops run in a throwaway graph and session, so they work whether or not
-eager execution is enabled (TF1 programs often disable it).
+The ops run eagerly when eager execution is enabled (also when called while
+building a graph), and otherwise in a throwaway graph and session (TF1
+programs often disable eager execution): both reach the same per-process
+engine, and the eager call costs microseconds rather than a session's
+milliseconds (the fuzzer and the save check call `info()` often).
 """
 
 from __future__ import annotations
@@ -27,6 +30,10 @@ def _library() -> Any:
 
 
 def _run(make_op: Any) -> Any:
+    with tf.init_scope():
+        if tf.executing_eagerly():
+            result = make_op()
+            return None if result is None else result.numpy()
     with tf.Graph().as_default():
         op = make_op()
         with tf.compat.v1.Session() as sess:
