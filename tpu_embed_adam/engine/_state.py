@@ -57,7 +57,8 @@ def info() -> dict[str, Any]:
     pending gradients), and `tables`: one dict per table with `name`, `id`,
     `vocabulary_size`, `dimension`, `sharding` (`"div"` or `"mod"`),
     `num_shards`, `bytes` and `shards` (`shard`, `rows`, `loaded` in this
-    process, `bytes`).
+    process, `steps_since_retrieve`: steps applied to the shard since its
+    last Load or Retrieve op, `bytes`).
     """
     return json.loads(_run(_library().tpu_embed_adam_engine_info))
 
