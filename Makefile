@@ -59,8 +59,8 @@ test-all: lib
 	$(PY) -m pytest -q tests
 
 lint: $(STAMP)
-	$(PY) -m ruff check tpu_embed_adam tests examples benchmarks tools setup.py
-	$(PY) -m mypy tpu_embed_adam
+	$(PY) -m ruff check tpu_embed_adam tpu_embed_adam_cli.py tests examples benchmarks tools setup.py
+	$(PY) -m mypy tpu_embed_adam tpu_embed_adam_cli.py
 
 # FUZZ_COUNT inputs per target (tools/fuzz.py): atheris (coverage-guided) for the
 # in-process AdamParameters readers and the structure-aware random engine for the
