@@ -7,7 +7,8 @@ LIB := tpu_embed_adam/_tpu_embed_adam_ops.so
 CC_SRCS := $(shell find tpu_embed_adam/cc -name '*.cc' | sort)
 CC_HDRS := $(shell find tpu_embed_adam/cc -name '*.h' | sort)
 OBJS := $(patsubst tpu_embed_adam/cc/%.cc,build/obj/%.o,$(CC_SRCS))
-CXXFLAGS_EXTRA ?= -Wall -Wno-sign-compare -Wno-unused-function
+# TF's graph.h derives from std::iterator, deprecated in C++17.
+CXXFLAGS_EXTRA ?= -Wall -Wno-sign-compare -Wno-unused-function -Wno-deprecated-declarations
 TF_FLAGS := build/tf_flags.mk
 
 .PHONY: venv lib demo demo-graph demo-tf2 test test-all lint bench bazel-test clean proto fuzz

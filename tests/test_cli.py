@@ -29,7 +29,7 @@ def _main(capsys, *args):
 def test_help_lists_every_command_and_the_exit_codes():
     out = _cli("--help")
     assert out.returncode == 0, out.stderr[-2000:]
-    for command in ("params", "decode", "convert", "inspect", "info"):
+    for command in ("params", "decode", "convert", "inspect", "info", "cluster", "worker"):
         assert f"\n    {command} " in out.stdout
     assert "2 usage error" in " ".join(out.stdout.split())
 

@@ -10,7 +10,10 @@ import os
 # the kernel's 8-lane float path needs it.
 # -ffp-contract=off: results are bit-identical to the numpy reference only
 # if no a * b + c is fused into an FMA (sparse_adam.cc says so too).
-PROJECT_CXXFLAGS = ["-O3", "-mavx", "-ffp-contract=off", "-fPIC"]
+# -DNDEBUG: TF's wheels are built with it, and some of its classes (the
+# graph's EdgeSet, so Node) have debug-only members: without it the graph
+# pass would read TF's nodes with another layout.
+PROJECT_CXXFLAGS = ["-O3", "-mavx", "-ffp-contract=off", "-fPIC", "-DNDEBUG"]
 
 
 def compile_flags() -> list[str]:

@@ -3,7 +3,8 @@
 `AdamParameters` configures the optimizer (a validated, immutable drop-in for
 `tf.compat.v1.tpu.experimental.AdamParameters`); `reference.adam_update`
 states the update and `apply_adam` runs it fast; `engine` is the software TPU
-embedding engine; `install()` makes TF's public alias resolve to ours.
+embedding engine, and `cluster` starts its worker processes (one per host);
+`install()` makes TF's public alias resolve to ours.
 
 Importing the package loads its kernel library (when built): that registers
 the CPU kernels behind TF's own TPU embedding ops. With the library loaded,
@@ -13,7 +14,7 @@ the why, and how to turn it off); that is the one change it makes to TF's
 Python API. `install()` makes the others.
 """
 
-from tpu_embed_adam import engine, optimization_parameters_pb2
+from tpu_embed_adam import cluster, engine, optimization_parameters_pb2
 from tpu_embed_adam.ops import loader
 from tpu_embed_adam.ops.apply import apply_adam
 from tpu_embed_adam.params import AdamParameters, DynamicLearningRate
@@ -24,6 +25,7 @@ __all__ = [
     "AdamParameters",
     "DynamicLearningRate",
     "apply_adam",
+    "cluster",
     "engine",
     "bias_corrected_learning_rate",
     "install",

@@ -5,19 +5,25 @@
     tpu-embed-adam convert params.json --to=binary --out=params.pb
     tpu-embed-adam inspect /tmp/model/ckpt --plot=tables.png
     tpu-embed-adam info                              # version, kernel library, kernels
+    tpu-embed-adam cluster --hosts=2 --cores_per_host=2  # worker processes here, until Ctrl-C
+    tpu-embed-adam worker --cluster_spec='{"worker": ["h0:2222", "h1:2222"]}' --task=0
 
-Exit status: 0 success, 1 bad input (a file that is missing or does not parse),
-2 usage error (unknown command or flag, a flag value out of range). Errors are
-one line on stderr. TF's C++ log lines are off unless `--verbosity` asks: the
-console script's entry point, `tpu_embed_adam_cli.run`, sets their level
-before anything imports TensorFlow, then calls `run` here.
+Exit status: 0 success, 1 bad input (a file that is missing or does not parse)
+or a worker that could not start or exited, 2 usage error (unknown command or
+flag, a flag value out of range). Errors are one line on stderr. TF's C++ log
+lines are off unless `--verbosity` asks: the console script's entry point,
+`tpu_embed_adam_cli.run`, sets their level before anything imports
+TensorFlow, then calls `run` here.
 
 Modules imported by the commands import TensorFlow, so they are imported when
 a command runs, not at the top of this module.
 """
 
 import argparse
+import json
+import signal
 import sys
+import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, NoReturn
 
@@ -25,11 +31,23 @@ from absl import app
 from absl import logging as absl_logging
 
 if TYPE_CHECKING:
+    import tensorflow as tf
+
     from tpu_embed_adam.params import AdamParameters
 
 _PROG = "tpu-embed-adam"
 _OK, _BAD_INPUT, _USAGE = 0, 1, 2
 _EXIT_CODES = "exit status: 0 success, 1 bad input (missing or unparsable file), 2 usage error"
+_CLUSTER_EXIT_CODES = (
+    "exit status: 0 stopped by Ctrl-C or SIGTERM, 1 a worker could not start or exited, "
+    "2 usage error"
+)
+_WORKER_EXIT_CODES = (
+    "runs until killed (SIGINT and SIGTERM end it at once); exit status: 1 the worker could "
+    "not start (its port is taken, no kernel library, its parent is gone), 2 usage error"
+)
+# How often `cluster` checks that its workers still run.
+_CLUSTER_POLL_S = 1.0
 # TF's own ops that the software embedding engine serves on CPU.
 _ENGINE_OPS = (
     "ConfigureTPUEmbedding",
@@ -47,6 +65,10 @@ class _UsageError(Exception):
 
 class _InputError(Exception):
     """An input that is missing or does not parse (exit status 1)."""
+
+
+class _WorkerError(Exception):
+    """A worker that could not start or exited (exit status 1)."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -161,15 +183,91 @@ def _info(args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
+def _cluster(args: argparse.Namespace) -> None:
+    from tpu_embed_adam import cluster
+
+    # SIGTERM ends the wait as Ctrl-C does, so that the workers stop either way.
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        with cluster.LocalCluster(args.hosts, args.cores_per_host) as local:
+            print(json.dumps(local.cluster_spec.as_dict()))
+            for task, (address, pid) in enumerate(
+                zip(local.cluster_spec.job_tasks("worker"), local.pids, strict=True)
+            ):
+                print(f"task {task}: {address} (pid {pid})")
+            print(f"target: {local.target}", flush=True)
+            while True:
+                # Short sleeps: TF's threads may take the signal, and Python
+                # runs its handler only once the main thread wakes.
+                time.sleep(_CLUSTER_POLL_S)
+                for task, status in enumerate(local.poll()):
+                    if status is not None:
+                        raise _WorkerError(
+                            f"worker task {task} (pid {local.pids[task]}) exited with status "
+                            f"{status}"
+                        )
+    except KeyboardInterrupt:
+        return
+    except (RuntimeError, TimeoutError) as e:
+        raise _WorkerError(str(e)) from e
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _worker(args: argparse.Namespace) -> None:
+    import tensorflow as tf
+
+    from tpu_embed_adam import cluster
+
+    tasks = args.cluster_spec.num_tasks("worker")
+    if args.task >= tasks:
+        raise _UsageError(
+            f"argument --task: must be in [0, {tasks - 1}] (the tasks of the cluster spec's "
+            f"job 'worker'); received: {args.task}"
+        )
+    try:
+        cluster.run_worker(
+            args.cluster_spec, args.task, args.cores_per_host, parent_pid=args.parent_pid
+        )
+    except (RuntimeError, tf.errors.OpError) as e:
+        raise _WorkerError(str(e)) from e
+
+
+def _int_flag(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an int in [low, high] (no upper bound when `high` is None)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+        if value < low or (high is not None and value > high):
+            bounds = f"in [{low}, {high}]" if high is not None else f">= {low}"
+            raise argparse.ArgumentTypeError(f"must be {bounds}; received: {value}")
+        return value
+
+    return parse
+
+
+def _cluster_spec_flag(text: str) -> "tf.train.ClusterSpec":
+    from tpu_embed_adam import cluster
+
+    try:
+        return cluster.parse_cluster_spec(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
+
+
 def _add_command(
     commands: "argparse._SubParsersAction[_Parser]",
     name: str,
     summary: str,
     handler: Callable[[argparse.Namespace], str | None],
     common: _Parser,
+    epilog: str = _EXIT_CODES,
 ) -> _Parser:
     parser = commands.add_parser(
-        name, help=summary, description=summary, epilog=_EXIT_CODES, parents=[common],
+        name, help=summary, description=summary, epilog=epilog, parents=[common],
         allow_abbrev=False,
     )
     parser.set_defaults(handler=handler)
@@ -177,7 +275,7 @@ def _add_command(
 
 
 def _parser() -> _Parser:
-    from tpu_embed_adam import _params_flags, _params_formats
+    from tpu_embed_adam import _params_flags, _params_formats, cluster
 
     # In every parser, so that it may come before or after the command;
     # SUPPRESS: a command's default must not overwrite a value given before it.
@@ -233,6 +331,43 @@ def _parser() -> _Parser:
         commands, "info", "print the version, the kernel library and the kernels it registers",
         _info, common,
     )
+
+    local = _add_command(
+        commands, "cluster",
+        "start one worker process per host on this machine, print the cluster, wait for Ctrl-C",
+        _cluster, common, epilog=_CLUSTER_EXIT_CODES,
+    )
+    local.add_argument(
+        "--hosts", type=_int_flag(1, cluster.MAX_LOCAL_HOSTS), required=True, metavar="N",
+        help=f"worker processes (tasks of job 'worker'), 1 to {cluster.MAX_LOCAL_HOSTS}",
+    )
+    local.add_argument(
+        "--cores_per_host", type=_int_flag(1, cluster.MAX_CORES_PER_HOST), default=1,
+        metavar="K", help="logical CPU devices (TPU cores) per worker (default: 1)",
+    )
+
+    worker = _add_command(
+        commands, "worker",
+        "serve one host's engine as task --task of job 'worker' (run one on each host)",
+        _worker, common, epilog=_WORKER_EXIT_CODES,
+    )
+    worker.add_argument(
+        "--cluster_spec", type=_cluster_spec_flag, required=True, metavar="JSON",
+        help='the whole cluster, e.g. \'{"worker": ["host0:2222", "host1:2222"]}\' '
+        "(task i serves at the i-th address); the same on every host",
+    )
+    worker.add_argument(
+        "--task", type=_int_flag(0), required=True, metavar="I",
+        help="this host's task index in job 'worker'",
+    )
+    worker.add_argument(
+        "--cores_per_host", type=_int_flag(1, cluster.MAX_CORES_PER_HOST), default=1,
+        metavar="K", help="logical CPU devices (TPU cores) of this worker (default: 1)",
+    )
+    worker.add_argument(
+        "--parent_pid", type=_int_flag(1), metavar="PID",
+        help="exit when this process, the worker's parent, exits (what `cluster` passes)",
+    )
     return parser
 
 
@@ -258,7 +393,7 @@ def main(argv: Sequence[str]) -> int:
     except _UsageError as e:
         _print_error(prog, str(e))
         return _USAGE
-    except _InputError as e:
+    except (_InputError, _WorkerError) as e:
         _print_error(prog, str(e))
         return _BAD_INPUT
     if out is not None:

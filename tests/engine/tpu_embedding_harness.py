@@ -366,6 +366,8 @@ class EmbeddingGraph:
         optimizer's `minimize`) instead of `tf.compat.v1.gradients`; one core.
       linear_loss: the loss is sum(act * target), whose gradient does not
         depend on the activations (TF then prunes Recv from a Send-only step).
+      target: the master to run on (e.g. a `LocalCluster`'s, one worker
+        process per host); default an in-process cluster of this shape.
     """
 
     def __init__(
@@ -388,6 +390,7 @@ class EmbeddingGraph:
         mode: int = tpu_embedding.TRAINING,
         dummy_table_variables: bool = False,
         linear_loss: bool = False,
+        target: str | None = None,
     ):
         if local and num_hosts != 1:
             raise ValueError(f"local=True runs one host; got num_hosts={num_hosts}.")
@@ -401,7 +404,9 @@ class EmbeddingGraph:
         self.mode_override = mode_override
         self.ragged = ragged
         self.min_ids_per_sample = min_ids_per_sample
-        self.target = "" if local else cluster(num_hosts, cores_per_host)[0].target
+        if target is None:
+            target = "" if local else cluster(num_hosts, cores_per_host)[0].target
+        self.target = target
         self.weighted = tuple(weighted)
         self.one_id_per_sample = tuple(one_id_per_sample)
         self.strategy = partition_strategy
@@ -440,8 +445,12 @@ class EmbeddingGraph:
         self.session = tf.compat.v1.Session(
             self.target,
             graph=self.graph,
+            # The timeout bounds closing a session whose worker process died
+            # (LocalCluster explains why TF would wait forever).
             config=tf.compat.v1.ConfigProto(
-                allow_soft_placement=True, device_count={"CPU": cores_per_host}
+                allow_soft_placement=True,
+                device_count={"CPU": cores_per_host},
+                operation_timeout_in_ms=60_000,
             ),
         )
 

@@ -6,6 +6,8 @@
 #include <cstdio>
 #include <limits>
 
+#include <unistd.h>
+
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
@@ -913,7 +915,8 @@ std::string Engine::InfoJson() {
         ", \"shards\": [", absl::StrJoin(shards, ", "), "]}"));
   }
   return absl::StrCat(
-      "{\"configured\": ", canonical_config_.empty() ? "false" : "true",
+      "{\"pid\": ", static_cast<int64_t>(getpid()),
+      ", \"configured\": ", canonical_config_.empty() ? "false" : "true",
       ", \"num_hosts\": ", num_hosts_, ", \"cores_per_host\": ",
       cores_per_host_, ", \"num_features\": ", features_.size(),
       ", \"queued_batches\": ", queued, ", \"deferred_loads\": ",

@@ -1,10 +1,7 @@
 // CPU kernels for TF's per-step TPU embedding ops: the three enqueue ops,
 // RecvTPUEmbeddingActivations and SendTPUEmbeddingGradients.
 //
-// A core is (task, core within the host). The task is the task of the device
-// that runs the op (0 for /job:localhost); the core is the enqueue op's
-// device_ordinal, and for Recv and Send the id of the CPU device they run on,
-// so several cores per host are several logical CPU devices.
+// A core is (task, core within the host): see step_context.h.
 #include <cstdlib>
 #include <string>
 
@@ -12,6 +9,7 @@
 #include "tensorflow/core/framework/tensor.h"
 #include "tpu_embed_adam/cc/engine/engine.h"
 #include "tpu_embed_adam/cc/core/parallel_for.h"
+#include "tpu_embed_adam/cc/kernels/step_context.h"
 
 namespace tpu_embed_adam {
 namespace {
@@ -27,16 +25,6 @@ using tensorflow::errors::InvalidArgument;
 using engine::Engine;
 using engine::FeatureInput;
 using engine::Layout;
-
-int64_t Task(OpKernelContext* ctx) {
-  const auto& name = ctx->device()->parsed_name();
-  return name.has_task ? name.task : 0;
-}
-
-int64_t DeviceCore(OpKernelContext* ctx) {
-  const auto& name = ctx->device()->parsed_name();
-  return name.has_id ? name.id : 0;
-}
 
 // Index and id inputs may be int32 or int64, weights float or double; the
 // engine keeps one type of each.
@@ -172,35 +160,6 @@ class EnqueueOp : public OpKernel {
   std::vector<int32_t> table_ids_;
   std::vector<int32_t> max_seq_;
 };
-
-// How long Recv (and a Send whose Recv TF pruned) waits for its core's
-// batch: the enqueue of the same step may run concurrently in the same
-// Session.run, and on a loaded host it can lag by seconds. A TPU's Recv blocks until the batch arrives; a long bound keeps
-// that behaviour while a program that never enqueues still gets an error.
-// Parsed strictly: atoll's silent 0 for "abc" or 1 for "1e9" would turn a
-// typo into a Recv that fails at once or waits for ages.
-constexpr int64_t kMaxRecvTimeoutMs = 86400000;  // one day
-Status RecvTimeoutMs(int64_t* timeout_ms) {
-  static constexpr char kVar[] = "TPU_EMBED_ADAM_RECV_TIMEOUT_MS";
-  const char* env = std::getenv(kVar);
-  if (env == nullptr) {
-    *timeout_ms = 60000;
-    return tensorflow::OkStatus();
-  }
-  const std::string text(env);
-  int64_t value = 0;
-  bool ok = !text.empty() && text.size() <= 9;  // 9 digits cannot overflow
-  for (char c : text) {
-    ok = ok && c >= '0' && c <= '9';
-    value = value * 10 + (c - '0');
-  }
-  if (!ok || value < 1 || value > kMaxRecvTimeoutMs) {
-    return InvalidArgument(kVar, "='", text, "' must be a whole number of ",
-                           "milliseconds in [1, ", kMaxRecvTimeoutMs, "]");
-  }
-  *timeout_ms = value;
-  return tensorflow::OkStatus();
-}
 
 class RecvOp : public OpKernel {
  public:

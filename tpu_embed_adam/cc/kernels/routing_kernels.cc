@@ -1,0 +1,217 @@
+// CPU kernels of the multi-process step's ops (cc/ops/routing_ops.cc): thin
+// wrappers that hand tensors to the engine (engine_routed.cc).
+#include <string>
+#include <vector>
+
+#include "tensorflow/core/framework/op_kernel.h"
+#include "tensorflow/core/framework/tensor.h"
+#include "tpu_embed_adam/cc/core/parallel_for.h"
+#include "tpu_embed_adam/cc/engine/engine.h"
+#include "tpu_embed_adam/cc/kernels/step_context.h"
+
+namespace tpu_embed_adam {
+namespace {
+
+using engine::Engine;
+using tensorflow::DEVICE_CPU;
+using tensorflow::OpInputList;
+using tensorflow::OpKernel;
+using tensorflow::OpKernelConstruction;
+using tensorflow::OpKernelContext;
+using tensorflow::Status;
+using tensorflow::Tensor;
+using tensorflow::TensorShape;
+using tensorflow::errors::InvalidArgument;
+
+// Pairs travel as [n, 2] int64 tensors.
+Status CheckPairsShape(const char* what, int index, const Tensor& t) {
+  if (t.dims() != 2 || t.dim_size(1) != 2) {
+    return InvalidArgument(what, "[", index, "] must be [n, 2] (table, row) ",
+                           "pairs; got ", t.shape().DebugString());
+  }
+  return tensorflow::OkStatus();
+}
+
+class EnsureConfiguredOp : public OpKernel {
+ public:
+  explicit EnsureConfiguredOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("config", &config_));
+  }
+  void Compute(OpKernelContext* ctx) override {
+    OP_REQUIRES_OK(ctx, Engine::Get().EnsureConfigured(config_));
+  }
+
+ private:
+  std::string config_;
+};
+
+class RouteIdsOp : public OpKernel {
+ public:
+  explicit RouteIdsOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("config", &config_));
+  }
+  void Compute(OpKernelContext* ctx) override {
+    int64_t timeout_ms = 0;
+    OP_REQUIRES_OK(ctx, RecvTimeoutMs(&timeout_ms));
+    const auto allocate = [ctx](int owner, int64_t n, int64_t** data) {
+      Tensor* out = nullptr;
+      TF_RETURN_IF_ERROR(ctx->allocate_output(owner, TensorShape({n, 2}), &out));
+      *data = out->flat<int64_t>().data();
+      return tensorflow::OkStatus();
+    };
+    OP_REQUIRES_OK(ctx, Engine::Get().RouteIds(config_, Task(ctx),
+                                               DeviceCore(ctx), timeout_ms,
+                                               num_outputs(), allocate));
+  }
+
+ private:
+  std::string config_;
+};
+
+class GatherRowsOp : public OpKernel {
+ public:
+  explicit GatherRowsOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("config", &config_));
+  }
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& ids = ctx->input(0);
+    OP_REQUIRES_OK(ctx, CheckPairsShape("ids", 0, ids));
+    const auto allocate = [ctx](int64_t n, float** data) {
+      Tensor* out = nullptr;
+      TF_RETURN_IF_ERROR(ctx->allocate_output(0, TensorShape({n}), &out));
+      *data = out->flat<float>().data();
+      return tensorflow::OkStatus();
+    };
+    OP_REQUIRES_OK(ctx, Engine::Get().GatherRows(config_, Task(ctx),
+                                                 ids.flat<int64_t>().data(),
+                                                 ids.dim_size(0), allocate));
+  }
+
+ private:
+  std::string config_;
+};
+
+class CombineActivationsOp : public OpKernel {
+ public:
+  explicit CombineActivationsOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("config", &config_));
+  }
+  void Compute(OpKernelContext* ctx) override {
+    OpInputList rows;
+    OP_REQUIRES_OK(ctx, ctx->input_list("rows", &rows));
+    std::vector<const float*> data;
+    std::vector<int64_t> sizes;
+    for (const Tensor& t : rows) {
+      data.push_back(t.flat<float>().data());
+      sizes.push_back(t.NumElements());
+    }
+    const auto allocate = [ctx](int index, const std::vector<int64_t>& shape,
+                                float** out_data) {
+      Tensor* out = nullptr;
+      TF_RETURN_IF_ERROR(
+          ctx->allocate_output(index, TensorShape(shape), &out));
+      *out_data = out->flat<float>().data();
+      return tensorflow::OkStatus();
+    };
+    OP_REQUIRES_OK(ctx, Engine::Get().CombineActivations(
+                            config_, Task(ctx), DeviceCore(ctx), data, sizes,
+                            num_outputs(), allocate));
+  }
+
+ private:
+  std::string config_;
+};
+
+class SplitGradientsOp : public OpKernel {
+ public:
+  explicit SplitGradientsOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("config", &config_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("num_owners", &num_owners_));
+  }
+  void Compute(OpKernelContext* ctx) override {
+    OP_REQUIRES_OK(ctx, Engine::Get().EnsureConfigured(config_));
+    OpInputList inputs;
+    OP_REQUIRES_OK(ctx, ctx->input_list("gradients", &inputs));
+    std::vector<const float*> grads;
+    std::vector<std::vector<int64_t>> shapes;
+    for (const Tensor& g : inputs) {
+      grads.push_back(g.flat<float>().data());
+      const auto dims = g.shape().dim_sizes();
+      shapes.emplace_back(dims.begin(), dims.end());
+    }
+    int64_t timeout_ms = 0;
+    OP_REQUIRES_OK(ctx, RecvTimeoutMs(&timeout_ms));
+    const int owners = num_owners_;
+    const auto allocate = [ctx, owners](int owner, int64_t n, int64_t floats,
+                                        int64_t** ids, float** rows) {
+      Tensor* out = nullptr;
+      TF_RETURN_IF_ERROR(ctx->allocate_output(owner, TensorShape({n, 2}), &out));
+      *ids = out->flat<int64_t>().data();
+      TF_RETURN_IF_ERROR(
+          ctx->allocate_output(owners + owner, TensorShape({floats}), &out));
+      *rows = out->flat<float>().data();
+      return tensorflow::OkStatus();
+    };
+    OP_REQUIRES_OK(ctx, Engine::Get().SplitGradients(
+                            Task(ctx), DeviceCore(ctx), grads, shapes,
+                            num_owners_, timeout_ms, allocate));
+  }
+
+ private:
+  std::string config_;
+  int num_owners_ = 0;
+};
+
+class ApplyGradientsOp : public OpKernel {
+ public:
+  explicit ApplyGradientsOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("config", &config_));
+  }
+  void Compute(OpKernelContext* ctx) override {
+    OP_REQUIRES_OK(ctx, Engine::Get().EnsureConfigured(config_));
+    OpInputList ids, rows, rates;
+    OP_REQUIRES_OK(ctx, ctx->input_list("ids", &ids));
+    OP_REQUIRES_OK(ctx, ctx->input_list("rows", &rows));
+    OP_REQUIRES_OK(ctx, ctx->input_list("learning_rates", &rates));
+    std::vector<Engine::Payload> payloads(ids.size());
+    for (int i = 0; i < ids.size(); ++i) {
+      OP_REQUIRES_OK(ctx, CheckPairsShape("ids", i, ids[i]));
+      OP_REQUIRES(ctx, rows[i].dims() == 1,
+                  InvalidArgument("rows[", i, "] must be a vector; got ",
+                                  rows[i].shape().DebugString()));
+      payloads[i] = {ids[i].flat<int64_t>().data(), ids[i].dim_size(0),
+                     rows[i].flat<float>().data(), rows[i].NumElements()};
+    }
+    std::vector<float> learning_rates;
+    for (int i = 0; i < rates.size(); ++i) {
+      OP_REQUIRES(ctx, rates[i].NumElements() == 1,
+                  InvalidArgument("learning_rates[", i, "] must hold one ",
+                                  "value; got ",
+                                  rates[i].shape().DebugString()));
+      learning_rates.push_back(rates[i].flat<float>()(0));
+    }
+    OP_REQUIRES_OK(ctx, Engine::Get().ApplyGradients(Task(ctx), payloads,
+                                                     learning_rates,
+                                                     MakeParallelFor(ctx)));
+  }
+
+ private:
+  std::string config_;
+};
+
+REGISTER_KERNEL_BUILDER(Name("TpuEmbedAdamEnsureConfigured").Device(DEVICE_CPU),
+                        EnsureConfiguredOp);
+REGISTER_KERNEL_BUILDER(Name("TpuEmbedAdamRouteIds").Device(DEVICE_CPU),
+                        RouteIdsOp);
+REGISTER_KERNEL_BUILDER(Name("TpuEmbedAdamGatherRows").Device(DEVICE_CPU),
+                        GatherRowsOp);
+REGISTER_KERNEL_BUILDER(
+    Name("TpuEmbedAdamCombineActivations").Device(DEVICE_CPU),
+    CombineActivationsOp);
+REGISTER_KERNEL_BUILDER(Name("TpuEmbedAdamSplitGradients").Device(DEVICE_CPU),
+                        SplitGradientsOp);
+REGISTER_KERNEL_BUILDER(Name("TpuEmbedAdamApplyGradients").Device(DEVICE_CPU),
+                        ApplyGradientsOp);
+
+}  // namespace
+}  // namespace tpu_embed_adam

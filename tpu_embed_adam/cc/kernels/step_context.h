@@ -1,0 +1,26 @@
+// Where a per-step TPU embedding op runs and how long it waits: shared by
+// the kernels of TF's Recv/Send/enqueue ops and of the multi-process step.
+//
+// A core is (task, core within the host). The task is the task of the device
+// that runs the op (0 for /job:localhost); the core is the enqueue op's
+// device_ordinal, and for the ops of a core's step the id of the CPU device
+// they run on, so several cores per host are several logical CPU devices.
+#ifndef TPU_EMBED_ADAM_CC_KERNELS_STEP_CONTEXT_H_
+#define TPU_EMBED_ADAM_CC_KERNELS_STEP_CONTEXT_H_
+
+#include <cstdint>
+
+#include "tensorflow/core/framework/op_kernel.h"
+
+namespace tpu_embed_adam {
+
+int64_t Task(tensorflow::OpKernelContext* ctx);
+int64_t DeviceCore(tensorflow::OpKernelContext* ctx);
+
+// How long Recv (and a Send whose Recv TF pruned) waits for its core's
+// batch: TPU_EMBED_ADAM_RECV_TIMEOUT_MS, default 60 s.
+tensorflow::Status RecvTimeoutMs(int64_t* timeout_ms);
+
+}  // namespace tpu_embed_adam
+
+#endif  // TPU_EMBED_ADAM_CC_KERNELS_STEP_CONTEXT_H_
