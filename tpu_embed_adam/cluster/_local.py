@@ -206,7 +206,7 @@ class LocalCluster:
             self._procs.append(
                 subprocess.Popen(
                     [
-                        sys.executable, "-m", "tpu_embed_adam_cli", "worker",
+                        sys.executable, "-m", "tpu_embed_adam.cli", "worker",
                         f"--cluster_spec={spec}", f"--task={task}",
                         f"--cores_per_host={self._cores_per_host}",
                         f"--parent_pid={os.getpid()}",
