@@ -60,12 +60,13 @@ test-all: lib
 	$(PY) -m pytest -q tests
 
 lint: $(STAMP)
-	$(PY) -m ruff check tpu_embed_adam tests examples benchmarks tools setup.py
-	$(PY) -m mypy tpu_embed_adam
+	$(PY) -m ruff check tpu_embed_adam tpu_embed_adam_cli.py tests examples benchmarks tools setup.py
+	$(PY) -m mypy tpu_embed_adam tpu_embed_adam_cli.py
 
 # FUZZ_COUNT inputs per target (tools/fuzz.py): atheris (coverage-guided) for the
-# in-process AdamParameters readers, the structure-aware random engine for
-# apply_adam and the engine's ConfigureTPUEmbedding (a child process; slower).
+# in-process AdamParameters readers and the structure-aware random engine for the
+# engine's ConfigureTPUEmbedding (one long-lived child process), FUZZ_OP_COUNT
+# for apply_adam (every input builds variables and runs the update).
 FUZZ_COUNT ?= 1000000
 FUZZ_OP_COUNT ?= 20000
 fuzz: lib
@@ -74,7 +75,7 @@ fuzz: lib
 	set -e; for t in from_proto from_tf_proto from_json from_dict; do \
 	  $(PY) tools/fuzz.py --target=$$t --count=$(FUZZ_COUNT) --artifact_dir=build/fuzz; done
 	$(PY) tools/fuzz.py --target=apply_adam --count=$(FUZZ_OP_COUNT) --engine=random
-	$(PY) tools/fuzz.py --target=engine_config --count=$(FUZZ_OP_COUNT) --engine=random
+	$(PY) tools/fuzz.py --target=engine_config --count=$(FUZZ_COUNT) --engine=random
 
 bench: lib
 	$(PY) -m pip install -q -r requirements-bench.txt

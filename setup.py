@@ -105,6 +105,9 @@ setup(
     },
     ext_modules=_EXT_MODULES,
     cmdclass={"build_ext": _TfBuildExt},
-    entry_points={"console_scripts": ["tpu-embed-adam=tpu_embed_adam.cli:run"]},
+    # Outside the package, which imports TensorFlow: the script sets TF's C++
+    # log level first (tpu_embed_adam_cli's docstring).
+    py_modules=["tpu_embed_adam_cli"],
+    entry_points={"console_scripts": ["tpu-embed-adam=tpu_embed_adam_cli:run"]},
     zip_safe=False,
 )

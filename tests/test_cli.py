@@ -1,8 +1,10 @@
-"""The `tpu-embed-adam` command line: as a user runs it (subprocess) and in-process (faster)."""
+"""The `tpu-embed-adam` command line: as a user runs it (subprocess) and in-process (faster).
+
+TF's log level (`--verbosity`) is the entry point's: tests/test_tpu_embed_adam_cli.py.
+"""
 
 import inspect
 import json
-import os
 import subprocess
 import sys
 
@@ -13,7 +15,7 @@ from tpu_embed_adam import AdamParameters, cli
 
 def _cli(*args):
     return subprocess.run(
-        [sys.executable, "-m", "tpu_embed_adam.cli", *args], capture_output=True, text=True
+        [sys.executable, "-m", "tpu_embed_adam_cli", *args], capture_output=True, text=True
     )
 
 
@@ -122,7 +124,7 @@ def test_convert_reads_tf_messages_and_names_other_optimizers(tmp_path, capsys):
 
 def test_convert_binary_to_a_pipe_and_from_forced():
     out = subprocess.run(
-        [sys.executable, "-m", "tpu_embed_adam.cli", "convert", "-", "--from=json", "--to=binary"],
+        [sys.executable, "-m", "tpu_embed_adam_cli", "convert", "-", "--from=json", "--to=binary"],
         input=PARAMS.to_json().encode(), capture_output=True,
     )
     assert out.returncode == 0, out.stderr[-2000:]
@@ -179,25 +181,3 @@ def test_info_reports_the_kernel_library():
     assert out.returncode == 0, out.stderr[-2000:]
     assert "kernel library: loaded" in out.stdout
     assert "LoadTPUEmbeddingADAMParameters" in out.stdout
-
-
-@pytest.mark.parametrize(
-    "argv, level",
-    [([], "3"), (["info", "--verbosity=0"], "0"), (["-v", "-1", "info"], "1"), (["-v", "x"], "3")],
-)
-def test_verbosity_sets_tf_cpp_log_level(argv, level):
-    assert cli._tf_log_level(cli._verbosity(argv)) == level
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="tpu_embed_adam/__init__.py imports TensorFlow before cli.run() sets "
-    "TF_CPP_MIN_LOG_LEVEL, and TF logs (cpu_feature_guard) at import",
-)
-def test_no_tf_log_lines_by_default():
-    out = subprocess.run(
-        [sys.executable, "-m", "tpu_embed_adam.cli", "params", "--learning_rate=1"],
-        capture_output=True, text=True, env={k: v for k, v in os.environ.items()
-        if k != "TF_CPP_MIN_LOG_LEVEL"},
-    )
-    assert out.returncode == 0 and out.stderr == ""

@@ -107,7 +107,7 @@ def test_inspect_prints_a_line_per_table_and_plots(tpu_checkpoint, tmp_path):
     path, _ = tpu_checkpoint
     png = tmp_path / "tables.png"
     out = subprocess.run(
-        [sys.executable, "-m", "tpu_embed_adam.cli", "inspect", os.path.dirname(path),
+        [sys.executable, "-m", "tpu_embed_adam_cli", "inspect", os.path.dirname(path),
          f"--plot={png}"],
         capture_output=True, text=True,
     )

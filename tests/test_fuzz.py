@@ -162,6 +162,39 @@ def test_engine_config(engine_worker, value):
         pytest.fail(f"{e}\nreproduce: tools/fuzz_targets.py EngineWorker().run{value!r}")
 
 
+# Stands in for the engine child: answers "ok", and aborts (after a line on
+# stderr) on the input b"die".
+_DYING_CHILD = """
+import os, struct, sys
+print("ready", flush=True)
+while len(header := sys.stdin.buffer.read(8)) == 8:
+    data = sys.stdin.buffer.read(struct.unpack("<II", header)[1])
+    if data == b"die":
+        sys.stderr.write("about to abort\\n")
+        sys.stderr.flush()
+        os.abort()
+    print("ok " + data.decode(), flush=True)
+"""
+
+
+def test_engine_worker_reports_the_input_its_child_dies_on_and_goes_on():
+    worker = ft.EngineWorker(child=(sys.executable, "-c", _DYING_CHILD))
+    names = [b"a", b"b", b"die", *(b"c%d" % i for i in range(2 * ft.PIPELINE_DEPTH))]
+    try:
+        results = list(worker.run_all((i, (0, name)) for i, name in enumerate(names)))
+    finally:
+        worker.close()
+    assert [i for i, _ in results] == list(range(len(names)))
+    crash = results[2][1]
+    assert isinstance(crash, ft.EngineCrash)
+    assert "exit -6" in str(crash) and "b'die'" in str(crash)
+    assert "about to abort" in str(crash)
+    # Every other input, also those sent behind the fatal one, reached a fresh child.
+    others = [outcome for i, outcome in results if i != 2]
+    assert others == [f"ok {name.decode()}" for i, name in enumerate(names) if i != 2]
+    assert worker.crashes == 1
+
+
 def test_generators_are_deterministic():
     """The runner's reproducer (`--seed`, input index) depends on this."""
     for target in ft.PARAM_TARGETS:

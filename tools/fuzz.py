@@ -32,6 +32,7 @@ import os
 import random
 import sys
 import time
+from collections.abc import Iterator
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -50,27 +51,41 @@ _ARTIFACT_DIR = flags.DEFINE_string("artifact_dir", "build/fuzz", "Where atheris
 _REPORT_EVERY = flags.DEFINE_integer("report_every", 0, "Print progress every N inputs (0: 10%).")
 
 
+def _checked(
+    target: str, count: int, seed: int, worker: ft.EngineWorker | None
+) -> Iterator[tuple[int, str | ft.PropertyViolation]]:
+    """Yields `(input index, outcome label or violation)` for inputs 0..count-1."""
+    seeds = ft.seed_engine_configs() if target == "engine_config" else None
+    values = ((i, ft.generate(target, random.Random(f"{seed}:{target}:{i}"), seeds))
+              for i in range(count))
+    if worker is not None:
+        yield from worker.run_all(values)
+        return
+    for i, value in values:
+        try:
+            yield i, ft.check(target, value)
+        except ft.PropertyViolation as e:
+            yield i, e
+
+
 def _run_random(target: str, count: int, seed: int) -> int:
     worker = ft.EngineWorker() if target == "engine_config" else None
-    seeds = ft.seed_engine_configs() if target == "engine_config" else None
     outcomes: collections.Counter[str] = collections.Counter()
     failures = 0
     every = _REPORT_EVERY.value or max(count // 10, 1)
     start = time.perf_counter()
     try:
-        for i in range(count):
-            rng = random.Random(f"{seed}:{target}:{i}")
-            value = ft.generate(target, rng, seeds)
-            try:
-                outcomes[ft.check(target, value, worker)] += 1
-            except ft.PropertyViolation as e:
+        for i, outcome in _checked(target, count, seed, worker):
+            if isinstance(outcome, ft.PropertyViolation):
                 failures += 1
                 outcomes["VIOLATION"] += 1
-                print(f"VIOLATION #{failures} at input {i} (seed {seed}): {e}", flush=True)
+                print(f"VIOLATION #{failures} at input {i} (seed {seed}): {outcome}", flush=True)
                 print(f"  reproduce: python tools/fuzz.py --target={target} --seed={seed} "
                       f"--engine=random --count={i + 1}  (input {i})", flush=True)
                 if failures >= _MAX_FAILURES.value:
                     break
+            else:
+                outcomes[outcome] += 1
             if (i + 1) % every == 0:
                 el = time.perf_counter() - start
                 print(f"  {target}: {i + 1}/{count} in {el:.1f} s ({(i + 1) / el:,.0f}/s)",

@@ -28,8 +28,10 @@ Targets:
 
 from __future__ import annotations
 
+import collections
 import copy
 import io
+import itertools
 import math
 import os
 import pickle
@@ -37,6 +39,8 @@ import random
 import struct
 import subprocess
 import sys
+import threading
+from collections.abc import Iterable, Iterator, Sequence
 from decimal import Decimal
 from fractions import Fraction
 from typing import Any
@@ -701,12 +705,24 @@ def engine_input(rng: random.Random, seeds: list[bytes]) -> bytes:
     return data
 
 
+# The most inputs the runner writes ahead of the child's answers. The child
+# computes while the runner draws the next inputs; the answers of this many
+# inputs (lines capped at _MAX_LINE) fit a pipe's buffer, so neither side
+# blocks on a full pipe while the other waits for it.
+PIPELINE_DEPTH = 16
+_MAX_LINE = 2000
+# The child clears TF's eager kernel cache after this many inputs.
+_KERNEL_CACHE_INPUTS = 1000
+
+
 def _engine_worker_main() -> None:  # pragma: no cover - runs in the child
     """Reads length-prefixed configs on stdin; answers one line each on stdout.
 
     Before each input the engine holds a valid seed configuration (installed
     by ConfigureTPUEmbedding; after an accepted input, the input's own seed
     afresh); after a rejection it must hold exactly that, as `info()` shows.
+    Inputs are answered in order, each before the next is read, so the first
+    unanswered input of a dead child is the one that killed it.
     """
     import resource
 
@@ -714,19 +730,39 @@ def _engine_worker_main() -> None:  # pragma: no cover - runs in the child
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import tensorflow as tf
+    from tensorflow.python import pywrap_tfe
+    from tensorflow.python.eager import context
+
+    # TF 2.15 runs every eager op as a one-op function: an attr value it has
+    # not seen (every input here is a new `config`) costs a function
+    # instantiation and its graph passes, about 1.5 ms, 15x the op. The
+    # classic eager path only builds the kernel, whose construction (reading
+    # the attr) and Compute are what the op runs in a graph too. Read once,
+    # when the eager context starts: before the first op.
+    set_op_as_function = pywrap_tfe.TFE_ContextOptionsSetRunEagerOpAsFunction
+    pywrap_tfe.TFE_ContextOptionsSetRunEagerOpAsFunction = (
+        lambda options, _enable: set_op_as_function(options, False))
 
     from tpu_embed_adam import engine
 
     seeds = seed_engine_configs()
     stdin, stdout = sys.stdin.buffer, sys.stdout
-    stdout.write("ready\n")
-    stdout.flush()
+
+    def answer(line: str) -> None:
+        stdout.write(line[:_MAX_LINE].replace("\n", " ") + "\n")
+        stdout.flush()
+
+    answer("ready")
     base_infos: dict[int, Any] = {}
     installed: int | None = None  # the seed the engine holds untouched, if any
-    while True:
+    for served in itertools.count(1):
         header = stdin.read(8)
         if len(header) < 8:
             return
+        if served % _KERNEL_CACHE_INPUTS == 0:
+            # The kernel of each config seen stays cached (with its copy of
+            # the config): without this the child grows with every input.
+            context.context().clear_kernel_cache()
         base, size = struct.unpack("<II", header)
         data = stdin.read(size)
         base %= len(seeds)
@@ -735,8 +771,7 @@ def _engine_worker_main() -> None:  # pragma: no cover - runs in the child
             tf.raw_ops.ConfigureTPUEmbedding(config=seeds[base])
             info = engine.info()
             if base_infos.setdefault(base, info) != info:
-                print(f"BAD seed state differs: {info}", flush=True)
-                installed = None
+                answer(f"BAD seed state differs: {info}")
                 continue
             installed = base
         current, installed = installed, None
@@ -747,82 +782,156 @@ def _engine_worker_main() -> None:  # pragma: no cover - runs in the child
             name = type(e).__name__
             after = engine.info()
             if name not in ENGINE_ERRORS:
-                print(f"BAD {name}: {str(e.message)[:300]!r}", flush=True)
+                answer(f"BAD {name}: {str(e.message)[:300]!r}")
             elif after != before:
-                print(f"BAD rejected ({name}) but the engine changed: {before} -> {after}",
-                      flush=True)
+                answer(f"BAD rejected ({name}) but the engine changed: {before} -> {after}")
             else:
                 installed = current  # a rejected input leaves the seed installed
-                print(f"rejected {name}", flush=True)
+                answer(f"rejected {name}")
             continue
         except Exception as e:  # noqa: BLE001
-            print(f"BAD {type(e).__name__}: {str(e)[:300]!r}", flush=True)
+            answer(f"BAD {type(e).__name__}: {str(e)[:300]!r}")
             continue
         after = engine.info()
         if not after.get("configured"):
-            print(f"BAD accepted but not configured: {after}", flush=True)
+            answer(f"BAD accepted but not configured: {after}")
             continue
         # Accepted: the engine answers its other ops sanely for it.
         try:
             tf.raw_ops.IsTPUEmbeddingInitialized()
         except Exception as e:  # noqa: BLE001
-            print(f"BAD accepted, then IsTPUEmbeddingInitialized raises {e!r}", flush=True)
+            answer(f"BAD accepted, then IsTPUEmbeddingInitialized raises {e!r}")
             continue
-        print("ok", flush=True)
+        answer("ok")
 
 
 class EngineCrash(PropertyViolation):
     """The engine's child process died on an input."""
 
 
-class EngineWorker:
-    """A child process running `ConfigureTPUEmbedding`; restarts after a crash."""
+# The child that `EngineWorker` runs by default: `_engine_worker_main`.
+ENGINE_CHILD = (sys.executable, "-c", "import fuzz_targets; fuzz_targets._engine_worker_main()")
 
-    def __init__(self) -> None:
+
+class EngineWorker:
+    """A child process running `ConfigureTPUEmbedding` on many inputs; restarts after a crash.
+
+    One child serves every input (starting one costs a TensorFlow import,
+    about a second); inputs are written ahead of the answers
+    (`PIPELINE_DEPTH`), so the runner draws inputs while the child checks
+    earlier ones. A child that dies is reported with the input it died on
+    and the end of its stderr, and a fresh child takes the inputs that were
+    still waiting.
+    """
+
+    def __init__(self, child: Sequence[str] = ENGINE_CHILD) -> None:
+        """Prepares the worker; the child starts with the first input.
+
+        Args:
+          child: the child's command line: it prints "ready", then answers
+            each length-prefixed input on stdin with one line
+            (`_engine_worker_main`; tests give a child that crashes).
+        """
+        self.child = list(child)
         self.proc: subprocess.Popen[bytes] | None = None
         self.crashes = 0
+        self._stderr_tail: collections.deque[bytes] = collections.deque(maxlen=16)
+        self._drainer: threading.Thread | None = None
 
     def _start(self) -> subprocess.Popen[bytes]:
         env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=os.pathsep.join(
             [os.path.dirname(os.path.abspath(__file__)), *sys.path]))
-        proc = subprocess.Popen(
-            [sys.executable, "-c", "import fuzz_targets; fuzz_targets._engine_worker_main()"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        proc = subprocess.Popen(self.child, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, env=env)
         assert proc.stdout is not None
         line = proc.stdout.readline().decode()
         if line.strip() != "ready":
             err = proc.stderr.read().decode() if proc.stderr else ""
             raise RuntimeError(f"engine worker did not start: {line!r} {err[-2000:]}")
-        # Drain stderr in the background so that TF's logging cannot block the child.
-        import threading
-
-        threading.Thread(target=_drain, args=(proc.stderr,), daemon=True).start()
+        # Drain stderr in the background (protobuf logs every invalid UTF-8
+        # string it parses), so that the child never blocks on it; its end
+        # goes into a crash report.
+        self._stderr_tail.clear()
+        self._drainer = threading.Thread(
+            target=_drain, args=(proc.stderr, self._stderr_tail), daemon=True)
+        self._drainer.start()
         return proc
 
-    def run(self, base: int, data: bytes) -> str:
-        if self.proc is None or self.proc.poll() is not None:
+    def _send(self, base: int, data: bytes) -> None:
+        if self.proc is None:
             self.proc = self._start()
-        assert self.proc.stdin is not None and self.proc.stdout is not None
+        assert self.proc.stdin is not None
         try:
             self.proc.stdin.write(struct.pack("<II", base, len(data)) + data)
             self.proc.stdin.flush()
-            line = self.proc.stdout.readline().decode()
         except BrokenPipeError:
-            line = ""
+            pass  # the child is dead; the missing answer reports it
+
+    def _answer(self, base: int, data: bytes) -> str:
+        """The child's answer to the oldest unanswered input (`base`, `data`)."""
+        assert self.proc is not None and self.proc.stdout is not None
+        line = self.proc.stdout.readline().decode()
         if not line:
             code = self.proc.wait()
+            if self._drainer is not None:
+                self._drainer.join(timeout=10)
+            stderr = b"".join(self._stderr_tail).decode(errors="replace")[-1000:]
             self.proc = None
             self.crashes += 1
-            raise EngineCrash(f"engine child died (exit {code}) on config bytes {data!r}")
+            raise EngineCrash(f"engine child died (exit {code}) on input (base {base}, "
+                              f"config bytes {data!r}); its stderr ends: {stderr!r}")
         line = line.strip()
         if line.startswith("BAD"):
-            raise PropertyViolation(f"ConfigureTPUEmbedding({data!r}): {line}")
+            raise PropertyViolation(f"ConfigureTPUEmbedding({data!r}) on seed {base}: {line}")
         return line
+
+    def run(self, base: int, data: bytes) -> str:
+        """Checks one input; returns the child's outcome label.
+
+        Raises:
+          EngineCrash: the child died on it.
+          PropertyViolation: the child reported a broken property.
+        """
+        self._send(base, data)
+        return self._answer(base, data)
+
+    def run_all(
+        self, inputs: Iterable[tuple[Any, tuple[int, bytes]]]
+    ) -> Iterator[tuple[Any, str | PropertyViolation]]:
+        """Checks `(key, (base, data))` inputs in order, `PIPELINE_DEPTH` ahead.
+
+        Yields `(key, outcome label or the violation)` per input, in input
+        order; after a crash, the inputs sent behind the fatal one go to a
+        fresh child.
+        """
+        pending: collections.deque[tuple[Any, tuple[int, bytes]]] = collections.deque()
+        source = iter(inputs)
+        while True:
+            while len(pending) < PIPELINE_DEPTH:
+                item = next(source, None)
+                if item is None:
+                    break
+                pending.append(item)
+                self._send(*item[1])
+            if not pending:
+                return
+            key, value = pending.popleft()
+            try:
+                yield key, self._answer(*value)
+            except EngineCrash as e:
+                for _, waiting in pending:
+                    self._send(*waiting)
+                yield key, e
+            except PropertyViolation as e:
+                yield key, e
 
     def close(self) -> None:
         if self.proc is not None:
             assert self.proc.stdin is not None
-            self.proc.stdin.close()
+            try:
+                self.proc.stdin.close()
+            except BrokenPipeError:
+                pass
             try:
                 self.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
@@ -831,11 +940,11 @@ class EngineWorker:
             self.proc = None
 
 
-def _drain(stream: io.BufferedReader | None) -> None:
+def _drain(stream: io.BufferedReader | None, tail: collections.deque[bytes]) -> None:
     if stream is None:
         return
-    for _ in iter(lambda: stream.read(65536), b""):
-        pass
+    for chunk in iter(lambda: stream.read1(65536), b""):
+        tail.append(chunk)
 
 
 # --------------------------------------------------------------------------------------

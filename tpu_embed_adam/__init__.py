@@ -7,8 +7,11 @@ embedding engine, and `cluster` starts its worker processes (one per host);
 `install()` makes TF's public alias resolve to ours.
 
 Importing the package loads its kernel library (when built): that registers
-the CPU kernels behind TF's own TPU embedding ops. It never patches TF's
-Python API; `install()` does.
+the CPU kernels behind TF's own TPU embedding ops. With the library loaded,
+it also makes `tf.compat.v1.train.Saver.save` warn when the engine holds
+tables trained since their last retrieve (`engine.warn_unretrieved_saves`:
+the why, and how to turn it off); that is the one change it makes to TF's
+Python API. `install()` makes the others.
 """
 
 from tpu_embed_adam import cluster, engine, optimization_parameters_pb2
@@ -33,4 +36,5 @@ __all__ = [
 
 __version__ = "0.1.0"
 
-loader.load_library()
+if loader.load_library() is not None:
+    engine.warn_unretrieved_saves()

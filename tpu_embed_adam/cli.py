@@ -11,15 +11,16 @@
 Exit status: 0 success, 1 bad input (a file that is missing or does not parse)
 or a worker that could not start or exited, 2 usage error (unknown command or
 flag, a flag value out of range). Errors are one line on stderr. TF's C++ log
-lines are off unless `--verbosity` asks.
+lines are off unless `--verbosity` asks: the console script's entry point,
+`tpu_embed_adam_cli.run`, sets their level before anything imports
+TensorFlow, then calls `run` here.
 
-Modules imported by the commands import TensorFlow, so they are imported once
-the log level is set (`run`), not at the top of this module.
+Modules imported by the commands import TensorFlow, so they are imported when
+a command runs, not at the top of this module.
 """
 
 import argparse
 import json
-import os
 import signal
 import sys
 import time
@@ -85,23 +86,6 @@ class _Parser(argparse.ArgumentParser):
 def _print_error(prog: str, message: str) -> None:
     # One line, whatever the underlying error printed (protobuf's span lines).
     print(f"{prog}: error: {' '.join(message.split())}", file=sys.stderr)
-
-
-def _tf_log_level(verbosity: int | None) -> str:
-    """TF_CPP_MIN_LOG_LEVEL for absl's `--verbosity` (None: not given: off)."""
-    if verbosity is None:
-        return "3"
-    return str(min(3, max(0, -verbosity)))
-
-
-def _verbosity(argv: Sequence[str]) -> int | None:
-    """`--verbosity`'s value, read before the full parser (which needs TF) exists."""
-    scan = argparse.ArgumentParser(add_help=False, exit_on_error=False)
-    scan.add_argument("-v", "--verbosity", type=int)
-    try:
-        return scan.parse_known_args(argv)[0].verbosity
-    except argparse.ArgumentError:
-        return None  # the full parser reports it
 
 
 def _read_input(path: str) -> bytes:
@@ -423,12 +407,11 @@ def main(argv: Sequence[str]) -> int:
 
 
 def run() -> None:
-    """Console-script entry point."""
-    # TF reads TF_CPP_MIN_LOG_LEVEL once, at its first log line; a user's own
-    # setting wins unless --verbosity is given.
-    verbosity = _verbosity(sys.argv[1:])
-    if verbosity is not None or "TF_CPP_MIN_LOG_LEVEL" not in os.environ:
-        os.environ["TF_CPP_MIN_LOG_LEVEL"] = _tf_log_level(verbosity)
+    """Runs the command line in `sys.argv` and exits with its status.
+
+    TF's C++ log level is not set here: by now the package has imported
+    TensorFlow. The console script enters through `tpu_embed_adam_cli.run`.
+    """
     # absl parses no flags of its own: argparse (in `main`) owns the command line.
     app.run(main, flags_parser=_mark_absl_flags_parsed)
 

@@ -1,7 +1,9 @@
 """Make TF use ours, reversibly: `AdamParameters` and `TPUEstimator` on CPU.
 
-Importing `tpu_embed_adam` never patches TensorFlow; `install()` does, and
-`uninstall()` (or leaving `installed()`) restores exactly what was there.
+Importing `tpu_embed_adam` changes none of this (its one change to TF's
+Python API is the unretrieved-save warning, `engine.warn_unretrieved_saves`);
+`install()` does, and `uninstall()` (or leaving `installed()`) restores
+exactly what was there.
 Two things change: the public `AdamParameters` aliases
 (`tf.compat.v1.tpu.experimental` and the `tf.tpu.experimental` of the v1
 API) name ours, while TF's own class stays in place so TF's `isinstance`

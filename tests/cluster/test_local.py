@@ -173,6 +173,11 @@ def test_a_dead_worker_fails_the_next_run_naming_it_and_a_new_cluster_serves_the
             sess.run(total, {x: 1.0})
         assert time.monotonic() - start < DEAD_WORKER_ERROR_S
         assert wait_until_gone([first.pids[1]], timeout_s=5.0) == []
+        # /proc shows the main thread a zombie while TF's other threads still
+        # exit; only then can the parent reap it.
+        deadline = time.monotonic() + 5.0
+        while first.poll()[1] is None and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert first.poll() == (None, -signal.SIGKILL)
         # TF 2.15 closes a session by waiting for its dead worker: only the
         # session's operation timeout ends the wait.

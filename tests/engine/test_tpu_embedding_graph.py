@@ -209,6 +209,38 @@ def test_info_reports_tables_and_shards():
         assert table["bytes"] >= 3 * 4 * config.vocabulary_size * config.dimension
 
 
+def test_info_counts_the_steps_since_each_shards_last_load_or_retrieve():
+    # Non-lazy Adam steps every row of every loaded shard each step.
+    graph = harness.EmbeddingGraph(
+        three_tables(), four_features(), num_hosts=3, weighted=WEIGHTED,
+        optimization_parameters=te.AdamParameters(learning_rate=0.05, lazy_adam=False),
+    )
+
+    def steps() -> set[int]:
+        return {s["steps_since_retrieve"] for t in engine.tables() for s in t["shards"]}
+
+    rng = np.random.default_rng(0)
+
+    def train(n: int) -> None:
+        for step in range(n):
+            graph.train_step(graph.random_batch(rng), harness.random_targets(rng, graph.emb), step)
+
+    try:
+        graph.run_init()
+        graph.load()
+        assert steps() == {0}
+        train(2)
+        assert steps() == {2}
+        graph.retrieve()
+        assert steps() == {0}
+        train(1)
+        assert steps() == {1}
+        graph.load()
+        assert steps() == {0}
+    finally:
+        graph.close()
+
+
 def test_second_session_retrieves_what_the_first_trained():
     graph = harness.EmbeddingGraph(
         three_tables(), four_features(), optimization_parameters=ADAM, num_hosts=3,

@@ -22,6 +22,10 @@ one core; the rest is TF's own code, unchanged)::
 
 then `sess.run(ops.retrieve_ops())` before saving, or save with
 `RetrievingSaver(ops.retrieve_ops())`, which retrieves before every save.
+A `tf.compat.v1.train.Saver` save while this process's engine holds tables
+trained since their last retrieve logs a warning naming them
+(`warn_unretrieved_saves(False)` turns it off; `unretrieved_tables()` lists
+them).
 Several hosts (a cluster of `tf.distribute.Server` workers) and several
 cores per host (logical CPU devices, one per core) are described in
 `docs/engine.md`; TPUEstimator on CPU in `docs/estimator.md`.
@@ -31,7 +35,16 @@ carries a configuration installs it, later ops must carry the same one (or
 none), and `reset()` (or `tpu.shutdown_system()`) clears everything.
 """
 
+from tpu_embed_adam.engine._save_check import unretrieved_tables, warn_unretrieved_saves
 from tpu_embed_adam.engine._session import RetrievingSaver, load_tables_at_session_start
 from tpu_embed_adam.engine._state import info, reset, tables
 
-__all__ = ["RetrievingSaver", "info", "load_tables_at_session_start", "reset", "tables"]
+__all__ = [
+    "RetrievingSaver",
+    "info",
+    "load_tables_at_session_start",
+    "reset",
+    "tables",
+    "unretrieved_tables",
+    "warn_unretrieved_saves",
+]

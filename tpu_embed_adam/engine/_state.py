@@ -1,8 +1,12 @@
 """Reads and clears the process's engine through its own ops.
 
-The ops run in a throwaway graph and session, so they work whether or not
-eager execution is enabled (TF1 programs often disable it). `info` also reads
-another process's engine: a worker's, through a session on a cluster target.
+The ops run eagerly when eager execution is enabled (also when called while
+building a graph), and otherwise in a throwaway graph and session (TF1
+programs often disable eager execution): both reach the same per-process
+engine, and the eager call costs microseconds rather than a session's
+milliseconds (the fuzzer and the save check call `info()` often). `info`
+also reads another process's engine: a worker's, through a session on a
+cluster target.
 """
 
 from __future__ import annotations
@@ -34,6 +38,10 @@ def _library() -> Any:
 
 
 def _run(make_op: Any) -> Any:
+    with tf.init_scope():
+        if tf.executing_eagerly():
+            result = make_op()
+            return None if result is None else result.numpy()
     with tf.Graph().as_default():
         op = make_op()
         with tf.compat.v1.Session() as sess:
@@ -112,7 +120,9 @@ def info(target: str | None = None, task: int | None = None) -> dict[str, Any]:
     configuration), `bytes` (tables, slots and pending gradients), and
     `tables`: one dict per table with `name`, `id`, `vocabulary_size`,
     `dimension`, `sharding` (`"div"` or `"mod"`), `num_shards`, `bytes` and
-    `shards` (`shard`, `rows`, `loaded` in that process, `bytes`).
+    `shards` (`shard`, `rows`, `loaded` in that process,
+    `steps_since_retrieve`: steps applied to the shard since its last Load
+    or Retrieve op, `bytes`).
 
     Args:
       target: a cluster's session target (`grpc://host:port`, e.g.

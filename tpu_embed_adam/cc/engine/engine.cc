@@ -541,6 +541,7 @@ void Engine::WriteLoadLocked(const ShardRef& ref, const LoadRequest& req) {
     arrays[i]->assign(req.data[i], req.data[i] + n);
   }
   s.loaded = true;
+  s.steps_since_retrieve = 0;
 }
 
 Status Engine::Retrieve(const ShardRef& ref, float* const out[3],
@@ -549,7 +550,7 @@ Status Engine::Retrieve(const ShardRef& ref, float* const out[3],
   ApplyStepLocked(parallel_for);
   Table& t = *ref.table;
   std::lock_guard<std::mutex> table_lock(t.mu);
-  const Shard& s = t.shards[ref.shard];
+  Shard& s = t.shards[ref.shard];
   if (!s.loaded) {
     return FailedPrecondition("table '", t.name, "' shard ", ref.shard,
                               " (", s.rows, " x ", t.dim,
@@ -559,6 +560,7 @@ Status Engine::Retrieve(const ShardRef& ref, float* const out[3],
   for (int i = 0; i < NumArrays(t.optimizer); ++i) {
     std::copy(arrays[i]->begin(), arrays[i]->end(), out[i]);
   }
+  s.steps_since_retrieve = 0;
   return tensorflow::OkStatus();
 }
 
@@ -900,6 +902,8 @@ std::string Engine::InfoJson() {
       shards.push_back(absl::StrCat("{\"shard\": ", i, ", \"rows\": ", s.rows,
                                     ", \"loaded\": ",
                                     s.loaded ? "true" : "false",
+                                    ", \"steps_since_retrieve\": ",
+                                    s.steps_since_retrieve,
                                     ", \"bytes\": ", b, "}"));
     }
     total += bytes;

@@ -52,6 +52,7 @@ void StepShard(const Table& t, float lr, const ParallelFor& parallel_for,
   ApplySparseAdam<int64_t>(cfg, lr, shard, s.acc.ids.data(),
                            s.acc.grads.data(), s.acc.ids.size(), parallel_for);
   s.acc.Clear();
+  ++s.steps_since_retrieve;
 }
 
 }  // namespace engine

@@ -33,6 +33,9 @@ std::string RetrieveOpName(Optimizer optimizer);
 struct Shard {
   int64_t rows = 0;
   bool loaded = false;
+  // Steps applied since the last Load or Retrieve of this shard: while > 0,
+  // the TF variables that Retrieve fills hold older rows than the engine.
+  int64_t steps_since_retrieve = 0;
   std::vector<float> w, m, v;
   Accumulator acc;
 };

@@ -21,7 +21,8 @@ REGISTER_OP("TpuEmbedAdamEngineInfo")
 Describes the process's TPU embedding engine as a JSON object: whether it is
 configured, hosts, cores per host, features, queued batches, bytes held, and
 per table its id, vocabulary size, dimension, sharding and shards (rows,
-whether loaded here, bytes).
+whether loaded here, steps applied since the shard's last load or retrieve,
+bytes).
 )doc");
 
 }  // namespace tpu_embed_adam
