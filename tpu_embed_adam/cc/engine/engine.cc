@@ -832,13 +832,7 @@ Status Engine::Send(int64_t task, int64_t core,
                     const std::vector<float>& learning_rates,
                     int64_t timeout_ms, const ParallelFor& parallel_for) {
   std::unique_lock<std::mutex> lock(mu_);
-  for (const auto& t : tables_) {
-    if (t->dynamic_lr_tag >= static_cast<int64_t>(learning_rates.size())) {
-      return InvalidArgument("table '", t->name, "' uses dynamic learning ",
-                             "rate tag ", t->dynamic_lr_tag, " but Send got ",
-                             learning_rates.size(), " learning_rates");
-    }
-  }
+  TF_RETURN_IF_ERROR(CheckLearningRatesLocked(learning_rates.size()));
   std::shared_ptr<const Batch> batch;
   TF_RETURN_IF_ERROR(TakeSendBatchLocked(lock, "SendTPUEmbeddingGradients",
                                          task, core, shapes, timeout_ms,
@@ -859,6 +853,17 @@ Status Engine::Send(int64_t task, int64_t core,
   sent_.insert(key);
   step_learning_rates_ = learning_rates;
   if (!StepOutstandingLocked()) ApplyStepLocked(parallel_for);
+  return tensorflow::OkStatus();
+}
+
+Status Engine::CheckLearningRatesLocked(size_t count) const {
+  for (const auto& t : tables_) {
+    if (t->dynamic_lr_tag >= static_cast<int64_t>(count)) {
+      return InvalidArgument("table '", t->name, "' uses dynamic learning ",
+                             "rate tag ", t->dynamic_lr_tag, " but Send got ",
+                             count, " learning_rates");
+    }
+  }
   return tensorflow::OkStatus();
 }
 

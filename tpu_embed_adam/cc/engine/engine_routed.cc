@@ -290,13 +290,7 @@ Status Engine::ApplyGradients(int64_t task,
     return FailedPrecondition("ApplyGradients on task ", task, ": the TPU ",
                               "embedding configuration is in INFERENCE mode");
   }
-  for (const auto& t : tables_) {
-    if (t->dynamic_lr_tag >= static_cast<int64_t>(learning_rates.size())) {
-      return InvalidArgument("table '", t->name, "' uses dynamic learning ",
-                             "rate tag ", t->dynamic_lr_tag, " but Send got ",
-                             learning_rates.size(), " learning_rates");
-    }
-  }
+  TF_RETURN_IF_ERROR(CheckLearningRatesLocked(learning_rates.size()));
   std::vector<TableRanges> ranges(payloads.size());
   for (size_t p = 0; p < payloads.size(); ++p) {
     int64_t floats = 0;

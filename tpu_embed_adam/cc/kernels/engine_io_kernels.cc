@@ -168,19 +168,11 @@ class RecvOp : public OpKernel {
   }
 
   void Compute(OpKernelContext* ctx) override {
-    const auto allocate = [ctx](int index, const std::vector<int64_t>& shape,
-                                float** data) {
-      Tensor* out = nullptr;
-      TF_RETURN_IF_ERROR(
-          ctx->allocate_output(index, tensorflow::TensorShape(shape), &out));
-      *data = out->flat<float>().data();
-      return tensorflow::OkStatus();
-    };
     int64_t timeout_ms = 0;
     OP_REQUIRES_OK(ctx, RecvTimeoutMs(&timeout_ms));
     OP_REQUIRES_OK(ctx, Engine::Get().Recv(config_, Task(ctx), DeviceCore(ctx),
                                            timeout_ms, num_outputs(),
-                                           allocate));
+                                           ActivationAllocator(ctx)));
   }
 
  private:
@@ -195,24 +187,11 @@ class SendOp : public OpKernel {
 
   void Compute(OpKernelContext* ctx) override {
     OP_REQUIRES_OK(ctx, Engine::Get().EnsureConfigured(config_));
-    OpInputList inputs, rates;
-    OP_REQUIRES_OK(ctx, ctx->input_list("inputs", &inputs));
-    OP_REQUIRES_OK(ctx, ctx->input_list("learning_rates", &rates));
     std::vector<const float*> grads;
     std::vector<std::vector<int64_t>> shapes;
-    for (const Tensor& g : inputs) {
-      grads.push_back(g.flat<float>().data());
-      const auto dims = g.shape().dim_sizes();
-      shapes.emplace_back(dims.begin(), dims.end());
-    }
+    OP_REQUIRES_OK(ctx, ReadGradients(ctx, "inputs", &grads, &shapes));
     std::vector<float> learning_rates;
-    for (int i = 0; i < rates.size(); ++i) {
-      OP_REQUIRES(ctx, rates[i].NumElements() == 1,
-                  InvalidArgument("learning_rates[", i, "] must hold one ",
-                                  "value; got ",
-                                  rates[i].shape().DebugString()));
-      learning_rates.push_back(rates[i].flat<float>()(0));
-    }
+    OP_REQUIRES_OK(ctx, ReadLearningRates(ctx, &learning_rates));
     int64_t timeout_ms = 0;
     OP_REQUIRES_OK(ctx, RecvTimeoutMs(&timeout_ms));
     OP_REQUIRES_OK(ctx, Engine::Get().Send(Task(ctx), DeviceCore(ctx), grads,

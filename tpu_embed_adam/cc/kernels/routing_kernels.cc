@@ -105,17 +105,9 @@ class CombineActivationsOp : public OpKernel {
       data.push_back(t.flat<float>().data());
       sizes.push_back(t.NumElements());
     }
-    const auto allocate = [ctx](int index, const std::vector<int64_t>& shape,
-                                float** out_data) {
-      Tensor* out = nullptr;
-      TF_RETURN_IF_ERROR(
-          ctx->allocate_output(index, TensorShape(shape), &out));
-      *out_data = out->flat<float>().data();
-      return tensorflow::OkStatus();
-    };
     OP_REQUIRES_OK(ctx, Engine::Get().CombineActivations(
                             config_, Task(ctx), DeviceCore(ctx), data, sizes,
-                            num_outputs(), allocate));
+                            num_outputs(), ActivationAllocator(ctx)));
   }
 
  private:
@@ -130,15 +122,9 @@ class SplitGradientsOp : public OpKernel {
   }
   void Compute(OpKernelContext* ctx) override {
     OP_REQUIRES_OK(ctx, Engine::Get().EnsureConfigured(config_));
-    OpInputList inputs;
-    OP_REQUIRES_OK(ctx, ctx->input_list("gradients", &inputs));
     std::vector<const float*> grads;
     std::vector<std::vector<int64_t>> shapes;
-    for (const Tensor& g : inputs) {
-      grads.push_back(g.flat<float>().data());
-      const auto dims = g.shape().dim_sizes();
-      shapes.emplace_back(dims.begin(), dims.end());
-    }
+    OP_REQUIRES_OK(ctx, ReadGradients(ctx, "gradients", &grads, &shapes));
     int64_t timeout_ms = 0;
     OP_REQUIRES_OK(ctx, RecvTimeoutMs(&timeout_ms));
     const int owners = num_owners_;
@@ -169,10 +155,9 @@ class ApplyGradientsOp : public OpKernel {
   }
   void Compute(OpKernelContext* ctx) override {
     OP_REQUIRES_OK(ctx, Engine::Get().EnsureConfigured(config_));
-    OpInputList ids, rows, rates;
+    OpInputList ids, rows;
     OP_REQUIRES_OK(ctx, ctx->input_list("ids", &ids));
     OP_REQUIRES_OK(ctx, ctx->input_list("rows", &rows));
-    OP_REQUIRES_OK(ctx, ctx->input_list("learning_rates", &rates));
     std::vector<Engine::Payload> payloads(ids.size());
     for (int i = 0; i < ids.size(); ++i) {
       OP_REQUIRES_OK(ctx, CheckPairsShape("ids", i, ids[i]));
@@ -183,13 +168,7 @@ class ApplyGradientsOp : public OpKernel {
                      rows[i].flat<float>().data(), rows[i].NumElements()};
     }
     std::vector<float> learning_rates;
-    for (int i = 0; i < rates.size(); ++i) {
-      OP_REQUIRES(ctx, rates[i].NumElements() == 1,
-                  InvalidArgument("learning_rates[", i, "] must hold one ",
-                                  "value; got ",
-                                  rates[i].shape().DebugString()));
-      learning_rates.push_back(rates[i].flat<float>()(0));
-    }
+    OP_REQUIRES_OK(ctx, ReadLearningRates(ctx, &learning_rates));
     OP_REQUIRES_OK(ctx, Engine::Get().ApplyGradients(Task(ctx), payloads,
                                                      learning_rates,
                                                      MakeParallelFor(ctx)));

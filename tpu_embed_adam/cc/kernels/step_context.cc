@@ -45,4 +45,44 @@ tensorflow::Status RecvTimeoutMs(int64_t* timeout_ms) {
   return tensorflow::OkStatus();
 }
 
+engine::Engine::AllocateOutput ActivationAllocator(
+    tensorflow::OpKernelContext* ctx) {
+  return [ctx](int index, const std::vector<int64_t>& shape, float** data) {
+    tensorflow::Tensor* out = nullptr;
+    TF_RETURN_IF_ERROR(
+        ctx->allocate_output(index, tensorflow::TensorShape(shape), &out));
+    *data = out->flat<float>().data();
+    return tensorflow::OkStatus();
+  };
+}
+
+tensorflow::Status ReadGradients(tensorflow::OpKernelContext* ctx,
+                                 const char* name,
+                                 std::vector<const float*>* grads,
+                                 std::vector<std::vector<int64_t>>* shapes) {
+  tensorflow::OpInputList inputs;
+  TF_RETURN_IF_ERROR(ctx->input_list(name, &inputs));
+  for (const tensorflow::Tensor& g : inputs) {
+    grads->push_back(g.flat<float>().data());
+    const auto dims = g.shape().dim_sizes();
+    shapes->emplace_back(dims.begin(), dims.end());
+  }
+  return tensorflow::OkStatus();
+}
+
+tensorflow::Status ReadLearningRates(tensorflow::OpKernelContext* ctx,
+                                     std::vector<float>* learning_rates) {
+  tensorflow::OpInputList rates;
+  TF_RETURN_IF_ERROR(ctx->input_list("learning_rates", &rates));
+  for (int i = 0; i < rates.size(); ++i) {
+    if (rates[i].NumElements() != 1) {
+      return tensorflow::errors::InvalidArgument(
+          "learning_rates[", i, "] must hold one value; got ",
+          rates[i].shape().DebugString());
+    }
+    learning_rates->push_back(rates[i].flat<float>()(0));
+  }
+  return tensorflow::OkStatus();
+}
+
 }  // namespace tpu_embed_adam

@@ -9,8 +9,10 @@
 #define TPU_EMBED_ADAM_CC_KERNELS_STEP_CONTEXT_H_
 
 #include <cstdint>
+#include <vector>
 
 #include "tensorflow/core/framework/op_kernel.h"
+#include "tpu_embed_adam/cc/engine/engine.h"
 
 namespace tpu_embed_adam {
 
@@ -20,6 +22,22 @@ int64_t DeviceCore(tensorflow::OpKernelContext* ctx);
 // How long Recv (and a Send whose Recv TF pruned) waits for its core's
 // batch: TPU_EMBED_ADAM_RECV_TIMEOUT_MS, default 60 s.
 tensorflow::Status RecvTimeoutMs(int64_t* timeout_ms);
+
+// Allocates the op's activation outputs (Recv's, and the multi-process
+// combine's) for the engine.
+engine::Engine::AllocateOutput ActivationAllocator(
+    tensorflow::OpKernelContext* ctx);
+
+// The gradient list of a Send (or of its multi-process split): data and
+// shapes, as the engine takes them.
+tensorflow::Status ReadGradients(tensorflow::OpKernelContext* ctx,
+                                 const char* name,
+                                 std::vector<const float*>* grads,
+                                 std::vector<std::vector<int64_t>>* shapes);
+
+// The `learning_rates` list input, one scalar each.
+tensorflow::Status ReadLearningRates(tensorflow::OpKernelContext* ctx,
+                                     std::vector<float>* learning_rates);
 
 }  // namespace tpu_embed_adam
 
