@@ -18,7 +18,9 @@ then zipf 1.2), and a last table of the ratio engine step / `apply_adam` step
 per distribution (measured in the same run: compare ratios, not milliseconds,
 on a shared machine).
 
-  python benchmarks/bench_engine_step.py --rows=1000000 --dim=64 --ids=16384
+  python benchmarks/bench_engine_step.py --rows=1000000 --dim=64 --ids=16384 --png=step.png
+
+`--png` draws the ratio rows (matplotlib, `requirements-bench.txt`).
 """
 
 from __future__ import annotations
@@ -30,12 +32,14 @@ from collections.abc import Callable
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import engine_graph  # noqa: E402  (benchmarks/, beside this script)
 import numpy as np  # noqa: E402
+import ratio_plot  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from tensorflow.python.tpu import tpu_embedding  # noqa: E402
 
-from tpu_embed_adam import apply_adam  # noqa: E402  (the import registers the engine's kernels)
+from tpu_embed_adam import apply_adam  # noqa: E402
 
 _ROWS = flags.DEFINE_integer("rows", 1_000_000, "Table rows.")
 _DIM = flags.DEFINE_integer("dim", 64, "Embedding dimension.")
@@ -52,7 +56,13 @@ _PATHS = flags.DEFINE_multi_enum(
     "path", ["engine", "direct"], ["engine", "direct"], "Paths to time."
 )
 
+_PNG = flags.DEFINE_string(
+    "png", "", "Write the ratio rows (engine step / apply_adam step) as a PNG to this file."
+)
+
 _LR = 0.01
+# Issue 11: an engine step costs at most 1.25 `apply_adam` steps.
+_ENGINE_TARGET = 1.25
 
 
 def _ids(rng: np.random.Generator, zipf: float) -> np.ndarray:
@@ -79,62 +89,20 @@ def _initializer() -> Callable[..., tf.Tensor]:
 
 def bench_engine(rng: np.random.Generator, zipf: float) -> dict[str, float]:
     """Times enqueue, Recv..Send, and the whole step through TF's TPU embedding ops."""
-    graph = tf.Graph()
-    with graph.as_default():
-        emb = tpu_embedding.TPUEmbedding(
-            {"table": tpu_embedding.TableConfig(
-                _ROWS.value, _DIM.value, initializer=_initializer(), combiner=None)},
-            {"feature": tpu_embedding.FeatureConfig("table")},
-            batch_size=_IDS.value,
-            mode=tpu_embedding.TRAINING,
-            optimization_parameters=tpu_embedding.AdamParameters(_LR),
-            # One host in this process: a plain Session places every op.
-            device_config=tpu_embedding.DeviceConfig(1, 1, "/job:localhost"),
-        )
-        variables = emb.create_variables_and_ops()
-        ids = tf.compat.v1.placeholder(tf.int64, [_IDS.value])
-        enqueue = emb.generate_enqueue_ops([{"feature": tpu_embedding.EnqueueData(ids)}])
-        acts = emb.get_activations()["feature"]
-        loss = tf.reduce_sum(tf.square(acts))
-        (grad,) = tf.compat.v1.gradients(loss, [acts])
-        send = emb.generate_send_gradients_op({"feature": grad})
-        init = tf.compat.v1.global_variables_initializer()
-        load, retrieve = variables.load_ops(), variables.retrieve_ops()
-    with tf.compat.v1.Session(graph=graph) as sess:
-        sess.run(init)
-        start = time.perf_counter()
-        sess.run(load)
-        load_s = time.perf_counter() - start
-
+    graph = engine_graph.EngineGraph(_ROWS.value, _DIM.value, _IDS.value, _LR)
+    try:
+        load_s = graph.load()
         batches = iter([_ids(rng, zipf) for _ in range(_WARMUP.value + 2 * _ITERS.value)])
-
-        def step() -> tuple[float, float]:
-            feed = {ids: next(batches)}
-            start = time.perf_counter()
-            sess.run(enqueue, feed)
-            middle = time.perf_counter()
-            sess.run(send)
-            return middle - start, time.perf_counter() - middle
-
         for _ in range(_WARMUP.value):
-            step()
-        enqueue_s, recv_send_s = zip(*(step() for _ in range(_ITERS.value)), strict=True)
+            graph.step(next(batches))
+        enqueue_s, recv_send_s = zip(
+            *(graph.step(next(batches)) for _ in range(_ITERS.value)), strict=True)
         totals = [a + b for a, b in zip(enqueue_s, recv_send_s, strict=True)]
-
-        def split_step() -> tuple[float, float]:
-            # Feeding Recv's output runs Send (and the loss) without Recv; Send
-            # then backpropagates through the batch the previous run received.
-            sess.run(enqueue, {ids: next(batches)})
-            start = time.perf_counter()
-            activations = sess.run(acts)
-            middle = time.perf_counter()
-            sess.run(send, {acts: activations})
-            return middle - start, time.perf_counter() - middle
-
-        recv_s, send_s = zip(*(split_step() for _ in range(_ITERS.value)), strict=True)
-        start = time.perf_counter()
-        sess.run(retrieve)
-        retrieve_s = time.perf_counter() - start
+        recv_s, send_s = zip(
+            *(graph.split_step(next(batches)) for _ in range(_ITERS.value)), strict=True)
+        retrieve_s = graph.retrieve()
+    finally:
+        graph.close()
     return {
         "step": statistics.median(totals),
         "enqueue": statistics.median(enqueue_s),
@@ -185,12 +153,24 @@ def main(argv: list[str]) -> None:
             steps[path, zipf] = times["step"]
             logging.info("%-6s %s", path,
                          "  ".join(f"{k} {1e3 * s:.1f} ms" for k, s in times.items()))
-    if set(_PATHS.value) == {"engine", "direct"}:
-        logging.info("%-12s %12s %16s %8s", "ids", "engine step", "apply_adam step", "ratio")
-        for zipf in _ZIPF.value:
-            engine, direct = steps["engine", zipf], steps["direct", zipf]
-            logging.info("%-12s %9.2f ms %13.2f ms %7.2fx", _label(zipf), 1e3 * engine,
-                         1e3 * direct, engine / direct)
+    if set(_PATHS.value) != {"engine", "direct"}:
+        return
+    logging.info("%-12s %12s %16s %8s", "ids", "engine step", "apply_adam step", "ratio")
+    ratios = []
+    for zipf in _ZIPF.value:
+        engine, direct = steps["engine", zipf], steps["direct", zipf]
+        ratios.append(engine / direct)
+        logging.info("%-12s %9.2f ms %13.2f ms %7.2fx", _label(zipf), 1e3 * engine,
+                     1e3 * direct, engine / direct)
+    if _PNG.value:
+        panel = ratio_plot.Panel(
+            f"{_ROWS.value:,} x {_DIM.value}, {_IDS.value:,} ids",
+            [_label(z) for z in _ZIPF.value], ratios, "engine step / apply_adam step",
+            line=_ENGINE_TARGET, line_label="target",
+        )
+        ratio_plot.write_png([panel], _PNG.value,
+                             f"TPU embedding step on CPU, median of {_ITERS.value} steps")
+        logging.info("wrote %s", _PNG.value)
 
 
 if __name__ == "__main__":

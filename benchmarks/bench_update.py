@@ -25,6 +25,10 @@ variable in copy-on-read mode, and a dense read would copy the whole table.
 
   make bench                                  # installs the peers, full run
   python benchmarks/bench_update.py --quick   # small smoke run
+  python benchmarks/bench_update.py --png=/tmp/ratios.png
+
+The PNG shows the ratio rows: each peer's time over the fused kernel's per
+case and mode, and the fused lazy update's bandwidth over the probe's.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from typing import Any
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
+import ratio_plot  # noqa: E402  (benchmarks/, beside this script)
 import tensorflow as tf  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 
@@ -56,7 +61,8 @@ _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per implementation (>= 1
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps first (tracing, slot creation).")
 _REFERENCE_STEPS = flags.DEFINE_integer("reference_steps", 3, "Timed steps of the numpy reference.")
 _OUT_DIR = flags.DEFINE_string(
-    "out_dir", str(pathlib.Path(__file__).resolve().parent / "results"), "JSON and PNG go here."
+    "out_dir", str(pathlib.Path(__file__).resolve().parent / "results"),
+    "The JSON (and, without --png, the PNG) go here.",
 )
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the ids and gradients.")
 _XLA_MAX_ELEMENTS = flags.DEFINE_integer(
@@ -77,7 +83,13 @@ _ONLY = flags.DEFINE_list(
     "only", [], "Run only these implementations (e.g. tf_path_xla,fused); empty: all."
 )
 
+_PNG = flags.DEFINE_string(
+    "png", "", "PNG of the ratio rows (matplotlib); empty: bench_update[_quick].png in --out_dir."
+)
+
 LEARNING_RATE = 0.01
+# Issue 11: the fused lazy update at >= 65% of the copy probe's bandwidth.
+LAZY_PROBE_TARGET = 0.65
 
 
 @dataclasses.dataclass(frozen=True)
@@ -376,32 +388,45 @@ def format_table(results: dict[str, Any]) -> str:
 
 
 def plot(results: dict[str, Any], path: pathlib.Path) -> bool:
-    """Writes a bar chart of ms/step per case and mode; False without matplotlib."""
-    try:
-        import matplotlib
+    """Writes the ratio rows as a PNG: each peer over the fused kernel, fused over the probe.
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        logging.warning("matplotlib not installed: no chart")
-        return False
+    Returns False (with a warning) when matplotlib is not installed.
+    """
+    panels = []
+    probe_rows = []
     groups: dict[str, list[dict[str, Any]]] = {}
     for r in results["results"]:
-        if "ms" in r:
+        if "ms" not in r:
+            continue
+        if r["impl"] == "fused":
+            probe_rows.append(r)
+        else:
             groups.setdefault(f"{r['case']} {r['mode']}", []).append(r)
-    fig, axes = plt.subplots(1, len(groups), figsize=(4.5 * len(groups), 4), squeeze=False)
-    for ax, (title, rows) in zip(axes[0], groups.items(), strict=True):
-        names = [r["impl"] for r in rows]
-        ax.barh(
-            names, [r["ms"] for r in rows], color=["C1" if n == "fused" else "C0" for n in names]
+    for title, rows in groups.items():
+        panels.append(
+            ratio_plot.Panel(
+                title, [r["impl"] for r in rows], [r["x_fused"] for r in rows],
+                "time / fused kernel (log)", line_label="fused", log=True,
+            )
         )
-        ax.set_xscale("log")
-        ax.set_xlabel("ms / step (log)")
-        ax.set_title(title)
-        ax.invert_yaxis()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    lazy = [r for r in probe_rows if r["mode"] == "lazy"]
+    if lazy:
+        panels.append(
+            ratio_plot.Panel(
+                "fused, lazy: bandwidth / copy probe", [r["case"] for r in lazy],
+                [r["pct_probe"] / 100 for r in lazy], "effective GB/s / probe GB/s",
+                line=LAZY_PROBE_TARGET, line_label="target",
+            )
+        )
+    try:
+        ratio_plot.write_png(
+            panels, str(path),
+            f"sparse Adam step, {results['schedule']} schedule, {results['cpus']} CPUs, "
+            f"probe {results['probe_gb_per_s']:.1f} GB/s",
+        )
+    except ImportError:
+        logging.warning("matplotlib not installed (pip install -r requirements-bench.txt): no PNG")
+        return False
     return True
 
 
@@ -418,8 +443,10 @@ def main(argv: list[str]) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = "bench_update_quick" if _QUICK.value else "bench_update"
     (out_dir / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
-    plot(results, out_dir / f"{stem}.png")
-    print(f"wrote {out_dir / stem}.json and .png")
+    print(f"wrote {out_dir / stem}.json")
+    png = pathlib.Path(_PNG.value) if _PNG.value else out_dir / f"{stem}.png"
+    if plot(results, png):
+        print(f"wrote {png}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Smoke run of benchmarks/bench_update.py in its quick mode (about 30 s)."""
+"""Smoke run of benchmarks/bench_update.py in its quick mode (about 30 s): table, JSON, PNG."""
 
 import json
 import pathlib
@@ -11,15 +11,17 @@ SCRIPT = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "bench_
 
 
 @pytest.mark.slow
-def test_quick_run_writes_table_and_json(tmp_path):
+def test_quick_run_writes_table_json_and_png(tmp_path):
+    png = tmp_path / "ratios.png"
     out = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", f"--out_dir={tmp_path}"],
+        [sys.executable, str(SCRIPT), "--quick", f"--out_dir={tmp_path}", f"--png={png}"],
         capture_output=True,
         text=True,
         timeout=600,
         check=True,
     )
     assert "copy bandwidth probe" in out.stdout
+    assert png.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
     results = json.loads((tmp_path / "bench_update_quick.json").read_text())
     rows = results["results"]
     fused = {(r["case"], r["mode"]): r for r in rows if r["impl"] == "fused"}

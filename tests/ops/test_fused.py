@@ -137,6 +137,28 @@ def test_many_ids_use_the_partitioned_path(flags):
     assert_state_equal(variables, adam_update(*state, ids, grads, flags))
 
 
+@pytest.mark.parametrize("lazy", [True, False])
+def test_huge_page_sized_variables_match_the_reference(lazy):
+    # 2048 x 1024 float32 = 8 MB per variable: the kernel asks for huge pages
+    # under each (and collapses the pages already there), which must leave
+    # every value as it was, also for a variable given a new buffer later.
+    rng = np.random.default_rng(11)
+    state = random_state(rng, 2048, 1024)
+    flags = Flags(lazy_adam=lazy)
+    variables = _variables(*state)
+    expected = state
+    for step in range(3):
+        ids = rng.integers(0, 2048, 300).astype(np.int64)
+        grads = rng.standard_normal((300, 1024)).astype(np.float32)
+        fused_apply_adam(*variables, ids, grads, flags)
+        expected = adam_update(*expected, ids, grads, flags)
+        assert_state_equal(variables, expected)
+        if step == 0:
+            # A dense write (copy-on-read mode: a new buffer, or the old one).
+            variables[0].assign(expected[0] + np.float32(1))
+            expected = (expected[0] + np.float32(1), *expected[1:])
+
+
 @pytest.mark.parametrize(
     "params_class", [AdamParameters, tf.compat.v1.tpu.experimental.AdamParameters]
 )

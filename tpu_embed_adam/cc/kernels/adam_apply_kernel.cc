@@ -18,7 +18,9 @@
 #include "tensorflow/core/framework/tensor.h"
 #include "tensorflow/core/framework/tensor_shape.h"
 #include "tensorflow/core/kernels/training_op_helpers.h"
+#include "tensorflow/core/platform/mutex.h"
 #include "tpu_embed_adam/cc/core/adam_config.h"
+#include "tpu_embed_adam/cc/core/huge_pages.h"
 #include "tpu_embed_adam/cc/core/parallel_for.h"
 #include "tpu_embed_adam/cc/core/sparse_adam.h"
 
@@ -171,6 +173,7 @@ class TpuEmbedAdamApplyOp : public OpKernel {
                                   " is not finite (check_numerics=True)"));
     }
 
+    AdviseHugePagesOnce(tables);
     const TableShard shard{tables[kVar].flat<float>().data(),
                            tables[kM].flat<float>().data(),
                            tables[kV].flat<float>().data(), rows, dim};
@@ -179,8 +182,29 @@ class TpuEmbedAdamApplyOp : public OpKernel {
   }
 
  private:
+  // Asks for huge pages under each new buffer of var, m and v (rows are
+  // updated at random: core/huge_pages.h). TF allocated and wrote them
+  // already, so only a collapse moves them; each input is collapsed at most
+  // once per kernel, so a program that gives a variable a new buffer every
+  // step pays that copy once, not every step. Called with the variables
+  // locked: nothing else writes them meanwhile.
+  void AdviseHugePagesOnce(Tensor* tables) {
+    tensorflow::mutex_lock lock(advise_mu_);
+    for (int i : {kVar, kM, kV}) {
+      const char* data = tables[i].tensor_data().data();
+      if (data == advised_[i]) continue;
+      advised_[i] = data;
+      const size_t bytes = tables[i].TotalBytes();
+      AdviseHugePages(const_cast<char*>(data), bytes, !collapsed_[i]);
+      collapsed_[i] = collapsed_[i] || bytes >= kHugePageMinBytes;
+    }
+  }
+
   AdamConfig cfg_;
   bool check_numerics_ = false;
+  tensorflow::mutex advise_mu_;
+  const char* advised_[3] TF_GUARDED_BY(advise_mu_) = {};
+  bool collapsed_[3] TF_GUARDED_BY(advise_mu_) = {};
 };
 
 REGISTER_KERNEL_BUILDER(Name("TpuEmbedAdamApply")
