@@ -273,8 +273,9 @@ def test_a_worker_that_dies_at_startup_is_named_with_its_stderr(tmp_path, monkey
     with pytest.raises(RuntimeError) as raised:
         LocalCluster(2)
     message = str(raised.value)
+    # Both workers die; whichever the cluster sees first is named.
     assert re.match(
-        r"worker /job:worker/replica:0/task:0 \(pid \d+\) exited with status 3 before it "
+        r"worker /job:worker/replica:0/task:[01] \(pid \d+\) exited with status 3 before it "
         r"served; its stderr ends:\nno kernels here\n$", message
     ), message
 
