@@ -229,6 +229,31 @@ def test_step_closes_when_a_core_stops_training() -> None:
     g.sess.close()
 
 
+def test_two_cores_sum_in_core_order_whatever_order_they_send_in() -> None:
+    rng, p, state, g = _two_core_table(12)
+    ids = [np.array([5, 5], np.int64), np.array([5, 6], np.int64)]
+    # Magnitudes that differ by orders make float32 sums depend on their order.
+    grads = [(rng.normal(size=(2, 2)) * [[1e3], [1e-3]]).astype(np.float32) for _ in range(2)]
+    feed = {g.ids[0]: ids[0], g.ids[1]: ids[1], g.grads[0]: grads[0], g.grads[1]: grads[1]}
+    results = []
+    for order in ((1, 0), (0, 1)):
+        load_all(b"", "t", state, 1, False)
+        g.run(g.enqueue, feed)
+        for c in order:
+            g.run(g.step[c], feed)
+        results.append(retrieve_all("t", 8, 2, 1, False))
+    # Each core's sum per row (from zero, in its order), then the cores' sums in
+    # core order: the rows the multi-process owner gets (docs/engine.md, "Numerics").
+    core0 = np.float32(0) + grads[0][0] + grads[0][1]
+    want = reference.adam_update(
+        *state, np.array([5, 5, 6]), np.stack([core0, grads[1][0], grads[1][1]]), p
+    )
+    for got in results:
+        for w, have in zip(want, got, strict=True):
+            np.testing.assert_array_equal(have, w)
+    g.sess.close()
+
+
 def test_retrieve_and_load_apply_the_open_step() -> None:
     rng, p, state, g = _two_core_table(10)
     ids = [np.array([1, 5], np.int64), np.array([2, 6], np.int64)]

@@ -511,18 +511,6 @@ class EmbeddingGraph:
     def tables(self) -> list[str]:
         return list(self.emb.table_to_config_dict)
 
-    @property
-    def exact(self) -> bool:
-        """Whether the engine's floats are fixed, so `NumpyModel` must match them bit for bit.
-
-        They are with one core, and across hosts (docs/engine.md, "Training
-        across processes": each core sums its rows, then the cores' sums are
-        added in core order). Several cores of one host add into one
-        accumulator in the order their Sends arrive, which changes from run
-        to run: a row's gradient can then differ in the last bits.
-        """
-        return self.num_hosts > 1 or self.emb.num_cores == 1
-
     def _build_enqueue(self) -> None:
         # Per core and feature: (ids, sample indices or row splits or None, weights or None).
         self._inputs: list[dict[str, tuple[Any, Any, Any]]] = []
@@ -752,34 +740,26 @@ def train_and_compare(
     graph: EmbeddingGraph,
     steps: int,
     seed: int = 0,
-    rtol: float | None = None,
-    atol: float | None = None,
     initialize: Callable[[EmbeddingGraph], None] = EmbeddingGraph.run_init,
 ) -> NumpyModel:
     """Initializes, loads, trains `steps` steps through TF's ops and the numpy model, retrieves.
 
-    Asserts, step by step, that the activations and the loss match the numpy
-    lookup, and at the end that every table and slot matches
-    `reference.adam_update`. Returns the numpy model (its final state).
+    Asserts, step by step, that the activations equal the numpy lookup bit for
+    bit and the loss matches it, and at the end that every table and slot
+    equals `reference.adam_update`'s bit for bit: the engine's floats are
+    fixed in every configuration (docs/engine.md, "Numerics"). Returns the
+    numpy model (its final state).
 
     Args:
       graph: the graph to train.
       steps: training steps.
       seed: seeds the ids, weights and targets.
-      rtol: relative tolerance; None: 0 if `graph.exact`, else 2e-5 (one
-        host's cores sum a row's gradients in the order they arrive).
-      atol: absolute tolerance; None: 0 if `graph.exact`, else 2e-6.
       initialize: sets TF's variables before the load (default: initializers).
     """
     rng = np.random.default_rng(seed)
     initialize(graph)
     model = NumpyModel(graph.emb, graph.read())
     graph.load()
-    if rtol is None:
-        rtol = 0.0 if graph.exact else 2e-5
-    if atol is None:
-        atol = 0.0 if graph.exact else 2e-6
-    compare = functools.partial(_assert_close, rtol=rtol, atol=atol)
     for step in range(1, steps + 1):
         batch = graph.random_batch(rng)
         targets = random_targets(rng, graph.emb)
@@ -787,13 +767,14 @@ def train_and_compare(
         want_acts, want_loss = model.step(batch, targets, rates, backprop_from=got_acts)
         for c, (got, want) in enumerate(zip(got_acts, want_acts, strict=True)):
             for f in want:
-                compare(f"step {step} core {c} activation {f}", got[f], want[f])
+                np.testing.assert_array_equal(
+                    got[f], want[f], err_msg=f"step {step} core {c} activation {f}")
         np.testing.assert_allclose(got_loss, want_loss, rtol=1e-4, err_msg=f"step {step} loss")
     final = graph.retrieve()
     for t in graph.tables:
         for slot in ("w", "m", "v"):
             got, want = getattr(final[t], slot), getattr(model.state[t], slot)
-            compare(f"table {t} slot {slot}", got, want)
+            np.testing.assert_array_equal(got, want, err_msg=f"table {t} slot {slot}")
     return model
 
 
@@ -819,10 +800,6 @@ def assert_state_equal(got: Mapping[str, Slots], want: Mapping[str, Slots]) -> N
             np.testing.assert_array_equal(
                 getattr(got[table], slot), getattr(want[table], slot), err_msg=f"{table} {slot}"
             )
-
-
-def _assert_close(what: str, got: np.ndarray, want: np.ndarray, rtol: float, atol: float) -> None:
-    np.testing.assert_allclose(got, want, rtol=rtol, atol=atol, err_msg=what)
 
 
 # --------------------------------------------------------------------------

@@ -1,15 +1,13 @@
-// A TPU's hidden gradient accumulator for one table shard (or, on the
-// sending core of a multi-process step, for the rows one owner will get):
-// one step's (local id, gradient row) pairs, handed to ApplySparseAdam when
-// the step completes.
+// One step's (local id, gradient row) pairs of one core for one table shard
+// (on the sending core of a multi-process step: for the rows one owner will
+// get), handed to ApplySparseAdam when the step completes.
 //
-// With gradient accumulation (the default) it holds one row per distinct
-// local id, in the order the ids first arrive, each the sum from zero of that
-// id's gradient rows in arrival order: the sum ApplySparseAdam would form
-// from one row per occurrence, bit for bit (a sum started from +0 is never
-// -0, so the update's own 0 + row returns the row unchanged). Without
-// accumulation each occurrence steps its row, so it keeps one row per
-// occurrence.
+// With accumulation it holds one row per distinct local id, in the order the
+// ids first arrive, each the sum from zero of that id's gradient rows in
+// arrival order: the sum ApplySparseAdam would form from one row per
+// occurrence, bit for bit (a sum started from +0 is never -0, so the
+// update's own 0 + row returns the row unchanged). Without, it keeps one row
+// per occurrence.
 #ifndef TPU_EMBED_ADAM_CC_ENGINE_ACCUMULATOR_H_
 #define TPU_EMBED_ADAM_CC_ENGINE_ACCUMULATOR_H_
 
@@ -32,6 +30,10 @@ struct Accumulator {
   // without, every call appends a row.
   void Add(int64_t dim, bool accumulate, int64_t local, float scale,
            const float* g);
+  // Appends `from`'s rows (dim floats each) as rows of their own; with
+  // `sum`, first summed per id (from zero, in `from`'s order), one row per
+  // distinct id in order of first arrival.
+  void Append(const Accumulator& from, int64_t dim, bool sum);
   // Empties the accumulator, keeping its capacity for the next step.
   void Clear();
   int64_t Bytes() const {

@@ -841,13 +841,14 @@ Status Engine::Send(int64_t task, int64_t core,
   // A core sending twice before the others finished the step closes that
   // step first, so no core's gradients ever count twice in one update.
   if (sent_.count(key)) ApplyStepLocked(parallel_for);
+  const size_t position = task * cores_per_host_ + core;
   for (size_t i = 0; i < features_.size(); ++i) {
     Table& t = *tables_[features_[i].table_id];
-    const bool accumulate = t.adam.gradient_accumulation;
     std::lock_guard<std::mutex> table_lock(t.mu);
     for (const Entry& e : batch->features[i]) {
-      t.shards[e.shard].acc.Add(t.dim, accumulate, e.local, e.scale,
-                                grads[i] + e.slot * t.dim);
+      t.shards[e.shard].SentBy(position).Add(t.dim, /*accumulate=*/false,
+                                             e.local, e.scale,
+                                             grads[i] + e.slot * t.dim);
     }
   }
   sent_.insert(key);
@@ -902,7 +903,7 @@ std::string Engine::InfoJson() {
       const Shard& s = t.shards[i];
       const int64_t b =
           (s.w.size() + s.m.size() + s.v.size()) * sizeof(float) +
-          s.acc.Bytes();
+          s.SentBytes();
       bytes += b;
       shards.push_back(absl::StrCat("{\"shard\": ", i, ", \"rows\": ", s.rows,
                                     ", \"loaded\": ",

@@ -321,8 +321,8 @@ Status Engine::ApplyGradients(int64_t task,
       const float* g = payloads[p].grads + ranges[p].float_begin[t.id];
       for (int64_t r = ranges[p].begin[t.id]; r < ranges[p].begin[t.id + 1];
            ++r, g += t.dim) {
-        s.acc.Add(t.dim, t.adam.gradient_accumulation, payloads[p].ids[2 * r + 1],
-                  1.0f, g);
+        s.SentBy(p).Add(t.dim, /*accumulate=*/false, payloads[p].ids[2 * r + 1],
+                        1.0f, g);
       }
     }
     StepShard(t, lr, parallel_for, s);

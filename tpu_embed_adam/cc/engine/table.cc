@@ -37,22 +37,34 @@ RowLocation Locate(const Table& t, int64_t id) {
   return {static_cast<int>(extra + (id - big) / base), (id - big) % base};
 }
 
+int64_t Shard::SentBytes() const {
+  int64_t bytes = 0;
+  for (const Accumulator& a : sent) bytes += a.Bytes();
+  return bytes;
+}
+
 void StepShard(const Table& t, float lr, const ParallelFor& parallel_for,
                Shard& s) {
+  std::vector<const Accumulator*> cores;
+  for (const Accumulator& a : s.sent) {
+    if (!a.ids.empty()) cores.push_back(&a);
+  }
   // Non-lazy Adam steps every row of a table each step, sent or not.
-  if (!s.loaded || (t.adam.lazy && s.acc.ids.empty())) return;
-  const TableShard shard{s.w.data(), s.m.data(), s.v.data(), s.rows, t.dim};
-  // With accumulation the accumulator's ids are distinct and their rows
-  // already summed (see Accumulator): for lazy Adam, stepping each row once
-  // with its sum (ApplySparseAdam's per-occurrence mode) is the accumulated
-  // update bit for bit (its own sum would be 0 + row, the row itself),
-  // without a second, serial pass over the gradients.
-  AdamConfig cfg = t.adam;
-  if (cfg.lazy) cfg.gradient_accumulation = false;
-  ApplySparseAdam<int64_t>(cfg, lr, shard, s.acc.ids.data(),
-                           s.acc.grads.data(), s.acc.ids.size(), parallel_for);
-  s.acc.Clear();
-  ++s.steps_since_retrieve;
+  if (s.loaded && !(t.adam.lazy && cores.empty())) {
+    Accumulator merged;
+    const Accumulator* rows = cores.size() == 1 ? cores[0] : &merged;
+    if (cores.size() > 1) {
+      for (const Accumulator* a : cores) {
+        merged.Append(*a, t.dim, t.adam.gradient_accumulation);
+      }
+    }
+    const TableShard shard{s.w.data(), s.m.data(), s.v.data(), s.rows, t.dim};
+    ApplySparseAdam<int64_t>(t.adam, lr, shard, rows->ids.data(),
+                             rows->grads.data(), rows->ids.size(),
+                             parallel_for);
+    ++s.steps_since_retrieve;
+  }
+  for (Accumulator& a : s.sent) a.Clear();
 }
 
 }  // namespace engine

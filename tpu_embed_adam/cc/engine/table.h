@@ -29,7 +29,7 @@ std::string LoadOpName(Optimizer optimizer);
 std::string RetrieveOpName(Optimizer optimizer);
 
 // One shard of a table with its Adam slots (empty for an SGD table) and the
-// step's gradient accumulator.
+// step's gradient rows.
 struct Shard {
   int64_t rows = 0;
   bool loaded = false;
@@ -37,7 +37,18 @@ struct Shard {
   // the TF variables that Retrieve fills hold older rows than the engine.
   int64_t steps_since_retrieve = 0;
   std::vector<float> w, m, v;
-  Accumulator acc;
+  // The step's gradient rows by sending core, in core order (host-major),
+  // each one row per occurrence in arrival order (Accumulator::Add without
+  // accumulation). Kept apart so that the step's sum is the same floats
+  // whatever order the cores send in.
+  std::vector<Accumulator> sent;
+
+  // The rows core `core` (its position in core order) sends this step.
+  Accumulator& SentBy(size_t core) {
+    if (sent.size() <= core) sent.resize(core + 1);
+    return sent[core];
+  }
+  int64_t SentBytes() const;
 };
 
 struct Table {
@@ -65,9 +76,12 @@ struct RowLocation {
 
 RowLocation Locate(const Table& t, int64_t id);
 
-// Applies the step accumulated in `s` (a shard of `t`, under t.mu) with
-// learning rate `lr` and clears its accumulator. Lazy Adam skips a shard
-// that got no gradient; non-lazy Adam steps every row of a loaded shard.
+// Applies the step sent to `s` (a shard of `t`, under t.mu) with learning
+// rate `lr` and clears the sent rows. With gradient accumulation a row's
+// gradient is each core's sum of its rows (from zero, in arrival order),
+// added from zero in core order; one core's rows go to ApplySparseAdam
+// as sent, whose own sum is that same float. Lazy Adam skips a shard that
+// got no gradient; non-lazy Adam steps every row of a loaded shard.
 void StepShard(const Table& t, float lr, const ParallelFor& parallel_for,
                Shard& s);
 
