@@ -78,6 +78,30 @@ def test_step_matches_numpy_lookup_and_reference(kind: str, layout: str, combine
             np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
 
 
+def test_activations_are_the_same_floats_whatever_the_order_of_samples() -> None:
+    """Each slot sums its ids in their order, wherever its samples sit in the enqueue."""
+    rng = np.random.default_rng(13)
+    batch, vocab, dim = 4096, 50, 8
+    cfg = embedding_config([("t", vocab, dim, adam_params())], [(0, [batch])])
+    state = random_slots(rng, vocab, dim)
+    load_all(cfg, "t", state, 1, False)
+    # Empty samples too: their slots must come back zero from every range.
+    bags = [
+        [(int(i), float(w)) for i, w in zip(rng.integers(0, vocab, k), rng.uniform(0.5, 2, k))]
+        for k in rng.integers(0, 4, batch)
+    ]
+    index, ids, weights = bag_formats(bags, True, "indices")
+    # Samples in reverse order, each sample's ids still in their order.
+    order = np.argsort(-index[:, 0], kind="stable")
+    acts = []
+    for rows in (np.arange(len(ids)), order):
+        enqueue("sparse", [(index[rows], ids[rows], weights[rows])], ["sum"], [0])
+        acts.append(raw.RecvTPUEmbeddingActivations(num_outputs=1, config=cfg)[0].numpy())
+    want, _ = numpy_lookup(state[0], bags, "sum")
+    np.testing.assert_allclose(acts[0], want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(acts[1], acts[0])
+
+
 def test_sequence_feature_truncates_and_trains() -> None:
     rng = np.random.default_rng(3)
     p = adam_params(0.1)
