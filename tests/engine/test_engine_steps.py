@@ -85,11 +85,11 @@ def test_activations_are_the_same_floats_whatever_the_order_of_samples() -> None
     cfg = embedding_config([("t", vocab, dim, adam_params())], [(0, [batch])])
     state = random_slots(rng, vocab, dim)
     load_all(cfg, "t", state, 1, False)
-    # Empty samples too: their slots must come back zero from every range.
-    bags = [
-        [(int(i), float(w)) for i, w in zip(rng.integers(0, vocab, k), rng.uniform(0.5, 2, k))]
-        for k in rng.integers(0, 4, batch)
-    ]
+    # Empty samples too: their slots must come back zero.
+    bags = []
+    for k in rng.integers(0, 4, batch):
+        pairs = zip(rng.integers(0, vocab, k), rng.uniform(0.5, 2, k), strict=True)
+        bags.append([(int(i), float(w)) for i, w in pairs])
     index, ids, weights = bag_formats(bags, True, "indices")
     # Samples in reverse order, each sample's ids still in their order.
     order = np.argsort(-index[:, 0], kind="stable")
