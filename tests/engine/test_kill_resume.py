@@ -140,7 +140,9 @@ def test_random_sigkills_resume_bit_exact(tmp_path):
     os.makedirs(ckpt)
     kills = 0
     for _ in range(6):
-        child = Child(ckpt, steps, "--step_sleep=0.05")
+        # Steps slow enough (40 x 0.25 s) that six kills 2-8 s after start
+        # land before the run could finish, on a fast box too.
+        child = Child(ckpt, steps, "--step_sleep=0.25")
         time.sleep(rng.uniform(2.0, 8.0))  # TF's import takes a few seconds: some kills land there
         if child.proc.poll() is not None:
             break
