@@ -57,18 +57,9 @@ void Accumulator::Add(int64_t dim, bool accumulate, int64_t local, float scale,
   for (int64_t j = 0; j < dim; ++j) dst[j] = 0.0f + scale * g[j];
 }
 
-void Accumulator::Append(const Accumulator& from, int64_t dim, bool sum) {
-  if (sum) {
-    Accumulator summed;
-    for (size_t r = 0; r < from.ids.size(); ++r) {
-      summed.Add(dim, true, from.ids[r], 1.0f, from.grads.data() + r * dim);
-    }
-    Append(summed, dim, false);
-    return;
-  }
-  for (size_t r = 0; r < from.ids.size(); ++r) {
-    Add(dim, false, from.ids[r], 1.0f, from.grads.data() + r * dim);
-  }
+void Accumulator::Append(const Accumulator& from) {
+  ids.insert(ids.end(), from.ids.begin(), from.ids.end());
+  grads.insert(grads.end(), from.grads.begin(), from.grads.end());
 }
 
 void Accumulator::Clear() {

@@ -30,10 +30,9 @@ struct Accumulator {
   // without, every call appends a row.
   void Add(int64_t dim, bool accumulate, int64_t local, float scale,
            const float* g);
-  // Appends `from`'s rows (dim floats each) as rows of their own; with
-  // `sum`, first summed per id (from zero, in `from`'s order), one row per
-  // distinct id in order of first arrival.
-  void Append(const Accumulator& from, int64_t dim, bool sum);
+  // Appends `from`'s rows as rows of their own (the index is not updated:
+  // for a list handed to ApplySparseAdam, not for further Adds).
+  void Append(const Accumulator& from);
   // Empties the accumulator, keeping its capacity for the next step.
   void Clear();
   int64_t Bytes() const {

@@ -845,10 +845,10 @@ Status Engine::Send(int64_t task, int64_t core,
   for (size_t i = 0; i < features_.size(); ++i) {
     Table& t = *tables_[features_[i].table_id];
     std::lock_guard<std::mutex> table_lock(t.mu);
+    const bool accumulate = t.adam.gradient_accumulation;
     for (const Entry& e : batch->features[i]) {
-      t.shards[e.shard].SentBy(position).Add(t.dim, /*accumulate=*/false,
-                                             e.local, e.scale,
-                                             grads[i] + e.slot * t.dim);
+      t.shards[e.shard].SentBy(position).Add(t.dim, accumulate, e.local,
+                                             e.scale, grads[i] + e.slot * t.dim);
     }
   }
   sent_.insert(key);

@@ -315,8 +315,8 @@ Status Engine::ApplyGradients(int64_t task,
                                            : t.constant_lr;
     std::lock_guard<std::mutex> table_lock(t.mu);
     Shard& s = t.shards[task];
-    // Payloads in core order: the sum per row is the cores' own sums added
-    // in that order, whatever order they arrived in.
+    // Payload p is core p's rows (in core order), already summed per row
+    // by SplitGradients.
     for (size_t p = 0; p < payloads.size(); ++p) {
       const float* g = payloads[p].grads + ranges[p].float_begin[t.id];
       for (int64_t r = ranges[p].begin[t.id]; r < ranges[p].begin[t.id + 1];

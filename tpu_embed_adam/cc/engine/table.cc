@@ -54,9 +54,7 @@ void StepShard(const Table& t, float lr, const ParallelFor& parallel_for,
     Accumulator merged;
     const Accumulator* rows = cores.size() == 1 ? cores[0] : &merged;
     if (cores.size() > 1) {
-      for (const Accumulator* a : cores) {
-        merged.Append(*a, t.dim, t.adam.gradient_accumulation);
-      }
+      for (const Accumulator* a : cores) merged.Append(*a);
     }
     const TableShard shard{s.w.data(), s.m.data(), s.v.data(), s.rows, t.dim};
     ApplySparseAdam<int64_t>(t.adam, lr, shard, rows->ids.data(),

@@ -38,8 +38,8 @@ struct Shard {
   int64_t steps_since_retrieve = 0;
   std::vector<float> w, m, v;
   // The step's gradient rows by sending core, in core order (host-major),
-  // each one row per occurrence in arrival order (Accumulator::Add without
-  // accumulation). Kept apart so that the step's sum is the same floats
+  // each summed per row with the table's gradient accumulation (see
+  // Accumulator). Kept apart so that the step's sum is the same floats
   // whatever order the cores send in.
   std::vector<Accumulator> sent;
 
@@ -77,11 +77,10 @@ struct RowLocation {
 RowLocation Locate(const Table& t, int64_t id);
 
 // Applies the step sent to `s` (a shard of `t`, under t.mu) with learning
-// rate `lr` and clears the sent rows. With gradient accumulation a row's
-// gradient is each core's sum of its rows (from zero, in arrival order),
-// added from zero in core order; one core's rows go to ApplySparseAdam
-// as sent, whose own sum is that same float. Lazy Adam skips a shard that
-// got no gradient; non-lazy Adam steps every row of a loaded shard.
+// rate `lr` and clears the sent rows: the cores' rows, in core order, go to
+// one ApplySparseAdam, whose sum per row (from zero, in input order) adds
+// the cores' sums in core order. Lazy Adam skips a shard that got no
+// gradient; non-lazy Adam steps every row of a loaded shard.
 void StepShard(const Table& t, float lr, const ParallelFor& parallel_for,
                Shard& s);
 
