@@ -8,15 +8,12 @@
 
 #include <unistd.h>
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
-
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "tensorflow/core/platform/errors.h"
 #include "tensorflow/core/protobuf/tpu/tpu_embedding_configuration.pb.h"
 #include "tpu_embed_adam/cc/core/adam_config.h"
+#include "tpu_embed_adam/cc/core/huge_pages.h"
 #include "tpu_embed_adam/cc/engine/activations.h"
 #include "tpu_embed_adam/cc/core/shape_util.h"
 
@@ -214,25 +211,17 @@ Status CheckSystem(const tpu::TPUEmbeddingConfiguration& proto) {
   return tensorflow::OkStatus();
 }
 
-// Sizes `a` for n floats, asking the kernel to back it with huge pages
-// (transparent huge pages in "madvise" mode give them only on request):
-// lookups and updates touch rows scattered over the whole shard, and with
-// 4 KB pages nearly every row costs a TLB miss. Only a hint; contents are
-// the caller's to write.
+// Sizes `a` for n floats, backed by huge pages where the host allows
+// (core/huge_pages.h): lookups and updates touch rows scattered over the
+// whole shard. Advised before the caller's first write, so the pages come
+// huge at fault time and need no collapse. Contents are the caller's to
+// write.
 void ReserveShardArray(std::vector<float>& a, size_t n) {
   if (a.capacity() < n) {
     std::vector<float>().swap(a);
     a.reserve(n);
   }
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
-  const uintptr_t begin = reinterpret_cast<uintptr_t>(a.data());
-  const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1);
-  const uintptr_t last = (begin + n * sizeof(float)) & ~(kHuge - 1);
-  if (last > first) {
-    madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
-  }
-#endif
+  AdviseHugePages(a.data(), n * sizeof(float), /*collapse=*/false);
 }
 
 }  // namespace
