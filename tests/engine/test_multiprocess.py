@@ -41,22 +41,13 @@ def tables() -> dict[str, te.TableConfig]:
     }
 
 
-def features() -> dict[str, te.FeatureConfig]:
-    return {
-        "user": te.FeatureConfig("users"),
-        "friends": te.FeatureConfig("users"),
-        "item": te.FeatureConfig("items"),
-        "tag": te.FeatureConfig("tags"),
-    }
-
-
 def initial_state(graph: harness.EmbeddingGraph) -> None:
     graph.write(harness.random_state(graph.emb, seed=7))
 
 
 def build(target: str | None = None, **kwargs) -> harness.EmbeddingGraph:
     return harness.EmbeddingGraph(
-        tables(), features(), optimization_parameters=ADAM,
+        tables(), harness.four_features(), optimization_parameters=ADAM,
         weighted=("friends", "item"), target=target, **kwargs,
     )
 

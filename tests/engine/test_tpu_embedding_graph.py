@@ -37,23 +37,13 @@ def three_tables() -> dict[str, te.TableConfig]:
     }
 
 
-def four_features() -> dict[str, te.FeatureConfig]:
-    """`users` is shared by two features, so its update sums both features' gradients."""
-    return {
-        "user": te.FeatureConfig("users"),
-        "friends": te.FeatureConfig("users"),
-        "item": te.FeatureConfig("items"),
-        "tag": te.FeatureConfig("tags"),
-    }
-
-
 WEIGHTED = ("friends", "item", "tag")
 
 
 def train(steps: int = 3, **kwargs) -> harness.NumpyModel:
     graph = harness.EmbeddingGraph(
         kwargs.pop("tables", None) or three_tables(),
-        kwargs.pop("features", None) or four_features(),
+        kwargs.pop("features", None) or harness.four_features(),
         optimization_parameters=kwargs.pop("optimization_parameters", ADAM),
         weighted=kwargs.pop("weighted", WEIGHTED),
         **kwargs,
@@ -86,14 +76,14 @@ def test_one_host_in_a_plain_session_without_cluster(cores):
 def test_vocabulary_smaller_than_hosts_uses_dummy_partitions(strategy):
     tables = three_tables()
     tables["tiny"] = te.TableConfig(vocabulary_size=2, dimension=2, combiner="sum")
-    features = {**four_features(), "flag": te.FeatureConfig("tiny")}
+    features = {**harness.four_features(), "flag": te.FeatureConfig("tiny")}
     train(num_hosts=3, partition_strategy=strategy, tables=tables, features=features)
 
 
 @pytest.mark.parametrize("ragged", [False, True])
 def test_sequence_features_truncate_past_max_sequence_length(ragged):
     features = {
-        **four_features(),
+        **harness.four_features(),
         "history": te.FeatureConfig("items", max_sequence_length=3),
         "clicks": te.FeatureConfig("tags", max_sequence_length=2, weight_key="w"),
     }
@@ -146,7 +136,7 @@ def test_dynamic_learning_rates_by_tag_and_per_table_parameters():
         "tags": te.TableConfig(11, 5, combiner="sqrtn", optimization_parameters=non_lazy),
         "zones": te.TableConfig(7, 2, combiner="sum", learning_rate=0.2),
     }
-    features = {**four_features(), "zone": te.FeatureConfig("zones")}
+    features = {**harness.four_features(), "zone": te.FeatureConfig("zones")}
     train(steps=4, num_hosts=3, tables=tables, features=features)
 
 
@@ -187,7 +177,7 @@ def test_gradient_accumulation_disabled_one_core():
 
 def test_info_reports_tables_and_shards():
     graph = harness.EmbeddingGraph(
-        three_tables(), four_features(), optimization_parameters=ADAM, num_hosts=3
+        three_tables(), harness.four_features(), optimization_parameters=ADAM, num_hosts=3
     )
     try:
         graph.run_init()
@@ -212,7 +202,7 @@ def test_info_reports_tables_and_shards():
 def test_info_counts_the_steps_since_each_shards_last_load_or_retrieve():
     # Non-lazy Adam steps every row of every loaded shard each step.
     graph = harness.EmbeddingGraph(
-        three_tables(), four_features(), num_hosts=3, weighted=WEIGHTED,
+        three_tables(), harness.four_features(), num_hosts=3, weighted=WEIGHTED,
         optimization_parameters=te.AdamParameters(learning_rate=0.05, lazy_adam=False),
     )
 
@@ -243,7 +233,7 @@ def test_info_counts_the_steps_since_each_shards_last_load_or_retrieve():
 
 def test_second_session_retrieves_what_the_first_trained():
     graph = harness.EmbeddingGraph(
-        three_tables(), four_features(), optimization_parameters=ADAM, num_hosts=3,
+        three_tables(), harness.four_features(), optimization_parameters=ADAM, num_hosts=3,
         weighted=WEIGHTED,
     )
     try:

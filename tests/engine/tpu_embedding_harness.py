@@ -169,6 +169,17 @@ def activation_shape(emb: tpu_embedding.TPUEmbedding, feature: str) -> tuple[int
     return (emb.batch_size_per_core, dim)
 
 
+def four_features() -> dict[str, tpu_embedding.FeatureConfig]:
+    """Features of tables `users`, `items`, `tags`; `users` is shared by two
+    features, so its update sums both features' gradients."""
+    return {
+        "user": tpu_embedding.FeatureConfig("users"),
+        "friends": tpu_embedding.FeatureConfig("users"),
+        "item": tpu_embedding.FeatureConfig("items"),
+        "tag": tpu_embedding.FeatureConfig("tags"),
+    }
+
+
 def random_batch(
     rng: np.random.Generator,
     emb: tpu_embedding.TPUEmbedding,
