@@ -97,6 +97,10 @@ def test_rejects_everything_tf_rejects(learning_rate, overrides):
          ValueError, r"`multiply_weight_decay_factor_by_learning_rate`.*`weight_decay_factor`"),
         (dict(learning_rate=1e39), ValueError, r"`learning_rate`.*float32.*1e\+39"),
         (dict(learning_rate=1e-50), ValueError, r"`learning_rate`.*float32.*1e-50"),
+        # Subnormal in float32: flushed to 0 where the update runs.
+        (dict(learning_rate=1e-40), ValueError,
+         r"`learning_rate` must be a normal float32, at least 1\.175e-38.*1e-40"),
+        (dict(learning_rate=1e-38), ValueError, r"`learning_rate` must be a normal float32"),
         (dict(learning_rate=0.1, beta2=0.99999999), ValueError, r"`beta2`.*float32"),
         (dict(learning_rate=0.1, epsilon=1e-50), ValueError, r"`epsilon`.*float32"),
         # Representable, but epsilon^2 underflows (or is subnormal) in float32.
@@ -129,6 +133,7 @@ def test_errors_name_argument_and_value(kwargs, error, pattern):
     [
         (dict(learning_rate=-1.0), "learning_rate"),
         (dict(learning_rate=float("nan")), "learning_rate"),
+        (dict(learning_rate=1e-40), "learning_rate"),
         (dict(learning_rate=0.1, clip_weight_min=1.0, clip_weight_max=-1.0), "clip_weight_min"),
         (dict(learning_rate=0.1, weight_decay_factor=-0.5), "weight_decay_factor"),
         (dict(learning_rate=0.1, sum_inside_sqrt="x"), "sum_inside_sqrt"),
@@ -140,6 +145,15 @@ def test_stricter_cases_are_accepted_by_tf(kwargs, name):
     TFAdam(**kwargs)
     with pytest.raises((TypeError, ValueError), match=f"Argument `{name}`"):
         AdamParameters(**kwargs)
+
+
+def test_smallest_normal_learning_rate_is_accepted_and_round_trips():
+    smallest = float(np.finfo(np.float32).tiny)
+    params = AdamParameters(smallest)
+    assert AdamParameters.from_proto(params.to_proto()).learning_rate == float(
+        str(np.float32(smallest)))
+    with pytest.raises(ValueError, match="`learning_rate` must be a normal float32"):
+        AdamParameters(float(np.nextafter(np.float32(smallest), np.float32(0))))
 
 
 def test_zero_weight_decay_is_no_decay_and_round_trips():

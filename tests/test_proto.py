@@ -118,6 +118,8 @@ def _other_optimizer_bytes():
         (lambda m: setattr(m.adam, "beta1", 1.0), "`beta1`"),
         (lambda m: setattr(m.adam, "epsilon", float("nan")), "`epsilon`.*nan"),
         (lambda m: setattr(m.learning_rate, "constant", -1.0), "`learning_rate`"),
+        (lambda m: setattr(m.learning_rate, "constant", 1e-40),
+         "`learning_rate` must be a normal float32"),
         (lambda m: m.ClearField("learning_rate"), "no learning_rate"),
         (lambda m: m.ClearField("adam"), "None.*not 'adam'"),
         (lambda m: setattr(m, "multiply_weight_decay_factor_by_learning_rate", True),

@@ -151,6 +151,20 @@ def test_bias_corrected_learning_rate_unbounded_rate():
         bias_corrected_learning_rate(10**400, 0.9, 0.999, 1)
 
 
+@pytest.mark.parametrize(
+    ("rate", "error", "match"),
+    [(-1.0, ValueError, r"must be > 0; received: -1\.0"), (0, ValueError, "must be > 0"),
+     (float("nan"), ValueError, "must be finite in float32"),
+     (1e-40, ValueError, "must be a normal float32"),
+     (True, TypeError, "must be a real number"), ("0.1", TypeError, "must be a real number")],
+)
+def test_bias_corrected_learning_rate_refuses_what_adam_parameters_refuses(rate, error, match):
+    with pytest.raises(error, match=rf"Argument `learning_rate` {match}"):
+        bias_corrected_learning_rate(rate, B1, B2, 1)
+    with pytest.raises(error, match=rf"Argument `learning_rate` {match}"):
+        AdamParameters(rate)
+
+
 # Peer checks: with the bias-corrected dynamic rate and epsilon outside the root
 # (no clipping, no decay), TPU Adam is Kingma & Ba's Adam as TF implements it.
 # Betas exact in float32: TF's kernels compute 1 - beta2^t from float32 betas,

@@ -1,15 +1,68 @@
-"""`DynamicLearningRate`: a learning rate fed at run time.
+"""Learning rates: the rule every constant rate obeys, and `DynamicLearningRate`.
 
 Its own module, below both `params.py` and `proto.py`, so that `proto` reads
-dynamic rates without importing `params` (which imports `proto`).
+dynamic rates without importing `params` (which imports `proto`), and so that
+`AdamParameters`, `apply_adam` and `bias_corrected_learning_rate` check a
+constant rate by one rule (`constant_learning_rate`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
+from typing import Any
 
-__all__ = ["DynamicLearningRate"]
+import numpy as np
+
+__all__ = ["DynamicLearningRate", "constant_learning_rate"]
+
+_SMALLEST_NORMAL = np.finfo(np.float32).tiny
+
+
+def constant_learning_rate(value: Any) -> float:
+    """Returns a constant learning rate as a float, or raises naming `learning_rate`.
+
+    A constant rate must be a real number whose float32 rounding is a normal
+    float32 > 0 (at least about 1.18e-38): the kernels, the proto and the TPU
+    hold it in float32, where a subnormal rate is flushed to 0 (no update at
+    all) and a rate beyond float32 is inf.
+
+    Args:
+      value: the rate.
+
+    Returns:
+      `value` as a Python float.
+
+    Raises:
+      TypeError: `value` is a bool or not a real number.
+      ValueError: `value` is not finite in float32, not > 0, or below the
+        smallest normal float32.
+    """
+    if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Real):
+        raise TypeError(
+            f"Argument `learning_rate` must be a real number; received: {value!r} "
+            f"({type(value).__name__})."
+        )
+    try:
+        rate = float(value)
+    except OverflowError:  # an int or Fraction beyond any float (10**400)
+        rate = math.inf
+    with np.errstate(over="ignore"):
+        rate32 = np.float32(rate)
+    if not (math.isfinite(rate) and np.isfinite(rate32)):
+        raise ValueError(
+            f"Argument `learning_rate` must be finite in float32; received: {value!r}."
+        )
+    if rate <= 0:
+        raise ValueError(f"Argument `learning_rate` must be > 0; received: {value!r}.")
+    if rate32 < _SMALLEST_NORMAL:
+        raise ValueError(
+            "Argument `learning_rate` must be a normal float32, at least "
+            f"{_SMALLEST_NORMAL:.4g} (a smaller rate is subnormal or 0 in float32, and "
+            f"flushed to 0 where the update runs); received: {value!r}."
+        )
+    return rate
 
 
 @dataclasses.dataclass(frozen=True, repr=False)

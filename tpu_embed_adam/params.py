@@ -16,7 +16,7 @@ import numpy as np
 from tensorflow.python.tpu import tpu_embedding as _tf_tpu_embedding
 
 from tpu_embed_adam import proto
-from tpu_embed_adam.learning_rates import DynamicLearningRate
+from tpu_embed_adam.learning_rates import DynamicLearningRate, constant_learning_rate
 
 __all__ = ["AdamParameters", "DynamicLearningRate", "as_adam_parameters"]
 
@@ -79,14 +79,9 @@ def _validated(kwargs: dict[str, Any]) -> dict[str, Any]:
     """Checks and normalises the 13 arguments; returns them as plain Python values."""
     out: dict[str, Any] = {}
     lr = kwargs["learning_rate"]
-    if isinstance(lr, DynamicLearningRate):
-        out["learning_rate"] = lr
-    else:
-        out["learning_rate"] = _real("learning_rate", lr)
-        if out["learning_rate"] <= 0 or np.float32(out["learning_rate"]) <= 0:
-            raise ValueError(
-                f"Argument `learning_rate` must be > 0 (also in float32); received: {lr!r}."
-            )
+    out["learning_rate"] = (
+        lr if isinstance(lr, DynamicLearningRate) else constant_learning_rate(lr)
+    )
     for name in ("beta1", "beta2"):
         out[name] = _real(name, kwargs[name])
         # Checked in float32 too: 0.99999999 rounds to 1.0 there, and the
@@ -168,9 +163,10 @@ class AdamParameters(_tf_tpu_embedding.AdamParameters):
     The update it configures is stated in `tpu_embed_adam.reference.adam_update`.
 
     Beyond TF's checks (betas in [0, 1), epsilon > 0, non-lazy Adam and
-    gradient clipping need gradient accumulation), it requires: a learning rate
-    that is finite and > 0 (or a `DynamicLearningRate`); every float finite in
-    float32, where the proto and the kernels hold it;
+    gradient clipping need gradient accumulation), it requires: a constant
+    learning rate that is a normal float32 > 0, at least about 1.18e-38
+    (`learning_rates.constant_learning_rate`), or a `DynamicLearningRate`;
+    every float finite in float32, where the proto and the kernels hold it;
     booleans to be bools; `clip_*_min <= clip_*_max`; `weight_decay_factor >= 0`;
     no multiply flag without a weight decay factor; and an epsilon that does
     not vanish in float32 (`epsilon^2` with `sum_inside_sqrt`, else `epsilon`,
@@ -206,7 +202,8 @@ class AdamParameters(_tf_tpu_embedding.AdamParameters):
         """Validates the arguments and builds the parameters.
 
         Args:
-          learning_rate: a float > 0, or a `DynamicLearningRate`.
+          learning_rate: a float > 0 that is a normal float32 (>= 1.18e-38), or
+            a `DynamicLearningRate`.
           beta1: decay rate of the first moment, in [0, 1).
           beta2: decay rate of the second moment, in [0, 1).
           epsilon: the stability constant, > 0; with `sum_inside_sqrt`,

@@ -7,10 +7,11 @@ reasons for the [inferred] choices, are in `docs/semantics.md`.
 
 from __future__ import annotations
 
-import math
 from typing import Any, NamedTuple
 
 import numpy as np
+
+from tpu_embed_adam.learning_rates import constant_learning_rate
 
 __all__ = ["Float32Constants", "adam_update", "bias_corrected_learning_rate", "float32_constants"]
 
@@ -27,7 +28,8 @@ def bias_corrected_learning_rate(
     epsilon left unscaled, as TF's own `AdamOptimizer` does).
 
     Args:
-      learning_rate: the base learning rate.
+      learning_rate: the base learning rate, a constant rate as
+        `AdamParameters` takes it.
       beta1: decay rate of the first moment, in [0, 1).
       beta2: decay rate of the second moment, in [0, 1).
       step: the 1-based step number.
@@ -36,7 +38,9 @@ def bias_corrected_learning_rate(
       The corrected learning rate as a Python float.
 
     Raises:
-      ValueError: if `step` < 1 or a beta is outside [0, 1).
+      TypeError: `learning_rate` is a bool or not a real number.
+      ValueError: if `step` < 1, a beta is outside [0, 1), or `learning_rate`
+        is not a normal float32 > 0 (`learning_rates.constant_learning_rate`).
     """
     try:
         # float(step) bounds it: `beta**step` needs a float exponent, and an
@@ -49,12 +53,7 @@ def bias_corrected_learning_rate(
     for name, beta in (("beta1", beta1), ("beta2", beta2)):
         if not 0.0 <= beta < 1.0:
             raise ValueError(f"`{name}` must be in [0, 1); got {beta!r}.")
-    try:
-        rate = float(learning_rate)
-    except OverflowError:
-        rate = math.inf
-    if not math.isfinite(rate):
-        raise ValueError(f"`learning_rate` must be finite; got {learning_rate!r}.")
+    rate = constant_learning_rate(learning_rate)
     return float(rate * np.sqrt(1.0 - beta2 ** float(step)) / (1.0 - beta1 ** float(step)))
 
 

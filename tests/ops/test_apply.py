@@ -373,6 +373,18 @@ _BAD_INPUTS = {
     "params_type": (_with(params={"learning_rate": 0.1}), TypeError,
                     r"`params` must be an AdamParameters"),
     "rate_type": (_with(learning_rate="0.1"), TypeError, r"`learning_rate` must be a Python"),
+    # Constant rates: the rule of AdamParameters (learning_rates.constant_learning_rate).
+    "rate_negative": (_with(learning_rate=-1.0), ValueError, r"`learning_rate` must be > 0.*-1\.0"),
+    "rate_zero": (_with(learning_rate=0), ValueError, r"`learning_rate` must be > 0.*0"),
+    "rate_nan": (_with(learning_rate=float("nan")), ValueError,
+                 r"`learning_rate` must be finite in float32.*nan"),
+    "rate_inf": (_with(learning_rate=-float("inf")), ValueError,
+                 r"`learning_rate` must be finite in float32.*-inf"),
+    "rate_subnormal": (_with(learning_rate=np.float32(1e-40)), ValueError,
+                       r"`learning_rate` must be a normal float32.*1e-40"),
+    "rate_tf_params_subnormal": (
+        _with(params=tf.compat.v1.tpu.experimental.AdamParameters(1e-40)), ValueError,
+        r"`learning_rate` must be a normal float32.*1e-40"),
 }
 
 

@@ -8,6 +8,8 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from tpu_embed_adam.learning_rates import constant_learning_rate
+
 
 def learning_rate_tensor(params: Any, learning_rate: Any) -> tf.Tensor:
     """Checks this step's learning rate and returns it as a float32 tensor.
@@ -25,7 +27,8 @@ def learning_rate_tensor(params: Any, learning_rate: Any) -> tf.Tensor:
     Raises:
       ValueError: `learning_rate` is None while `params.learning_rate` is not a
         number (a `DynamicLearningRate`), a tensor of known non-scalar shape,
-        or a number that is not finite in float32.
+        or a number that `learning_rates.constant_learning_rate` refuses (not
+        finite in float32, not > 0, below the smallest normal float32).
       TypeError: a bool, a non-number, or a non-float tensor.
     """
     if learning_rate is None:
@@ -54,7 +57,10 @@ def learning_rate_tensor(params: Any, learning_rate: Any) -> tf.Tensor:
             f"None; received {learning_rate!r} ({type(learning_rate).__name__})."
         )
     else:
-        _check_finite_in_float32(learning_rate)
+        # A number beyond any float (10**400) would otherwise raise
+        # OverflowError in a graph; inf or NaN would step every row to NaN, a
+        # rate <= 0 would climb the gradient, a subnormal one is flushed to 0.
+        constant_learning_rate(learning_rate)
     # A Python number becomes float32 directly (the hint keeps an int from
     # becoming int32), a float64 one is rounded once: either way the value of
     # the reference's np.float32(learning_rate).
@@ -71,18 +77,3 @@ def resolved_learning_rate(params: Any, learning_rate: Any) -> tf.Tensor:
         learning_rate = params.learning_rate
     return tf.cast(tf.convert_to_tensor(learning_rate, dtype_hint=tf.float32), tf.float32)
 
-
-def _check_finite_in_float32(learning_rate: numbers.Real) -> None:
-    # A number beyond any float (10**400) would otherwise raise OverflowError
-    # in a graph and ValueError eagerly; inf or NaN would step every row to
-    # NaN.
-    try:
-        value = float(learning_rate)
-    except OverflowError:
-        value = float("inf")
-    with np.errstate(over="ignore"):
-        finite = np.isfinite(value) and np.isfinite(np.float32(value))
-    if not finite:
-        raise ValueError(
-            f"Argument `learning_rate` must be finite in float32; received {learning_rate!r}."
-        )
