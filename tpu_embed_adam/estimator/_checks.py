@@ -11,7 +11,7 @@ from typing import Any
 from tensorflow.python.tpu import feature_column_v2 as tpu_fc_v2
 from tensorflow.python.tpu import tpu_embedding as tf_tpu_embedding
 
-from tpu_embed_adam.params import as_adam_parameters
+from tpu_embed_adam.estimator._spec import adam_as_ours
 
 # Columns that look their rows up on the TensorCore or the host CPU of a TPU
 # (embedding_lookup_device='tpu_tensor_core' / 'cpu'): they bypass the TPU
@@ -39,10 +39,7 @@ def check_adam(value: Any, where: str) -> None:
             f"{type(value).__name__}. Use tf.compat.v1.tpu.experimental.AdamParameters "
             "or tpu_embed_adam.AdamParameters."
         )
-    try:
-        as_adam_parameters(value)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"{where}: {err}") from err
+    adam_as_ours(value, where)
 
 
 def check_spec(spec: Any, train_batch_size: Any, eval_batch_size: Any) -> None:

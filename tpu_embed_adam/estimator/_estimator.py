@@ -22,6 +22,7 @@ from tpu_embed_adam.estimator._model_fn import (
     call_user_model_fn,
     engine_model_fn,
 )
+from tpu_embed_adam.estimator._spec import spec_with_our_adam
 
 TF_TPU_ESTIMATOR = tf_tpu_estimator.TPUEstimator
 _TF_INIT = TF_TPU_ESTIMATOR.__init__
@@ -37,11 +38,18 @@ def _init(self: Any, *args: Any, **kwargs: Any) -> None:
     bound.apply_defaults()
     arguments = bound.arguments
     spec = arguments["embedding_config_spec"]
-    if arguments["use_tpu"] or spec is None:
+    if spec is None:
         _TF_INIT(*bound.args, **bound.kwargs)
         return
-    check_spec(spec, arguments["train_batch_size"], arguments["eval_batch_size"])
-    check_run_config(arguments["config"])
+    if not arguments["use_tpu"]:
+        check_spec(spec, arguments["train_batch_size"], arguments["eval_batch_size"])
+        check_run_config(arguments["config"])
+    # TF's own estimator (on a TPU too) names the slots only of parameters
+    # that match the alias install() points at ours.
+    spec = arguments["embedding_config_spec"] = spec_with_our_adam(spec)
+    if arguments["use_tpu"]:
+        _TF_INIT(*bound.args, **bound.kwargs)
+        return
     # TF's constructor calls _augment_model_fn, which needs to know; the
     # RunConfig it completes comes after, so the config is built lazily.
     setattr(self, _ENGINE_ATTR, (spec, arguments["train_batch_size"], arguments["eval_batch_size"]))
