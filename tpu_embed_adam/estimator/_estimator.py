@@ -13,6 +13,7 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
+from tensorflow.python.util import deprecation, tf_decorator
 from tensorflow_estimator.python.estimator import model_fn as model_fn_lib
 from tensorflow_estimator.python.estimator.tpu import tpu_estimator as tf_tpu_estimator
 
@@ -25,21 +26,29 @@ from tpu_embed_adam.estimator._model_fn import (
 from tpu_embed_adam.estimator._spec import spec_with_our_adam
 
 TF_TPU_ESTIMATOR = tf_tpu_estimator.TPUEstimator
-_TF_INIT = TF_TPU_ESTIMATOR.__init__
+# TF's __init__ is under TF's deprecation decorator, which logs the line that
+# calls it: called from _init, that line would be in this module. _init
+# carries the same decorator (same message: functools.wraps gives it TF's
+# name) and calls TF's undecorated __init__, so the warning names the
+# user's line, once.
+_TF_UNDECORATED_INIT = tf_decorator.unwrap(TF_TPU_ESTIMATOR.__init__)[1]
+# tensorflow_estimator's estimator_export deprecates every exported symbol so.
+_TF_DEPRECATION_INSTRUCTIONS = "Use tf.keras instead."
 _TF_AUGMENT = TF_TPU_ESTIMATOR._augment_model_fn
-_TF_INIT_SIGNATURE = inspect.signature(_TF_INIT)
+_TF_INIT_SIGNATURE = inspect.signature(_TF_UNDECORATED_INIT)
 # The attribute that marks an estimator whose tables the engine serves.
 _ENGINE_ATTR = "_tpu_embed_adam_engine"
 
 
-@functools.wraps(_TF_INIT)
+@deprecation.deprecated(None, _TF_DEPRECATION_INSTRUCTIONS)
+@functools.wraps(_TF_UNDECORATED_INIT)
 def _init(self: Any, *args: Any, **kwargs: Any) -> None:
     bound = _TF_INIT_SIGNATURE.bind(self, *args, **kwargs)
     bound.apply_defaults()
     arguments = bound.arguments
     spec = arguments["embedding_config_spec"]
     if spec is None:
-        _TF_INIT(*bound.args, **bound.kwargs)
+        _TF_UNDECORATED_INIT(*bound.args, **bound.kwargs)
         return
     if not arguments["use_tpu"]:
         check_spec(spec, arguments["train_batch_size"], arguments["eval_batch_size"])
@@ -48,7 +57,7 @@ def _init(self: Any, *args: Any, **kwargs: Any) -> None:
     # that match the alias install() points at ours.
     spec = arguments["embedding_config_spec"] = spec_with_our_adam(spec)
     if arguments["use_tpu"]:
-        _TF_INIT(*bound.args, **bound.kwargs)
+        _TF_UNDECORATED_INIT(*bound.args, **bound.kwargs)
         return
     # TF's constructor calls _augment_model_fn, which needs to know; the
     # RunConfig it completes comes after, so the config is built lazily.
@@ -56,7 +65,7 @@ def _init(self: Any, *args: Any, **kwargs: Any) -> None:
     # TF refuses 'mod' on CPU because its CPU lookups would not match a
     # TPU's checkpoint layout; the engine shards exactly as a TPU does.
     arguments["embedding_config_spec"] = spec._replace(partition_strategy="div")
-    _TF_INIT(*bound.args, **bound.kwargs)
+    _TF_UNDECORATED_INIT(*bound.args, **bound.kwargs)
 
 
 def _augment_model_fn(
