@@ -60,3 +60,16 @@ def test_nested_installed_keeps_outer_install():
         assert _alias() is tpu_embed_adam.AdamParameters
     finally:
         tpu_embed_adam.uninstall()
+
+
+def test_install_puts_every_engine_method_on_tf_estimator_and_uninstall_restores():
+    from tpu_embed_adam.estimator import TPUEstimator
+    from tpu_embed_adam.patch import ENGINE_METHODS
+
+    tf_class = TPUEstimator.__mro__[1]
+    before = {name: tf_class.__dict__[name] for name in ENGINE_METHODS}
+    assert "_add_meta_graph_for_mode" in ENGINE_METHODS
+    with tpu_embed_adam.installed():
+        for name in ENGINE_METHODS:
+            assert tf_class.__dict__[name] is TPUEstimator.__dict__[name], name
+    assert {name: tf_class.__dict__[name] for name in ENGINE_METHODS} == before

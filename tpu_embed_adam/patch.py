@@ -7,7 +7,7 @@ exactly what was there.
 Two things change: the public `AdamParameters` aliases
 (`tf.compat.v1.tpu.experimental` and the `tf.tpu.experimental` of the v1
 API) name ours, while TF's own class stays in place so TF's `isinstance`
-checks keep accepting both; and TF's `TPUEstimator` gets the two methods of
+checks keep accepting both; and TF's `TPUEstimator` gets the methods of
 `tpu_embed_adam.estimator.TPUEstimator`, so that with `use_tpu=False` its
 embedding tables train on the software TPU embedding engine.
 """
@@ -24,7 +24,7 @@ from typing import Any
 from tpu_embed_adam.params import AdamParameters
 
 # TPUEstimator's methods that install() replaces (tpu_embed_adam.estimator's).
-ENGINE_METHODS = ("__init__", "_augment_model_fn")
+ENGINE_METHODS = ("__init__", "_augment_model_fn", "_add_meta_graph_for_mode")
 
 __all__ = ["install", "installed", "uninstall"]
 

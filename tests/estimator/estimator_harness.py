@@ -369,7 +369,9 @@ def column_layer(cols):
 class ColumnRun:
     """One estimator, its batches, and the numpy replay of its training."""
 
-    def __init__(self, tmp_path, estimator_class=TPUEstimator, seed=0, **spec_kwargs):
+    def __init__(
+        self, tmp_path, estimator_class=TPUEstimator, seed=0, estimator_kwargs=None, **spec_kwargs
+    ):
         self.initial = initial_column_tables()
         self.cols = columns(self.initial)
         self.spec = spec_of(self.cols, **spec_kwargs)
@@ -393,8 +395,8 @@ class ColumnRun:
             train_batch_size=COLUMN_BATCH,
             eval_batch_size=COLUMN_BATCH,
             predict_batch_size=COLUMN_BATCH,
-            export_to_tpu=False,
             embedding_config_spec=self.spec,
+            **(estimator_kwargs or {}),
         )
         self.model_dir = str(tmp_path)
 
@@ -419,3 +421,28 @@ class ColumnRun:
 
 def trained_model(reader, emb) -> NumpyModel:
     return NumpyModel(emb, zeros_slots({t: reader.get_tensor(n) for t, n in TABLE_NAMES.items()}))
+
+
+def serving_receiver(features):
+    """A serving_input_receiver_fn: one sparse id placeholder per feature, named so."""
+
+    def receiver():
+        inputs = {f: tf.compat.v1.sparse_placeholder(tf.int64, name=f) for f in features}
+        return tf.estimator.export.ServingInputReceiver(inputs, inputs)
+
+    return receiver
+
+
+def serve(export_dir, core, features):
+    """Runs the SavedModel's serving signature on one core's batch; outputs by feature."""
+    with tf.Graph().as_default(), tf.compat.v1.Session() as sess:
+        meta = tf.compat.v1.saved_model.load(sess, ["serve"], export_dir)
+        signature = meta.signature_def["serving_default"]
+        feed = {}
+        for f in features:
+            st = sess.run(sparse_feature(core[f], COLUMN_BATCH, WIDTH))
+            info = signature.inputs[f].coo_sparse
+            feed[info.indices_tensor_name] = st.indices
+            feed[info.values_tensor_name] = st.values
+            feed[info.dense_shape_tensor_name] = st.dense_shape
+        return sess.run({f: signature.outputs[f].name for f in features}, feed)

@@ -181,3 +181,9 @@ def test_scaffold_with_own_saver_refused(tmp_path):
             input_fn_of([random_batch(rng, emb)], [random_targets(rng, emb)], TABLE_BATCH),
             max_steps=1,
         )
+
+
+def test_export_to_cpu_false_refused(tmp_path):
+    """Off a TPU only the CPU serving graph exports: a TPU-only export would fail at the end."""
+    with pytest.raises(ValueError, match="export_to_cpu=False: .*leave export_to_cpu=True"):
+        _build(tmp_path, spec_of(columns(None)), export_to_cpu=False)

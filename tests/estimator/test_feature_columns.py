@@ -22,7 +22,8 @@ from estimator_harness import (
     input_fn_of,
     regression_model_fn,
     replay,
-    sparse_feature,
+    serve,
+    serving_receiver,
     trained_model,
 )
 
@@ -78,23 +79,10 @@ def test_evaluate_predict_and_export_read_the_trained_tables(tmp_path):
         )
 
     # A SavedModel that serves the same lookups without the engine.
-    def receiver():
-        inputs = {f: tf.compat.v1.sparse_placeholder(tf.int64, name=f) for f in run.features}
-        return tf.estimator.export.ServingInputReceiver(inputs, inputs)
-
-    export_dir = run.estimator.export_saved_model(str(tmp_path / "export"), receiver)
-    with tf.Graph().as_default(), tf.compat.v1.Session() as sess:
-        meta = tf.compat.v1.saved_model.load(sess, ["serve"], export_dir)
-        signature = meta.signature_def["serving_default"]
-        feed = {}
-        for f in run.features:
-            st = sess.run(sparse_feature(batch[0][f], COLUMN_BATCH, WIDTH))
-            info = signature.inputs[f].coo_sparse
-            feed[info.indices_tensor_name] = st.indices
-            feed[info.values_tensor_name] = st.values
-            feed[info.dense_shape_tensor_name] = st.dense_shape
-        fetch = {f: signature.outputs[f].name for f in run.features}
-        served = sess.run(fetch, feed)
+    export_dir = run.estimator.export_saved_model(
+        str(tmp_path / "export"), serving_receiver(run.features)
+    )
+    served = serve(export_dir, batch[0], run.features)
     for f in run.features:
         np.testing.assert_allclose(served[f], want[f], rtol=1e-6, atol=1e-6)
 

@@ -105,3 +105,18 @@ def check_run_config(config: Any) -> None:
             f"config: the RunConfig describes a cluster ({cluster.as_dict()}); the CPU TPU "
             "embedding engine under TPUEstimator trains in one process."
         )
+
+
+def check_export(export_to_cpu: Any) -> None:
+    """Refuses `export_to_cpu=False`: off a TPU, only the CPU serving graph exports.
+
+    Raises:
+      ValueError: `export_to_cpu` is false.
+    """
+    if not export_to_cpu:
+        raise ValueError(
+            f"export_to_cpu={export_to_cpu!r}: with the CPU TPU embedding engine, "
+            "export_saved_model writes the CPU serving graph only (TF cannot build the TPU "
+            "one off a TPU: its TPU inference graph never creates the embedding tables); "
+            "leave export_to_cpu=True."
+        )

@@ -1,9 +1,10 @@
 """`TPUEstimator` whose embedding tables train on the CPU TPU embedding engine.
 
-The two methods below wrap TF's own; `TPUEstimator` here is TF's class with
-them, and `tpu_embed_adam.install()` puts the same two methods on TF's class.
-With `use_tpu=True` (a real TPU) or no `embedding_config_spec`, both defer to
-TF unchanged.
+The three methods below wrap TF's own (the constructor, the model_fn wrapper
+and the export of a metagraph); `TPUEstimator` here is TF's class with them,
+and `tpu_embed_adam.install()` puts the same methods on TF's class. With
+`use_tpu=True` (a real TPU) or no `embedding_config_spec`, they defer to TF,
+except that TF's `AdamParameters` in a spec become ours (`_spec`).
 """
 
 from __future__ import annotations
@@ -13,11 +14,12 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
+from absl import logging
 from tensorflow.python.util import deprecation, tf_decorator
 from tensorflow_estimator.python.estimator import model_fn as model_fn_lib
 from tensorflow_estimator.python.estimator.tpu import tpu_estimator as tf_tpu_estimator
 
-from tpu_embed_adam.estimator._checks import check_run_config, check_spec
+from tpu_embed_adam.estimator._checks import check_export, check_run_config, check_spec
 from tpu_embed_adam.estimator._model_fn import (
     EngineEmbeddingConfig,
     call_user_model_fn,
@@ -35,6 +37,7 @@ _TF_UNDECORATED_INIT = tf_decorator.unwrap(TF_TPU_ESTIMATOR.__init__)[1]
 # tensorflow_estimator's estimator_export deprecates every exported symbol so.
 _TF_DEPRECATION_INSTRUCTIONS = "Use tf.keras instead."
 _TF_AUGMENT = TF_TPU_ESTIMATOR._augment_model_fn
+_TF_ADD_META_GRAPH = TF_TPU_ESTIMATOR._add_meta_graph_for_mode
 _TF_INIT_SIGNATURE = inspect.signature(_TF_UNDECORATED_INIT)
 # The attribute that marks an estimator whose tables the engine serves.
 _ENGINE_ATTR = "_tpu_embed_adam_engine"
@@ -53,6 +56,7 @@ def _init(self: Any, *args: Any, **kwargs: Any) -> None:
     if not arguments["use_tpu"]:
         check_spec(spec, arguments["train_batch_size"], arguments["eval_batch_size"])
         check_run_config(arguments["config"])
+        check_export(arguments["export_to_cpu"])
     # TF's own estimator (on a TPU too) names the slots only of parameters
     # that match the alias install() points at ours.
     spec = arguments["embedding_config_spec"] = spec_with_our_adam(spec)
@@ -98,6 +102,43 @@ def _augment_model_fn(
     return augmented
 
 
+def _add_meta_graph_for_mode(
+    self: Any,
+    builder: Any,
+    input_receiver_fn_map: Any,
+    checkpoint_path: str,
+    save_variables: bool = True,
+    mode: str = model_fn_lib.ModeKeys.PREDICT,
+    export_tags: Any = None,
+    check_variables: bool = True,
+    strip_default_attrs: bool = True,
+) -> None:
+    arguments = {
+        "builder": builder,
+        "input_receiver_fn_map": input_receiver_fn_map,
+        "checkpoint_path": checkpoint_path,
+        "save_variables": save_variables,
+        "mode": mode,
+        "export_tags": export_tags,
+        "check_variables": check_variables,
+        "strip_default_attrs": strip_default_attrs,
+    }
+    if getattr(self, _ENGINE_ATTR, None) is None or not self._export_to_tpu:
+        _TF_ADD_META_GRAPH(self, **arguments)
+        return
+    if mode == model_fn_lib.ModeKeys.PREDICT:
+        logging.warning(
+            "tpu_embed_adam: export_saved_model writes the CPU serving graph only and skips "
+            "TPUEstimator's TPU one (export_to_tpu=True): TF builds that by rewriting the "
+            "model_fn for TPU inference, where the tables of the TPU embedding columns are "
+            "never created, so off a TPU it fails ('Variable does not exist'). Pass "
+            "export_to_tpu=False to TPUEstimator to silence this."
+        )
+    # What TF's own method does for the CPU graph; export_to_cpu is True
+    # (check_export).
+    super(TF_TPU_ESTIMATOR, self)._add_meta_graph_for_mode(**arguments)
+
+
 class TPUEstimator(tf_tpu_estimator.TPUEstimator):  # type: ignore[misc]
     """TF's `TPUEstimator`; with `use_tpu=False`, the tables train with TPU Adam.
 
@@ -109,15 +150,18 @@ class TPUEstimator(tf_tpu_estimator.TPUEstimator):  # type: ignore[misc]
     `tpu_embed_adam`'s) to the tables, while the model_fn's optimizer trains
     the dense variables only. EVAL reads the tables through the engine in
     inference mode; PREDICT and `export_saved_model` look them up on CPU from
-    the same variables. Checkpoints hold the tables and the `Adam/m`,
+    the same variables (the export writes the CPU serving graph only; with
+    `export_to_tpu=True`, TF's default, it logs one warning saying why it
+    skips the TPU one). Checkpoints hold the tables and the `Adam/m`,
     `Adam/v` slots under the names TPUEstimator uses on a TPU.
     `docs/estimator.md` has the details.
 
     Raises:
-      ValueError: at construction, for a spec, column or batch size the
-        engine cannot honour (not Adam, TensorCore or CPU-lookup columns, no
-        `train_batch_size`), naming it.
+      ValueError: at construction, for a spec, column, batch size or export
+        setting the engine cannot honour (not Adam, TensorCore or CPU-lookup
+        columns, no `train_batch_size`, `export_to_cpu=False`), naming it.
     """
 
     __init__ = _init
     _augment_model_fn = _augment_model_fn
+    _add_meta_graph_for_mode = _add_meta_graph_for_mode
