@@ -181,3 +181,20 @@ def test_info_reports_the_kernel_library():
     assert out.returncode == 0, out.stderr[-2000:]
     assert "kernel library: loaded" in out.stdout
     assert "LoadTPUEmbeddingADAMParameters" in out.stdout
+
+
+def test_info_lists_every_kernel_the_library_registers():
+    out = _cli("info")
+    assert out.returncode == 0, out.stderr[-2000:]
+    listed = {
+        line.split(":", 1)[0]: line.split(": ", 1)[1].split(", ")
+        for line in out.stdout.splitlines()
+        if line.startswith(("CPU kernels", "own ops"))
+    }
+    tpu_ops = next(v for k, v in listed.items() if k.startswith("CPU kernels"))
+    own_ops = next(v for k, v in listed.items() if k.startswith("own ops"))
+    for op in ("CrossReplicaSum", "TPUEmbeddingActivations", "EnqueueTPUEmbeddingIntegerBatch",
+               "ConfigureDistributedTPU", "SendTPUEmbeddingGradients"):
+        assert op in tpu_ops
+    assert "TpuEmbedAdamApply" in own_ops
+    assert len(tpu_ops) >= 15

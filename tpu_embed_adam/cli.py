@@ -53,16 +53,6 @@ _WORKER_EXIT_CODES = (
 # How often `cluster` checks that its workers still run.
 _CLUSTER_POLL_S = 1.0
 # TF's own ops that the software embedding engine serves on CPU.
-_ENGINE_OPS = (
-    "ConfigureTPUEmbedding",
-    "LoadTPUEmbeddingADAMParameters",
-    "RetrieveTPUEmbeddingADAMParameters",
-    "EnqueueTPUEmbeddingArbitraryTensorBatch",
-    "RecvTPUEmbeddingActivations",
-    "SendTPUEmbeddingGradients",
-)
-
-
 class _UsageError(Exception):
     """A command line that asks for something impossible (exit status 2)."""
 
@@ -176,15 +166,30 @@ def _info(args: argparse.Namespace) -> str:
         else f"kernel library: not loaded ({loader.load_error()}); pure-TF path only"
     )
     if library is not None:
-        from tensorflow.python.framework import kernels
-
-        registered = [
-            op
-            for op in _ENGINE_OPS
-            if any(k.device_type == "CPU" for k in kernels.get_registered_kernels_for_op(op).kernel)
-        ]
-        lines.append(f"CPU kernels for TF's TPU embedding ops: {', '.join(registered) or 'none'}")
+        tpu_ops, own_ops = _registered_cpu_kernels()
+        lines.append(f"CPU kernels for TF's TPU ops ({len(tpu_ops)}): {', '.join(tpu_ops)}")
+        lines.append(f"own ops ({len(own_ops)}): {', '.join(own_ops)}")
     return "\n".join(lines)
+
+
+def _registered_cpu_kernels() -> tuple[list[str], list[str]]:
+    """TF's TPU ops with a CPU kernel, and the library's own ops, sorted.
+
+    Stock TF registers no CPU kernel for an op of `gen_tpu_ops`, so each one
+    found came from the kernel library; read from TF's registry, the list
+    cannot fall behind the library.
+    """
+    import tensorflow as tf
+    from tensorflow.python.framework import kernels
+
+    cpu = {k.op for k in kernels.get_all_registered_kernels().kernel if k.device_type == "CPU"}
+    tpu_ops = sorted(
+        op
+        for op in cpu
+        if getattr(getattr(tf.raw_ops, op, None), "__module__", "").endswith("gen_tpu_ops")
+    )
+    own_ops = sorted(op for op in cpu if op.startswith("TpuEmbedAdam"))
+    return tpu_ops, own_ops
 
 
 def _cluster(args: argparse.Namespace) -> None:

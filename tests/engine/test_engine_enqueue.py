@@ -17,6 +17,7 @@ from tpu_embedding_harness import (
     load_all,
     random_slots,
     raw,
+    retrieve_all,
     system_config,
 )
 
@@ -179,3 +180,106 @@ def test_enqueue_limits() -> None:
     with pytest.raises(tf.errors.ResourceExhaustedError, match="already has 1024 batches"):
         enqueue("arbitrary", dense_ids([0, 1]), [], [0])
     assert engine.info()["queued_batches"] == 1024
+
+
+def _one_table_with_rows(
+    shape: list[int], vocab: int = 6, dim: int = 2
+) -> tuple[bytes, np.ndarray]:
+    """Table "t" (vocab x dim, rows = their id) under one feature of `shape`."""
+    cfg = embedding_config([("t", vocab, dim, adam_params())], [(0, shape)])
+    table = np.repeat(np.arange(vocab, dtype=np.float32)[:, None], dim, axis=1)
+    load_all(cfg, "t", [table, np.zeros_like(table), np.zeros_like(table)], 1, False)
+    return cfg, table
+
+
+_NO_WEIGHTS = np.zeros((0,), np.float32)
+
+
+@pytest.mark.parametrize(
+    "kind,index",
+    [
+        ("sparse", np.zeros((0, 2), np.int64)),
+        ("arbitrary", np.zeros((0, 2), np.int64)),
+        ("arbitrary", np.zeros((0,), np.int64)),
+        ("ragged", np.zeros((4,), np.int64)),
+    ],
+)
+def test_a_feature_with_no_ids_in_the_batch_gives_zero_activations(kind: str, index) -> None:
+    cfg = embedding_config(
+        [("a", 10, 4, adam_params()), ("b", 6, 2, adam_params())], [(0, [3]), (1, [3])]
+    )
+    rng = np.random.default_rng(7)
+    a_state = random_slots(rng, 10, 4)
+    load_all(cfg, "a", a_state, 1, False)
+    b_rows = random_slots(rng, 6, 2)
+    load_all(b"", "b", b_rows, 1, False)
+    empty = (index, np.zeros((0,), np.int64), _NO_WEIGHTS)
+    full = (np.array([0, 1, 2, 3], np.int64), np.array([5, 0, 4], np.int64), _NO_WEIGHTS)
+    if kind != "ragged":
+        full = (np.array([[0, 0], [1, 0], [2, 0]], np.int64), full[1], _NO_WEIGHTS)
+    enqueue(kind, [empty, full], [], [0, 1])
+    a, b = raw.RecvTPUEmbeddingActivations(num_outputs=2, config=cfg)
+    np.testing.assert_array_equal(a.numpy(), np.zeros((3, 4), np.float32))
+    np.testing.assert_array_equal(b.numpy(), b_rows[0][[5, 0, 4]])
+    # Its gradient touches no row: the empty feature's table is unchanged.
+    raw.SendTPUEmbeddingGradients(
+        inputs=[np.ones((3, 4), np.float32), np.ones((3, 2), np.float32)],
+        learning_rates=[],
+        config=cfg,
+    )
+    for got, loaded in zip(retrieve_all("a", 10, 4, 1, False), a_state, strict=True):
+        np.testing.assert_array_equal(got, loaded)
+
+
+@pytest.mark.parametrize("kind", ["sparse", "ragged"])
+def test_ids_past_the_sequence_length_are_dropped_before_the_vocabulary_check(kind: str) -> None:
+    cfg, table = _one_table_with_rows([2, 2])
+    # Sample 0 holds 3 ids, the last past max_sequence_length 2 and outside the vocabulary.
+    ids = np.array([1, 2, 6, 3], np.int64)
+    if kind == "ragged":
+        index = np.array([0, 3, 4], np.int64)
+    else:
+        index = np.array([[0, 0], [0, 1], [0, 2], [1, 0]], np.int64)
+    enqueue(kind, [(index, ids, _NO_WEIGHTS)], [], [0])
+    (act,) = raw.RecvTPUEmbeddingActivations(num_outputs=1, config=cfg)
+    want = np.zeros((2, 2, 2), np.float32)
+    want[0, 0], want[0, 1], want[1, 0] = table[1], table[2], table[3]
+    np.testing.assert_array_equal(act.numpy(), want)
+
+
+def test_an_id_within_the_sequence_length_is_still_checked() -> None:
+    _one_table_with_rows([2, 2])
+    index = np.array([[0, 0], [0, 1]], np.int64)
+    outside = r"embedding_indices\[1\] = 6 is outside"
+    with pytest.raises(tf.errors.InvalidArgumentError, match=outside):
+        enqueue("sparse", [(index, np.array([1, 6], np.int64), _NO_WEIGHTS)], [], [0])
+
+
+def test_integer_batch_enqueues_one_id_per_sample_for_each_feature() -> None:
+    cfg = embedding_config(
+        [("a", 10, 4, adam_params()), ("b", 6, 2, adam_params())], [(0, [3]), (1, [3])]
+    )
+    rng = np.random.default_rng(8)
+    a_rows, b_rows = random_slots(rng, 10, 4), random_slots(rng, 6, 2)
+    load_all(cfg, "a", a_rows, 1, False)
+    load_all(b"", "b", b_rows, 1, False)
+    raw.EnqueueTPUEmbeddingIntegerBatch(
+        batch=[np.array([9, 0, 9], np.int32), np.array([1, 2, 5], np.int32)],
+        mode_override="unspecified",
+    )
+    a, b = raw.RecvTPUEmbeddingActivations(num_outputs=2, config=cfg)
+    np.testing.assert_array_equal(a.numpy(), a_rows[0][[9, 0, 9]])
+    np.testing.assert_array_equal(b.numpy(), b_rows[0][[1, 2, 5]])
+
+
+def test_integer_batch_refuses_bad_ids_before_any_write() -> None:
+    _one_table_with_rows([2])
+    before = engine_snapshot()
+    for batch, pattern in (
+        (np.array([0, 6], np.int32), r"embedding_indices\[1\] = 6 is outside"),
+        (np.zeros((2, 1), np.int32), "batch must be rank 1"),
+        (np.zeros((3,), np.int32), "3 embedding_indices without sample"),
+    ):
+        with pytest.raises(tf.errors.InvalidArgumentError, match=pattern):
+            raw.EnqueueTPUEmbeddingIntegerBatch(batch=[batch], mode_override="unspecified")
+    assert_engine_unchanged(before)

@@ -155,6 +155,27 @@ def test_dynamic_learning_rate_by_tag() -> None:
         np.testing.assert_allclose(retrieve_all(n, 5, 2, 1, False)[0], want[0], rtol=1e-6)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -0.05])
+def test_a_bad_dynamic_learning_rate_is_refused_naming_its_table(bad: float) -> None:
+    rng = np.random.default_rng(9)
+    cfg = embedding_config([("x", 5, 2, adam_params(dynamic_tag=0))], [(0, [1])])
+    load_all(cfg, "x", random_slots(rng, 5, 2), 1, False)
+    enqueue("arbitrary", [bag_formats([[(2, 1.0)]], False, "dense")], [], [0])
+    raw.RecvTPUEmbeddingActivations(num_outputs=1, config=cfg)
+    before = engine_snapshot()
+    g = np.ones((1, 2), np.float32)
+    with pytest.raises(
+        tf.errors.InvalidArgumentError,
+        match=r"Argument `learning_rates\[0\]` \(table 'x'\) must be finite and >= 0; received: ",
+    ):
+        raw.SendTPUEmbeddingGradients(inputs=[g], learning_rates=[bad], config=cfg)
+    assert_engine_unchanged(before)
+    # Nothing was taken either: the same batch still trains, at a rate of 0
+    # (a warm-up schedule's first step), which leaves the weights as they are.
+    raw.SendTPUEmbeddingGradients(inputs=[g], learning_rates=[0.0], config=cfg)
+    np.testing.assert_array_equal(retrieve_all("x", 5, 2, 1, False)[0], before[1][0][0])
+
+
 def test_two_cores_make_one_update_per_step() -> None:
     rng = np.random.default_rng(5)
     p = adam_params(0.1)

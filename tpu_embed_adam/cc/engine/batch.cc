@@ -63,18 +63,12 @@ Status BuildEntries(const std::string& what,
     return InvalidArgument(what, ": combiner '", in.combiner,
                            "' is not 'sum', 'mean' or 'sqrtn'");
   }
-  for (int64_t i = 0; i < n; ++i) {
-    if (in.ids[i] < 0 || in.ids[i] >= vocabulary_size) {
-      return InvalidArgument(what, ": embedding_indices[", i, "] = ",
-                             in.ids[i], " is outside the vocabulary [0, ",
-                             vocabulary_size, ")");
-    }
-  }
-
   std::vector<int64_t> slot_of(n);
   switch (in.layout) {
     case Layout::kDense:
-      if (n != slots) {
+      // A sparse feature with no ids in the whole batch arrives without
+      // sample indices too; a TPU gives its samples zero activations.
+      if (n != slots && n != 0) {
         return InvalidArgument(what, ": ", n, " embedding_indices without ",
                                "sample indices; input_shape ",
                                ShapeString(input_shape), " needs ", slots);
@@ -143,6 +137,16 @@ Status BuildEntries(const std::string& what,
         slot_of[i] = SequenceSlot(input_shape, row[0], pos);
       }
       break;
+    }
+  }
+
+  // Only ids that reach a slot must be rows: a TPU drops the ids past a
+  // sequence feature's length before it looks anything up.
+  for (int64_t i = 0; i < n; ++i) {
+    if (slot_of[i] >= 0 && (in.ids[i] < 0 || in.ids[i] >= vocabulary_size)) {
+      return InvalidArgument(what, ": embedding_indices[", i, "] = ",
+                             in.ids[i], " is outside the vocabulary [0, ",
+                             vocabulary_size, ")");
     }
   }
 

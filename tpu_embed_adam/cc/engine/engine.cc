@@ -821,7 +821,7 @@ Status Engine::Send(int64_t task, int64_t core,
                     const std::vector<float>& learning_rates,
                     int64_t timeout_ms, const ParallelFor& parallel_for) {
   std::unique_lock<std::mutex> lock(mu_);
-  TF_RETURN_IF_ERROR(CheckLearningRatesLocked(learning_rates.size()));
+  TF_RETURN_IF_ERROR(CheckLearningRatesLocked(learning_rates));
   std::shared_ptr<const Batch> batch;
   TF_RETURN_IF_ERROR(TakeSendBatchLocked(lock, "SendTPUEmbeddingGradients",
                                          task, core, shapes, timeout_ms,
@@ -846,12 +846,23 @@ Status Engine::Send(int64_t task, int64_t core,
   return tensorflow::OkStatus();
 }
 
-Status Engine::CheckLearningRatesLocked(size_t count) const {
+Status Engine::CheckLearningRatesLocked(
+    const std::vector<float>& rates) const {
   for (const auto& t : tables_) {
-    if (t->dynamic_lr_tag >= static_cast<int64_t>(count)) {
+    const int64_t tag = t->dynamic_lr_tag;
+    if (tag < 0) continue;
+    if (tag >= static_cast<int64_t>(rates.size())) {
       return InvalidArgument("table '", t->name, "' uses dynamic learning ",
-                             "rate tag ", t->dynamic_lr_tag, " but Send got ",
-                             count, " learning_rates");
+                             "rate tag ", tag, " but Send got ", rates.size(),
+                             " learning_rates");
+    }
+    // 0 stays valid: warm-up schedules start there. A negative rate would
+    // ascend and a NaN one poison every touched row.
+    if (!(std::isfinite(rates[tag]) && rates[tag] >= 0.0f)) {
+      return InvalidArgument("Argument `learning_rates[", tag, "]` (table '",
+                             t->name, "') must be finite and >= 0; ",
+                             "received: ", rates[tag],
+                             ". Nothing was applied.");
     }
   }
   return tensorflow::OkStatus();

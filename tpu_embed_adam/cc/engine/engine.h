@@ -260,9 +260,11 @@ class Engine {
   // FailedPrecondition naming the first id of `batch` whose shard was never
   // loaded here.
   tensorflow::Status CheckRowsLoadedLocked(const Batch& batch) const;
-  // InvalidArgument naming a table whose dynamic learning rate tag is not
-  // below `count`, the learning rates a step brought.
-  tensorflow::Status CheckLearningRatesLocked(size_t count) const;
+  // InvalidArgument naming a table whose dynamic learning rate tag has no
+  // entry in `rates` (the learning rates a step brought), or whose rate is
+  // negative, NaN or infinite.
+  tensorflow::Status CheckLearningRatesLocked(
+      const std::vector<float>& rates) const;
   // Whether a core that has not sent in the open step still holds a
   // training batch, i.e. the step must wait for its gradients.
   bool StepOutstandingLocked() const;

@@ -290,7 +290,7 @@ Status Engine::ApplyGradients(int64_t task,
     return FailedPrecondition("ApplyGradients on task ", task, ": the TPU ",
                               "embedding configuration is in INFERENCE mode");
   }
-  TF_RETURN_IF_ERROR(CheckLearningRatesLocked(learning_rates.size()));
+  TF_RETURN_IF_ERROR(CheckLearningRatesLocked(learning_rates));
   std::vector<TableRanges> ranges(payloads.size());
   for (size_t p = 0; p < payloads.size(); ++p) {
     int64_t floats = 0;

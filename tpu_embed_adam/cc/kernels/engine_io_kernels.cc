@@ -1,4 +1,4 @@
-// CPU kernels for TF's per-step TPU embedding ops: the three enqueue ops,
+// CPU kernels for TF's per-step TPU embedding ops: the four enqueue ops,
 // RecvTPUEmbeddingActivations and SendTPUEmbeddingGradients.
 //
 // A core is (task, core within the host): see step_context.h.
@@ -52,13 +52,16 @@ std::vector<float> ToFloat(const Tensor& t) {
   return out;
 }
 
-enum class EnqueueKind { kSparse, kRagged, kArbitrary };
+// kInteger is EnqueueTPUEmbeddingIntegerBatch: one int32 id per sample for
+// every feature in configuration order, no weights, no combiners.
+enum class EnqueueKind { kSparse, kRagged, kArbitrary, kInteger };
 
 template <EnqueueKind kKind>
 class EnqueueOp : public OpKernel {
  public:
   explicit EnqueueOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("device_ordinal", &device_ordinal_));
+    if (kKind == EnqueueKind::kInteger) return;
     // -1 (TF's default) means the core of the device the op runs on.
     OP_REQUIRES(ctx, device_ordinal_ >= -1,
                 InvalidArgument("device_ordinal ", device_ordinal_,
@@ -79,34 +82,11 @@ class EnqueueOp : public OpKernel {
   }
 
   void Compute(OpKernelContext* ctx) override {
-    OpInputList index, ids, weights;
-    OP_REQUIRES_OK(ctx, ctx->input_list(kIndexName, &index));
-    OP_REQUIRES_OK(ctx, ctx->input_list("embedding_indices", &ids));
-    OP_REQUIRES_OK(ctx, ctx->input_list("aggregation_weights", &weights));
-    const int n = ids.size();
-    if (kKind != EnqueueKind::kArbitrary) {
-      OP_REQUIRES(ctx, static_cast<int>(table_ids_.size()) == n,
-                  InvalidArgument("table_ids has ", table_ids_.size(),
-                                  " entries for ", n, " features"));
-      OP_REQUIRES(ctx, max_seq_.empty() || static_cast<int>(max_seq_.size()) == n,
-                  InvalidArgument("max_sequence_lengths has ", max_seq_.size(),
-                                  " entries for ", n, " features"));
-    }
-    std::vector<FeatureInput> inputs(n);
-    for (int i = 0; i < n; ++i) {
-      OP_REQUIRES(ctx, ids[i].dims() == 1 && weights[i].dims() == 1,
-                  InvalidArgument("feature ", i, ": embedding_indices ",
-                                  ids[i].shape().DebugString(),
-                                  " and aggregation_weights ",
-                                  weights[i].shape().DebugString(),
-                                  " must be rank 1"));
-      OP_REQUIRES_OK(ctx, ReadIndex(i, index[i], &inputs[i]));
-      inputs[i].ids = ToInt64(ids[i]);
-      inputs[i].weights = ToFloat(weights[i]);
-      if (kKind != EnqueueKind::kArbitrary) {
-        inputs[i].table_id = table_ids_[i];
-        if (!max_seq_.empty()) inputs[i].max_sequence_length = max_seq_[i];
-      }
+    std::vector<FeatureInput> inputs;
+    if (kKind == EnqueueKind::kInteger) {
+      OP_REQUIRES_OK(ctx, ReadIntegerBatch(ctx, &inputs));
+    } else {
+      OP_REQUIRES_OK(ctx, ReadFeatures(ctx, &inputs));
     }
     const Tensor& mode = ctx->input(ctx->num_inputs() - 1);
     OP_REQUIRES(ctx, mode.NumElements() == 1,
@@ -124,6 +104,60 @@ class EnqueueOp : public OpKernel {
       kKind == EnqueueKind::kSparse   ? "sample_indices"
       : kKind == EnqueueKind::kRagged ? "sample_splits"
                                       : "sample_indices_or_row_splits";
+
+  static Status ReadIntegerBatch(OpKernelContext* ctx,
+                                 std::vector<FeatureInput>* inputs) {
+    OpInputList batch;
+    TF_RETURN_IF_ERROR(ctx->input_list("batch", &batch));
+    inputs->resize(batch.size());
+    for (int i = 0; i < batch.size(); ++i) {
+      if (batch[i].dims() != 1) {
+        return InvalidArgument("feature ", i, ": batch must be rank 1 (one ",
+                               "id per sample); got ",
+                               batch[i].shape().DebugString());
+      }
+      (*inputs)[i].ids = ToInt64(batch[i]);
+    }
+    return tensorflow::OkStatus();
+  }
+
+  Status ReadFeatures(OpKernelContext* ctx,
+                      std::vector<FeatureInput>* inputs) const {
+    OpInputList index, ids, weights;
+    TF_RETURN_IF_ERROR(ctx->input_list(kIndexName, &index));
+    TF_RETURN_IF_ERROR(ctx->input_list("embedding_indices", &ids));
+    TF_RETURN_IF_ERROR(ctx->input_list("aggregation_weights", &weights));
+    const int n = ids.size();
+    if (kKind != EnqueueKind::kArbitrary) {
+      if (static_cast<int>(table_ids_.size()) != n) {
+        return InvalidArgument("table_ids has ", table_ids_.size(),
+                               " entries for ", n, " features");
+      }
+      if (!max_seq_.empty() && static_cast<int>(max_seq_.size()) != n) {
+        return InvalidArgument("max_sequence_lengths has ", max_seq_.size(),
+                               " entries for ", n, " features");
+      }
+    }
+    inputs->resize(n);
+    for (int i = 0; i < n; ++i) {
+      FeatureInput& in = (*inputs)[i];
+      if (ids[i].dims() != 1 || weights[i].dims() != 1) {
+        return InvalidArgument("feature ", i, ": embedding_indices ",
+                               ids[i].shape().DebugString(),
+                               " and aggregation_weights ",
+                               weights[i].shape().DebugString(),
+                               " must be rank 1");
+      }
+      TF_RETURN_IF_ERROR(ReadIndex(i, index[i], &in));
+      in.ids = ToInt64(ids[i]);
+      in.weights = ToFloat(weights[i]);
+      if (kKind != EnqueueKind::kArbitrary) {
+        in.table_id = table_ids_[i];
+        if (!max_seq_.empty()) in.max_sequence_length = max_seq_[i];
+      }
+    }
+    return tensorflow::OkStatus();
+  }
 
   // An empty index means one id per activation slot. Otherwise the ragged op
   // takes row splits, the sparse op sample indices ([n] or [n, k]), and the
@@ -212,6 +246,9 @@ REGISTER_KERNEL_BUILDER(
 REGISTER_KERNEL_BUILDER(
     Name("EnqueueTPUEmbeddingArbitraryTensorBatch").Device(DEVICE_CPU),
     EnqueueOp<EnqueueKind::kArbitrary>);
+REGISTER_KERNEL_BUILDER(
+    Name("EnqueueTPUEmbeddingIntegerBatch").Device(DEVICE_CPU),
+    EnqueueOp<EnqueueKind::kInteger>);
 REGISTER_KERNEL_BUILDER(Name("RecvTPUEmbeddingActivations").Device(DEVICE_CPU),
                         RecvOp);
 REGISTER_KERNEL_BUILDER(Name("SendTPUEmbeddingGradients").Device(DEVICE_CPU),
