@@ -14,12 +14,12 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
-from absl import logging
 from tensorflow.python.util import deprecation, tf_decorator
 from tensorflow_estimator.python.estimator import model_fn as model_fn_lib
 from tensorflow_estimator.python.estimator.tpu import tpu_estimator as tf_tpu_estimator
 
 from tpu_embed_adam.estimator._checks import check_export, check_run_config, check_spec
+from tpu_embed_adam.estimator._log import warn_tpu_export_skipped
 from tpu_embed_adam.estimator._model_fn import (
     EngineEmbeddingConfig,
     call_user_model_fn,
@@ -127,13 +127,7 @@ def _add_meta_graph_for_mode(
         _TF_ADD_META_GRAPH(self, **arguments)
         return
     if mode == model_fn_lib.ModeKeys.PREDICT:
-        logging.warning(
-            "tpu_embed_adam: export_saved_model writes the CPU serving graph only and skips "
-            "TPUEstimator's TPU one (export_to_tpu=True): TF builds that by rewriting the "
-            "model_fn for TPU inference, where the tables of the TPU embedding columns are "
-            "never created, so off a TPU it fails ('Variable does not exist'). Pass "
-            "export_to_tpu=False to TPUEstimator to silence this."
-        )
+        warn_tpu_export_skipped()
     # What TF's own method does for the CPU graph; export_to_cpu is True
     # (check_export).
     super(TF_TPU_ESTIMATOR, self)._add_meta_graph_for_mode(**arguments)

@@ -26,6 +26,7 @@ from tensorflow_estimator.python.estimator import model_fn as model_fn_lib
 from tensorflow_estimator.python.estimator.tpu import _tpu_estimator_embedding as tf_tpu_est_emb
 
 from tpu_embed_adam.engine import RetrievingSaver, load_tables_at_session_start
+from tpu_embed_adam.estimator._log import log_training
 
 _ModeKeys = model_fn_lib.ModeKeys
 # The host of the one-host, one-core configuration: the Estimator's own
@@ -188,6 +189,7 @@ def engine_model_fn(
     load_tables_at_session_start(emb.config_proto, variables_and_ops.load_ops, init_ops)
     if not training:
         return spec
+    log_training(emb, names)
 
     gradients = tpu_embedding_gradient.get_gradients_through_dummy_table_variables(emb)
     multiplier = embedding_config.get_grad_multiplier()
