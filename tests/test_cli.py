@@ -9,6 +9,8 @@ import subprocess
 import sys
 
 import pytest
+from google.protobuf import text_format
+from tensorflow.core.protobuf.tpu import optimization_parameters_pb2 as tf_pb2
 
 from tpu_embed_adam import AdamParameters, cli
 
@@ -198,3 +200,54 @@ def test_info_lists_every_kernel_the_library_registers():
         assert op in tpu_ops
     assert "TpuEmbedAdamApply" in own_ops
     assert len(tpu_ops) >= 15
+
+
+_HINTED = "\n".join([
+    str(PARAMS.to_tf_proto()),
+    "hot_id_replication_configuration { status: MIGRATION_ONLY }",
+    "low_dimensional_packing_status: ENABLED",
+])
+
+
+def test_convert_and_decode_keep_the_layout_hints(tmp_path, capsys):
+    source = tmp_path / "tf.pbtxt"
+    source.write_text(_HINTED)
+    expected = text_format.Parse(_HINTED, tf_pb2.OptimizationParameters())
+    code, out, _ = _main(capsys, "convert", str(source), "--to=json")
+    assert code == 0
+    config = json.loads(out)
+    assert (config["hot_id_replication_status"], config["low_dimensional_packing_status"]) == (
+        "MIGRATION_ONLY", "ENABLED")
+    as_json = tmp_path / "p.json"
+    as_json.write_text(out)
+    binary = tmp_path / "p.pb"
+    assert _main(capsys, "convert", str(as_json), "--to=binary", f"--out={binary}")[0] == 0
+    assert tf_pb2.OptimizationParameters.FromString(binary.read_bytes()) == expected
+    code, decoded, _ = _main(capsys, "decode", str(binary))
+    assert code == 0 and json.loads(decoded) == config
+    code, out, _ = _main(capsys, "params", "--learning_rate=0.05", "--beta2=0.99",
+                         "--clip_gradient_min=-1", "--clip_gradient_max=1",
+                         "--hot_id_replication_status=MIGRATION_ONLY",
+                         "--low_dimensional_packing_status=ENABLED", "--format=text")
+    assert code == 0 and text_format.Parse(out, tf_pb2.OptimizationParameters()) == expected
+
+
+@pytest.mark.parametrize("fmt", ["pbtxt", "binary"])
+def test_convert_and_decode_refuse_enabled_simulated_quantization(fmt, tmp_path, capsys):
+    msg = PARAMS.to_tf_proto()
+    msg.simulated_quantization.num_buckets = 16
+    path = tmp_path / f"q.{fmt}"
+    for enabled in (False, True):
+        msg.simulated_quantization.enabled = enabled
+        path.write_bytes(text_format.MessageToString(msg).encode() if fmt == "pbtxt"
+                         else msg.SerializeToString())
+        commands = [["convert", str(path), "--to=json"]] + (
+            [["decode", str(path)]] if fmt == "binary" else [])
+        for command in commands:
+            code, out, err = _main(capsys, *command)
+            if not enabled:  # no effect: read, and not written back
+                assert code == 0 and AdamParameters.from_json(out) == PARAMS
+                continue
+            assert code == 1 and err.count("\n") == 1
+            assert "Argument `simulated_quantization` is not supported" in err
+            assert "received: enabled: true num_buckets: 16" in err

@@ -19,8 +19,14 @@ from tpu_embed_adam import AdamParameters, DynamicLearningRate
 TFAdam = tf_tpu_embedding.AdamParameters
 
 
-def test_signature_equals_tf():
-    assert inspect.signature(AdamParameters) == inspect.signature(TFAdam)
+def test_signature_is_tf_then_keyword_only_layout_hints():
+    ours = list(inspect.signature(AdamParameters).parameters.values())
+    theirs = list(inspect.signature(TFAdam).parameters.values())
+    assert ours[: len(theirs)] == theirs
+    hints = ours[len(theirs):]
+    assert [p.name for p in hints] == [
+        "hot_id_replication_status", "low_dimensional_packing_status"]
+    assert all(p.kind is p.KEYWORD_ONLY and p.default is None for p in hints)
 
 
 def test_is_instance_of_tf_class_with_tf_attributes():
@@ -38,6 +44,7 @@ _ANY = st.sampled_from(
      float("inf"), -float("inf"), "x", "0", np.float32(0.5), np.bool_(True)]
 )
 _NAMES = [p for p in inspect.signature(TFAdam).parameters]
+_HINTS = dict(hot_id_replication_status="MIGRATION_ONLY", low_dimensional_packing_status="ENABLED")
 
 
 def _decision(cls, kwargs):
@@ -121,6 +128,18 @@ def test_rejects_everything_tf_rejects(learning_rate, overrides):
         (dict(learning_rate=0.1, weight_decay_factor=0.1,
               multiply_weight_decay_factor_by_learning_rate="yes"),
          TypeError, r"`multiply_weight_decay_factor_by_learning_rate`.*'yes'"),
+        # The layout hints: None or a name of the proto's enum, but UNSPECIFIED (None).
+        (dict(learning_rate=0.1, hot_id_replication_status="enabled"), ValueError,
+         r"`hot_id_replication_status` must be None \(UNSPECIFIED\) or one of "
+         r"\('ENABLED', 'DISABLED', 'MIGRATION_ONLY'\); received: 'enabled'"),
+        (dict(learning_rate=0.1, low_dimensional_packing_status="MIGRATION_ONLY"), ValueError,
+         r"`low_dimensional_packing_status`.*'MIGRATION_ONLY'"),
+        (dict(learning_rate=0.1, low_dimensional_packing_status="UNSPECIFIED"), ValueError,
+         r"`low_dimensional_packing_status` must be None \(UNSPECIFIED\)"),
+        (dict(learning_rate=0.1, low_dimensional_packing_status=True), TypeError,
+         r"`low_dimensional_packing_status`.*True \(bool\)"),
+        (dict(learning_rate=0.1, hot_id_replication_status=1), TypeError,
+         r"`hot_id_replication_status`.*1 \(int\)"),
     ],
 )
 def test_errors_name_argument_and_value(kwargs, error, pattern):
@@ -191,7 +210,8 @@ _FULL = AdamParameters(
 
 
 @pytest.mark.parametrize("params", [AdamParameters(0.1), _FULL,
-                                    AdamParameters(DynamicLearningRate(3))])
+                                    AdamParameters(DynamicLearningRate(3)),
+                                    _FULL.replace(**_HINTS)])
 def test_value_semantics_round_trips(params):
     assert params == copy.deepcopy(params) == pickle.loads(pickle.dumps(params))
     assert hash(params) == hash(copy.copy(params))
@@ -200,6 +220,8 @@ def test_value_semantics_round_trips(params):
     assert AdamParameters.from_json(params.to_json()) == params
     assert json.loads(params.to_json()) == params.to_dict()
     assert params != params.replace(beta2=0.5)
+    assert params != params.replace(hot_id_replication_status="DISABLED")
+    assert AdamParameters.from_proto(params.to_proto()) == params
     copied = copy.deepcopy(params)
     with pytest.raises(AttributeError, match="immutable"):
         copied.beta1 = 0.0
@@ -213,6 +235,30 @@ def test_equality_and_hash_by_value():
 
 def test_to_dict_keys_are_argument_names():
     assert list(_FULL.to_dict()) == list(inspect.signature(TFAdam).parameters)
+    # The hints only when set: without them, the dict and JSON are TF's 13 names.
+    with_hints = _FULL.replace(**_HINTS).to_dict()
+    assert list(with_hints) == list(inspect.signature(AdamParameters).parameters)
+    assert {k: with_hints[k] for k in _HINTS} == _HINTS
+    one_hint = _FULL.replace(low_dimensional_packing_status="DISABLED").to_dict()
+    assert list(one_hint) == [*inspect.signature(TFAdam).parameters,
+                              "low_dimensional_packing_status"]
+
+
+def test_layout_hints_are_kept_by_replace_and_shown_by_repr():
+    params = AdamParameters(0.1, **_HINTS)
+    assert params.replace(beta1=0.5).hot_id_replication_status == "MIGRATION_ONLY"
+    assert params.replace(hot_id_replication_status=None) == AdamParameters(
+        0.1, low_dimensional_packing_status="ENABLED")
+    assert repr(params) == (
+        "tpu_embed_adam.AdamParameters(learning_rate=0.1, "
+        "hot_id_replication_status='MIGRATION_ONLY', low_dimensional_packing_status='ENABLED')")
+    with pytest.raises(AttributeError, match="immutable"):
+        params.hot_id_replication_status = None
+    with pytest.raises(TypeError, match="unknown argument.*'hot_id_replication'"):
+        params.replace(hot_id_replication="ENABLED")
+    with pytest.raises(TypeError):
+        AdamParameters(0.1, 0.9, 0.999, 1e-8, True, True, True, None, None, None, None, None,
+                       None, "ENABLED")  # keyword-only
     assert AdamParameters(DynamicLearningRate(2)).to_dict()["learning_rate"] == {
         "dynamic_tag": 2
     }

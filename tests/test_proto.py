@@ -4,6 +4,7 @@ import importlib.util
 import pathlib
 import subprocess
 import sys
+import typing
 
 import pytest
 import tensorflow as tf
@@ -204,6 +205,153 @@ def test_unknown_tf_fields_survive_our_message():
     assert tf_pb2.OptimizationParameters.FromString(ours.SerializeToString()) == msg
 
 
+# Every field of TF's message (Adam's own included), set in an Adam message:
+# read and written back (kept), or refused naming it. Nothing is dropped.
+def _set(**values):
+    def mutate(msg):
+        for name, value in values.items():
+            setattr(msg, name, value)
+
+    return mutate
+
+
+_KEPT = {
+    "learning_rate": lambda m: setattr(m.learning_rate, "constant", 0.5),
+    "clipping_limits": lambda m: (setattr(m.clipping_limits.lower, "value", -1.0),
+                                  setattr(m.clipping_limits.upper, "value", 2.0)),
+    "gradient_clipping_limits": lambda m: setattr(m.gradient_clipping_limits.upper, "value", 3.0),
+    "weight_decay_factor": _set(weight_decay_factor=0.25),
+    "multiply_weight_decay_factor_by_learning_rate": _set(
+        weight_decay_factor=0.25, multiply_weight_decay_factor_by_learning_rate=True),
+    "gradient_accumulation_status": _set(
+        gradient_accumulation_status=tf_pb2.GradientAccumulationStatus.DISABLED),
+    "low_dimensional_packing_status": _set(
+        low_dimensional_packing_status=tf_pb2.LowDimensionalPackingStatus.DISABLED),
+    "hot_id_replication_configuration": lambda m: setattr(
+        m.hot_id_replication_configuration, "status",
+        tf_pb2.HotIdReplicationConfiguration.MIGRATION_ONLY),
+    "adam.beta1": lambda m: setattr(m.adam, "beta1", 0.5),
+    "adam.beta2": lambda m: setattr(m.adam, "beta2", 0.75),
+    "adam.epsilon": lambda m: setattr(m.adam, "epsilon", 0.125),
+    "adam.use_non_lazy_adam": lambda m: setattr(m.adam, "use_non_lazy_adam", True),
+    "adam.use_sum_inside_sqrt": lambda m: setattr(m.adam, "use_sum_inside_sqrt", False),
+}
+_REFUSED = {
+    "simulated_quantization": (
+        lambda m: (setattr(m.simulated_quantization, "enabled", True),
+                   setattr(m.simulated_quantization, "num_buckets", 256)),
+        r"Argument `simulated_quantization` is not supported.*received: enabled: true "
+        r"num_buckets: 256"),
+    **{f.name: (lambda m, name=f.name: getattr(m, name).SetInParent(),
+                f"configures the '{f.name}' optimizer") for f in _TF_OPTIMIZERS},
+}
+
+
+def test_every_tf_field_is_covered():
+    top = {f.name for f in tf_pb2.OptimizationParameters.DESCRIPTOR.fields} - {"adam"}
+    adam = {f"adam.{f.name}" for f in tf_pb2.AdamParameters.DESCRIPTOR.fields}
+    assert set(_KEPT) | set(_REFUSED) == top | adam
+
+
+@pytest.mark.parametrize("field", list(_KEPT))
+@pytest.mark.parametrize("ours", [True, False])
+def test_every_field_is_kept_through_a_round_trip(field, ours):
+    msg = AdamParameters(0.1).to_tf_proto()
+    _KEPT[field](msg)
+    wire = msg.SerializeToString()
+    params = AdamParameters.from_proto(wire) if ours else AdamParameters.from_tf_proto(msg)
+    assert params.to_tf_proto() == msg
+    assert params.to_proto().SerializeToString() == params.to_tf_proto().SerializeToString()
+    assert AdamParameters.from_json(params.to_json()) == params
+
+
+@pytest.mark.parametrize("field", list(_REFUSED))
+def test_fields_that_change_the_update_are_refused_naming_them(field):
+    mutate, pattern = _REFUSED[field]
+    msg = AdamParameters(0.1).to_tf_proto()
+    mutate(msg)
+    for read in (lambda: AdamParameters.from_tf_proto(msg),
+                 lambda: AdamParameters.from_tf_proto(msg.SerializeToString()),
+                 lambda: AdamParameters.from_proto(msg.SerializeToString())):
+        with pytest.raises(ValueError, match=pattern):
+            read()
+
+
+def test_layout_hints_from_tf_config_protos_round_trip():
+    # v1: TableConfig(hot_id_replication=True); v2: Adam(low_dimensional_packing_status=True).
+    tables = {"t": tf_tpu_embedding.TableConfig(16, 4, hot_id_replication=True)}
+    with tf.Graph().as_default():
+        config = tf_tpu_embedding.TPUEmbedding(
+            tables, {"f": tf_tpu_embedding.FeatureConfig("t")}, 4, tf_tpu_embedding.TRAINING,
+            master=None, optimization_parameters=AdamParameters(0.1),
+            device_config=tf_tpu_embedding.DeviceConfig(1, 1, "/job:worker"),
+        ).config_proto
+    tf_wire = config.table_descriptor[0].optimization_parameters.SerializeToString()
+    params = AdamParameters.from_tf_proto(tf_wire)
+    assert params == AdamParameters(0.1, hot_id_replication_status="ENABLED")
+    assert params.to_tf_proto().SerializeToString() == tf_wire
+    assert AdamParameters.from_proto(params.to_proto()) == params
+
+    optimizer = tf.tpu.experimental.embedding.Adam(0.1, low_dimensional_packing_status=True)
+    filled = tf_pb2.OptimizationParameters()
+    optimizer._set_optimization_parameters(filled)
+    filled.learning_rate.constant = 0.1
+    params = AdamParameters.from_tf_proto(filled)
+    assert params.low_dimensional_packing_status == "ENABLED"
+    assert params.to_tf_proto() == filled
+    assert AdamParameters.from_tpu_embedding_v2(optimizer) == params
+    assert params.to_tpu_embedding_v2().low_dimensional_packing_status is True
+
+
+def test_disabled_simulated_quantization_is_accepted():
+    # It has no effect: read, and not written back.
+    msg = AdamParameters(0.1).to_tf_proto()
+    msg.simulated_quantization.num_buckets = 256
+    msg.simulated_quantization.clipping_limits.upper.value = 1.0
+    assert AdamParameters.from_tf_proto(msg) == AdamParameters(0.1)
+    assert AdamParameters.from_proto(msg.SerializeToString()) == AdamParameters(0.1)
+
+
+def test_tf2_quantization_config_is_refused():
+    msg = AdamParameters(0.1).to_tf_proto()
+    tf.tpu.experimental.embedding.QuantizationConfig(256, -1.0, 1.0)._set_optimization_parameters(
+        msg)
+    with pytest.raises(ValueError, match="`simulated_quantization` is not supported"):
+        AdamParameters.from_tf_proto(msg)
+
+
+@pytest.mark.parametrize(
+    "mutate, pattern",
+    [
+        (lambda m: setattr(m, "low_dimensional_packing_status", 7),
+         "unknown low_dimensional_packing_status 7"),
+        (lambda m: setattr(m.hot_id_replication_configuration, "status", 9),
+         "unknown hot_id_replication_configuration.status 9"),
+    ],
+)
+def test_unknown_enum_values_are_refused(mutate, pattern):
+    msg = AdamParameters(0.1).to_tf_proto()
+    mutate(msg)
+    with pytest.raises(ValueError, match=pattern):
+        AdamParameters.from_tf_proto(msg)
+    with pytest.raises(ValueError, match=pattern):
+        AdamParameters.from_proto(msg.SerializeToString())
+
+
+@pytest.mark.parametrize(
+    "suffix, where",
+    # Varint fields that TF 2.15 does not know; submessages on the wire twice merge.
+    [(_varint(99 << 3) + b"\x01", "99"), (b"\x32\x02" + _varint(9 << 3) + b"\x01", "adam.9"),
+     (b"\x6a\x02" + _varint(3 << 3) + b"\x01", "learning_rate.3")],
+    ids=["top", "adam", "learning_rate"],
+)
+def test_fields_tf_does_not_know_are_refused(suffix, where):
+    wire = AdamParameters(0.1).to_proto().SerializeToString() + suffix
+    for read in (AdamParameters.from_proto, AdamParameters.from_tf_proto):
+        with pytest.raises(ValueError, match=rf"not know \(field numbers, by path\): {where};"):
+            read(wire)
+
+
 def _generated_descriptor(tmp_path):
     from grpc_tools import protoc
 
@@ -234,9 +382,24 @@ def test_field_numbers_match_tf():
 
     ours, theirs = optimization_parameters_pb2, tf_pb2
     for name in ("OptimizationParameters", "AdamParameters", "ClippingLimits", "LearningRate",
-                 "DynamicLearningRate"):
+                 "DynamicLearningRate", "HotIdReplicationConfiguration"):
         mine = numbers(getattr(ours, name).DESCRIPTOR)
         assert mine.items() <= numbers(getattr(theirs, name).DESCRIPTOR).items(), name
+    for name in ("GradientAccumulationStatus", "HotIdReplicationConfiguration",
+                 "LowDimensionalPackingStatus"):
+        mine = getattr(ours, name).Status.items()
+        assert mine == getattr(theirs, name).Status.items(), name
+
+
+def test_layout_hint_names_are_the_proto_enums():
+    # AdamParameters' Literal types are the enums' names without UNSPECIFIED (None).
+    from tpu_embed_adam import params as params_module
+
+    for literal, enum in ((params_module.HotIdReplicationStatus,
+                           tf_pb2.HotIdReplicationConfiguration.Status),
+                          (params_module.LowDimensionalPackingStatus,
+                           tf_pb2.LowDimensionalPackingStatus.Status)):
+        assert list(typing.get_args(literal)) == [n for n in enum.keys() if n != "UNSPECIFIED"]
 
 
 def test_to_tpu_embedding_v2_fills_the_same_proto():
@@ -264,6 +427,21 @@ def test_from_tpu_embedding_v2_names_and_errors():
         AdamParameters.from_tpu_embedding_v2(tf.tpu.experimental.embedding.SGD(0.1))
     with pytest.raises(ValueError, match="dynamic learning rate"):
         AdamParameters(DynamicLearningRate(1)).to_tpu_embedding_v2()
+
+
+def test_tpu_embedding_v2_conversions_drop_nothing():
+    # TF2's Adam has a bool for low-dimensional packing and no hot-ID replication.
+    for hints in (dict(hot_id_replication_status="ENABLED"),
+                  dict(low_dimensional_packing_status="DISABLED")):
+        (name,) = hints
+        with pytest.raises(ValueError, match=rf"`params` has {name}=.*replace\({name}=None\)"):
+            AdamParameters(0.1, **hints).to_tpu_embedding_v2()
+    with pytest.raises(ValueError, match="`optimizer` has a slot_variable_creation_fn"):
+        AdamParameters.from_tpu_embedding_v2(tf.tpu.experimental.embedding.Adam(
+            0.1, slot_variable_creation_fn=lambda table, names, initializers: {}))
+    with pytest.raises(TypeError, match="bool low_dimensional_packing_status; received: 2"):
+        AdamParameters.from_tpu_embedding_v2(tf.tpu.experimental.embedding.Adam(
+            0.1, low_dimensional_packing_status=2))
 
 
 def test_generated_module_imports_in_a_fresh_interpreter():

@@ -51,7 +51,9 @@ FIELDS = (
     "learning_rate", "use_gradient_accumulation", "clip_weight_min", "clip_weight_max",
     "weight_decay_factor", "multiply_weight_decay_factor_by_learning_rate", "beta1", "beta2",
     "epsilon", "lazy_adam", "sum_inside_sqrt", "clip_gradient_min", "clip_gradient_max",
+    "hot_id_replication_status", "low_dimensional_packing_status",
 )
+_HINT_NAMES = ("ENABLED", "DISABLED", "MIGRATION_ONLY")
 PARAM_TARGETS = ("from_proto", "from_tf_proto", "from_json", "from_dict")
 TARGETS = (*PARAM_TARGETS, "apply_adam", "engine_config")
 
@@ -89,6 +91,7 @@ def hostile_values() -> list[Any]:
     """Values of every kind a config or argument might wrongly hold."""
     return [
         *INTERESTING_FLOATS, *INTERESTING_INTS, True, False, None, "", "0.1", "nan", b"0.1",
+        *_HINT_NAMES, "UNSPECIFIED", "enabled",
         [], [0.1], {}, {"dynamic_tag": 1}, {"dynamic_tag": -1}, {"dynamic_tag": 2**31},
         {"dynamic_tag": 1.5}, {"dynamic_tag": True}, {"dynamic_tag": None},
         {"dynamic_tag": 1, "x": 2}, {"dynamic_tag": 10**400},
@@ -131,6 +134,9 @@ def random_valid_dict(rng: random.Random) -> dict[str, Any]:
         out["weight_decay_factor"] = rng.choice((0.0, 1e-4, rng.random()))
         if rng.random() < 0.5:
             out["multiply_weight_decay_factor_by_learning_rate"] = rng.random() < 0.5
+    for name in ("hot_id_replication_status", "low_dimensional_packing_status"):
+        if rng.random() < 0.1:
+            out[name] = rng.choice(_HINT_NAMES)  # MIGRATION_ONLY: hot IDs only
     if not out["lazy_adam"] or "clip_gradient_min" in out or "clip_gradient_max" in out:
         out["use_gradient_accumulation"] = True
     return out

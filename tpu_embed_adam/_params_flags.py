@@ -59,9 +59,9 @@ def _arg_docs(docstring: str) -> dict[str, str]:
     return docs
 
 
-def _base_type(annotation: Any) -> type:
-    """`float` for `float` and `float | None`; `bool` likewise."""
-    if isinstance(annotation, types.UnionType):
+def _base_type(annotation: Any) -> Any:
+    """`float` for `float` and `float | None`; `bool` and `Literal[...]` likewise."""
+    if typing.get_origin(annotation) in (types.UnionType, typing.Union):
         (base,) = (t for t in typing.get_args(annotation) if t is not type(None))
         return base
     return annotation
@@ -74,7 +74,8 @@ def _parameters() -> dict[str, inspect.Parameter]:
 def add_flags(parser: argparse.ArgumentParser) -> None:
     """Adds one flag per `AdamParameters` argument to `parser`.
 
-    Arguments without a default (TF's `learning_rate`) become required flags.
+    Arguments without a default (TF's `learning_rate`) become required flags;
+    the layout hints (`Literal` names) take one of their names.
 
     Args:
       parser: the `params` subcommand's parser.
@@ -85,7 +86,13 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
         help_text = docs.get(name, "").replace("%", "%%")
         required = parameter.default is inspect.Parameter.empty
         default = None if required else parameter.default
-        if _base_type(parameter.annotation) is bool:
+        base = _base_type(parameter.annotation)
+        if typing.get_origin(base) is typing.Literal:
+            parser.add_argument(
+                f"--{name}", choices=typing.get_args(base), default=default,
+                help=f"{help_text} (default: {default})",
+            )
+        elif base is bool:
             parser.add_argument(
                 f"--{name}", f"--no{name}", action=_BoolFlag, default=default,
                 help=f"{help_text} (default: {default})",

@@ -15,7 +15,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import wrappers_pb2 as google_dot_protobuf_dot_wrappers__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1doptimization_parameters.proto\x12\x0etpu_embed_adam\x1a\x1egoogle/protobuf/wrappers.proto\"h\n\x0e\x43lippingLimits\x12*\n\x05lower\x18\x01 \x01(\x0b\x32\x1b.google.protobuf.FloatValue\x12*\n\x05upper\x18\x02 \x01(\x0b\x32\x1b.google.protobuf.FloatValue\"\"\n\x13\x44ynamicLearningRate\x12\x0b\n\x03tag\x18\x01 \x01(\x05\"k\n\x0cLearningRate\x12\x12\n\x08\x63onstant\x18\x01 \x01(\x02H\x00\x12\x36\n\x07\x64ynamic\x18\x02 \x01(\x0b\x32#.tpu_embed_adam.DynamicLearningRateH\x00\x42\x0f\n\rlearning_rate\"R\n\x1aGradientAccumulationStatus\"4\n\x06Status\x12\x0f\n\x0bUNSPECIFIED\x10\x00\x12\x0b\n\x07\x45NABLED\x10\x01\x12\x0c\n\x08\x44ISABLED\x10\x02\"\x99\x01\n\x0e\x41\x64\x61mParameters\x12\r\n\x05\x62\x65ta1\x18\x03 \x01(\x02\x12\r\n\x05\x62\x65ta2\x18\x04 \x01(\x02\x12\x0f\n\x07\x65psilon\x18\x05 \x01(\x02\x12\x19\n\x11use_non_lazy_adam\x18\x08 \x01(\x08\x12\x1b\n\x13use_sum_inside_sqrt\x18\n \x01(\x08J\x04\x08\x06\x10\x07J\x04\x08\x07\x10\x08R\tinitial_mR\tinitial_v\"\xb3\x03\n\x16OptimizationParameters\x12\x33\n\rlearning_rate\x18\r \x01(\x0b\x32\x1c.tpu_embed_adam.LearningRate\x12\x37\n\x0f\x63lipping_limits\x18\x02 \x01(\x0b\x32\x1e.tpu_embed_adam.ClippingLimits\x12@\n\x18gradient_clipping_limits\x18\x07 \x01(\x0b\x32\x1e.tpu_embed_adam.ClippingLimits\x12\x1b\n\x13weight_decay_factor\x18\x10 \x01(\x02\x12\x35\n-multiply_weight_decay_factor_by_learning_rate\x18\x16 \x01(\x08\x12W\n\x1cgradient_accumulation_status\x18\x11 \x01(\x0e\x32\x31.tpu_embed_adam.GradientAccumulationStatus.Status\x12.\n\x04\x61\x64\x61m\x18\x06 \x01(\x0b\x32\x1e.tpu_embed_adam.AdamParametersH\x00\x42\x0c\n\nparametersb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1doptimization_parameters.proto\x12\x0etpu_embed_adam\x1a\x1egoogle/protobuf/wrappers.proto\"h\n\x0e\x43lippingLimits\x12*\n\x05lower\x18\x01 \x01(\x0b\x32\x1b.google.protobuf.FloatValue\x12*\n\x05upper\x18\x02 \x01(\x0b\x32\x1b.google.protobuf.FloatValue\"\"\n\x13\x44ynamicLearningRate\x12\x0b\n\x03tag\x18\x01 \x01(\x05\"k\n\x0cLearningRate\x12\x12\n\x08\x63onstant\x18\x01 \x01(\x02H\x00\x12\x36\n\x07\x64ynamic\x18\x02 \x01(\x0b\x32#.tpu_embed_adam.DynamicLearningRateH\x00\x42\x0f\n\rlearning_rate\"R\n\x1aGradientAccumulationStatus\"4\n\x06Status\x12\x0f\n\x0bUNSPECIFIED\x10\x00\x12\x0b\n\x07\x45NABLED\x10\x01\x12\x0c\n\x08\x44ISABLED\x10\x02\"\xaf\x01\n\x1dHotIdReplicationConfiguration\x12\x44\n\x06status\x18\x01 \x01(\x0e\x32\x34.tpu_embed_adam.HotIdReplicationConfiguration.Status\"H\n\x06Status\x12\x0f\n\x0bUNSPECIFIED\x10\x00\x12\x0b\n\x07\x45NABLED\x10\x01\x12\x0c\n\x08\x44ISABLED\x10\x02\x12\x12\n\x0eMIGRATION_ONLY\x10\x03\"S\n\x1bLowDimensionalPackingStatus\"4\n\x06Status\x12\x0f\n\x0bUNSPECIFIED\x10\x00\x12\x0b\n\x07\x45NABLED\x10\x01\x12\x0c\n\x08\x44ISABLED\x10\x02\"\x99\x01\n\x0e\x41\x64\x61mParameters\x12\r\n\x05\x62\x65ta1\x18\x03 \x01(\x02\x12\r\n\x05\x62\x65ta2\x18\x04 \x01(\x02\x12\x0f\n\x07\x65psilon\x18\x05 \x01(\x02\x12\x19\n\x11use_non_lazy_adam\x18\x08 \x01(\x08\x12\x1b\n\x13use_sum_inside_sqrt\x18\n \x01(\x08J\x04\x08\x06\x10\x07J\x04\x08\x07\x10\x08R\tinitial_mR\tinitial_v\"\xe8\x04\n\x16OptimizationParameters\x12\x33\n\rlearning_rate\x18\r \x01(\x0b\x32\x1c.tpu_embed_adam.LearningRate\x12\x37\n\x0f\x63lipping_limits\x18\x02 \x01(\x0b\x32\x1e.tpu_embed_adam.ClippingLimits\x12@\n\x18gradient_clipping_limits\x18\x07 \x01(\x0b\x32\x1e.tpu_embed_adam.ClippingLimits\x12\x1b\n\x13weight_decay_factor\x18\x10 \x01(\x02\x12\x35\n-multiply_weight_decay_factor_by_learning_rate\x18\x16 \x01(\x08\x12W\n\x1cgradient_accumulation_status\x18\x11 \x01(\x0e\x32\x31.tpu_embed_adam.GradientAccumulationStatus.Status\x12W\n hot_id_replication_configuration\x18\x12 \x01(\x0b\x32-.tpu_embed_adam.HotIdReplicationConfiguration\x12Z\n\x1elow_dimensional_packing_status\x18\x1c \x01(\x0e\x32\x32.tpu_embed_adam.LowDimensionalPackingStatus.Status\x12.\n\x04\x61\x64\x61m\x18\x06 \x01(\x0b\x32\x1e.tpu_embed_adam.AdamParametersH\x00\x42\x0c\n\nparametersb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,8 +32,16 @@ if _descriptor._USE_C_DESCRIPTORS == False:
   _globals['_GRADIENTACCUMULATIONSTATUS']._serialized_end=414
   _globals['_GRADIENTACCUMULATIONSTATUS_STATUS']._serialized_start=362
   _globals['_GRADIENTACCUMULATIONSTATUS_STATUS']._serialized_end=414
-  _globals['_ADAMPARAMETERS']._serialized_start=417
-  _globals['_ADAMPARAMETERS']._serialized_end=570
-  _globals['_OPTIMIZATIONPARAMETERS']._serialized_start=573
-  _globals['_OPTIMIZATIONPARAMETERS']._serialized_end=1008
+  _globals['_HOTIDREPLICATIONCONFIGURATION']._serialized_start=417
+  _globals['_HOTIDREPLICATIONCONFIGURATION']._serialized_end=592
+  _globals['_HOTIDREPLICATIONCONFIGURATION_STATUS']._serialized_start=520
+  _globals['_HOTIDREPLICATIONCONFIGURATION_STATUS']._serialized_end=592
+  _globals['_LOWDIMENSIONALPACKINGSTATUS']._serialized_start=594
+  _globals['_LOWDIMENSIONALPACKINGSTATUS']._serialized_end=677
+  _globals['_LOWDIMENSIONALPACKINGSTATUS_STATUS']._serialized_start=362
+  _globals['_LOWDIMENSIONALPACKINGSTATUS_STATUS']._serialized_end=414
+  _globals['_ADAMPARAMETERS']._serialized_start=680
+  _globals['_ADAMPARAMETERS']._serialized_end=833
+  _globals['_OPTIMIZATIONPARAMETERS']._serialized_start=836
+  _globals['_OPTIMIZATIONPARAMETERS']._serialized_end=1452
 # @@protoc_insertion_point(module_scope)

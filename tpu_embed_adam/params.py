@@ -1,16 +1,19 @@
 """`AdamParameters`: the TPU embedding Adam configuration, validated and immutable.
 
-A drop-in for `tf.compat.v1.tpu.experimental.AdamParameters`: same signature,
-same attributes, and an instance of TF's class, so TF's own
+A drop-in for `tf.compat.v1.tpu.experimental.AdamParameters`: TF's signature
+(and two keyword-only TPU layout hints after it), TF's attributes, and an
+instance of TF's class, so TF's own
 `EmbeddingConfigSpec`, `TPUEstimator` and `tpu_embedding.TPUEmbedding` accept it.
 It rejects everything TF rejects and more (see `AdamParameters.__init__`), and
 behaves as a value: immutable, comparable, hashable, picklable, serializable.
 """
 
+import functools
 import json
 import math
 import numbers
-from typing import Any
+import typing
+from typing import Any, Literal
 
 import numpy as np
 from tensorflow.python.tpu import tpu_embedding as _tf_tpu_embedding
@@ -18,7 +21,17 @@ from tensorflow.python.tpu import tpu_embedding as _tf_tpu_embedding
 from tpu_embed_adam import proto
 from tpu_embed_adam.learning_rates import DynamicLearningRate, constant_learning_rate
 
-__all__ = ["AdamParameters", "DynamicLearningRate", "as_adam_parameters"]
+__all__ = [
+    "AdamParameters",
+    "DynamicLearningRate",
+    "HotIdReplicationStatus",
+    "LowDimensionalPackingStatus",
+    "as_adam_parameters",
+]
+
+# The names of the proto's enums, without UNSPECIFIED (which is None).
+HotIdReplicationStatus = Literal["ENABLED", "DISABLED", "MIGRATION_ONLY"]
+LowDimensionalPackingStatus = Literal["ENABLED", "DISABLED"]
 
 # The 13 constructor arguments, in TF's order, with TF's defaults.
 _DEFAULTS: dict[str, Any] = {
@@ -37,6 +50,14 @@ _DEFAULTS: dict[str, Any] = {
 }
 _FIELDS = ("learning_rate", *_DEFAULTS)
 _BOOL_FIELDS = ("lazy_adam", "sum_inside_sqrt", "use_gradient_accumulation")
+# Keyword-only arguments beyond TF's 13: TPU layout hints of the proto. They
+# change where a TPU keeps rows, not the update, so a proto that sets them is
+# read and written back with them rather than refused; None is UNSPECIFIED.
+_HINTS: dict[str, Any] = {
+    "hot_id_replication_status": HotIdReplicationStatus,
+    "low_dimensional_packing_status": LowDimensionalPackingStatus,
+}
+_ARGUMENTS = (*_FIELDS, *_HINTS)
 
 
 def _real(name: str, value: Any) -> float:
@@ -75,9 +96,26 @@ def _flag(name: str, value: Any, optional: bool = False) -> bool | None:
     return bool(value)
 
 
+def _hint(name: str, value: Any) -> str | None:
+    if value is None:
+        return None
+    allowed = typing.get_args(_HINTS[name])
+    if not isinstance(value, str):
+        raise TypeError(
+            f"Argument `{name}` must be None or one of {allowed}; received: {value!r} "
+            f"({type(value).__name__})."
+        )
+    if value not in allowed:
+        raise ValueError(
+            f"Argument `{name}` must be None (UNSPECIFIED) or one of {allowed}; "
+            f"received: {value!r}."
+        )
+    return str(value)
+
+
 def _validated(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Checks and normalises the 13 arguments; returns them as plain Python values."""
-    out: dict[str, Any] = {}
+    """Checks and normalises the 15 arguments; returns them as plain Python values."""
+    out: dict[str, Any] = {name: _hint(name, kwargs[name]) for name in _HINTS}
     lr = kwargs["learning_rate"]
     out["learning_rate"] = (
         lr if isinstance(lr, DynamicLearningRate) else constant_learning_rate(lr)
@@ -173,6 +211,11 @@ class AdamParameters(_tf_tpu_embedding.AdamParameters):
     at least the smallest normal float32). Errors are `TypeError` or
     `ValueError` naming the argument and the value received.
 
+    Beyond TF's arguments, it carries the proto's two TPU layout hints
+    (`hot_id_replication_status`, `low_dimensional_packing_status`), so that
+    a proto that sets them reads back and writes out with them. TF's
+    `TPUEmbedding` builds its own config and does not read them from here.
+
     Example:
       >>> params = AdamParameters(0.01, clip_gradient_max=1.0)
       >>> params.replace(beta2=0.99).beta2
@@ -181,8 +224,8 @@ class AdamParameters(_tf_tpu_embedding.AdamParameters):
 
     _frozen: bool
 
-    # The annotations are TF's, spelled as TF spells them, so that
-    # inspect.signature(AdamParameters) == inspect.signature(TF's class).
+    # The annotations are TF's, spelled as TF spells them, so that TF's
+    # signature is the start of ours; ours adds keyword-only layout hints.
     def __init__(
         self,
         learning_rate: float,
@@ -198,6 +241,9 @@ class AdamParameters(_tf_tpu_embedding.AdamParameters):
         multiply_weight_decay_factor_by_learning_rate: bool | None = None,  # noqa: UP007
         clip_gradient_min: float | None = None,  # noqa: UP007
         clip_gradient_max: float | None = None,  # noqa: UP007
+        *,
+        hot_id_replication_status: HotIdReplicationStatus | None = None,
+        low_dimensional_packing_status: LowDimensionalPackingStatus | None = None,
     ):
         """Validates the arguments and builds the parameters.
 
@@ -219,16 +265,24 @@ class AdamParameters(_tf_tpu_embedding.AdamParameters):
             learning rate; needs `weight_decay_factor`.
           clip_gradient_min: lower bound of the accumulated gradient; None: none.
           clip_gradient_max: upper bound of the accumulated gradient; None: none.
+          hot_id_replication_status: the proto's TPU layout hint for rows that
+            many samples look up (ENABLED, DISABLED, MIGRATION_ONLY); None:
+            unspecified. The update does not depend on it.
+          low_dimensional_packing_status: the proto's TPU layout hint for
+            tables of dimension 1, 2 or 4 (ENABLED, DISABLED); None:
+            unspecified. The update does not depend on it.
 
         Raises:
           TypeError: an argument of the wrong type.
           ValueError: an argument out of range, or arguments that contradict.
         """
         values = _validated(
-            {name: value for name, value in locals().items() if name in _FIELDS}
+            {name: value for name, value in locals().items() if name in _ARGUMENTS}
         )
         object.__setattr__(self, "_frozen", False)
-        super().__init__(**values)
+        super().__init__(**{name: values[name] for name in _FIELDS})
+        for name in _HINTS:
+            setattr(self, name, values[name])
         object.__setattr__(self, "_frozen", True)
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -242,7 +296,10 @@ class AdamParameters(_tf_tpu_embedding.AdamParameters):
         raise AttributeError(f"AdamParameters is immutable; cannot delete `{name}`.")
 
     def _values(self) -> tuple[Any, ...]:
-        return tuple(getattr(self, name) for name in _FIELDS)
+        return tuple(getattr(self, name) for name in _ARGUMENTS)
+
+    def _arguments(self) -> dict[str, Any]:
+        return dict(zip(_ARGUMENTS, self._values(), strict=True))
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, AdamParameters):
@@ -256,15 +313,15 @@ class AdamParameters(_tf_tpu_embedding.AdamParameters):
         args = [f"learning_rate={self.learning_rate!r}"]
         args += [
             f"{name}={getattr(self, name)!r}"
-            for name, default in _DEFAULTS.items()
+            for name, default in {**_DEFAULTS, **dict.fromkeys(_HINTS)}.items()
             if getattr(self, name) != default or type(getattr(self, name)) is not type(default)
         ]
         return f"tpu_embed_adam.AdamParameters({', '.join(args)})"
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Rebuild through __init__ so unpickled and copied objects are validated
-        # and frozen like any other.
-        return (type(self), self._values())
+        # and frozen like any other (a partial: the hints are keyword-only).
+        return (functools.partial(type(self), **self._arguments()), ())
 
     def replace(self, **changes: Any) -> "AdamParameters":
         """Returns a new, validated copy with `changes` applied.
@@ -280,11 +337,20 @@ class AdamParameters(_tf_tpu_embedding.AdamParameters):
           ValueError: a value out of range.
         """
         _check_names(changes, "replace")
-        return type(self)(**{**dict(zip(_FIELDS, self._values(), strict=True)), **changes})
+        return type(self)(**{**self._arguments(), **changes})
 
     def to_dict(self) -> dict[str, Any]:
-        """Returns the 13 arguments by name; a dynamic rate is `{"dynamic_tag": tag}`."""
-        out = dict(zip(_FIELDS, self._values(), strict=True))
+        """Returns the arguments by name: TF's 13, then the layout hints that are set.
+
+        A dynamic rate is `{"dynamic_tag": tag}`. Unset hints are left out, so
+        that parameters without them give TF's 13 names only, which readers
+        that know nothing of the hints still read.
+        """
+        out = {
+            name: value
+            for name, value in self._arguments().items()
+            if name in _FIELDS or value is not None
+        }
         if isinstance(self.learning_rate, DynamicLearningRate):
             out["learning_rate"] = {"dynamic_tag": self.learning_rate.tag}
         return out
@@ -433,9 +499,9 @@ def as_adam_parameters(params: Any) -> AdamParameters:
 
 
 def _check_names(names: dict[str, Any], where: str) -> None:
-    unknown = sorted(set(names) - set(_FIELDS))
+    unknown = sorted(set(names) - set(_ARGUMENTS))
     if unknown:
         raise TypeError(
-            f"{where}: unknown argument(s) {unknown}; expected names among {list(_FIELDS)}."
+            f"{where}: unknown argument(s) {unknown}; expected names among {list(_ARGUMENTS)}."
         )
 
