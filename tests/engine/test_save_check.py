@@ -153,3 +153,30 @@ graph.save({str(tmp_path / "ckpt")!r})
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "Saver.save: the TPU embedding engine trained 'users' (1 steps)" in out.stderr
+
+
+def _write(ckpt, path: str, session) -> None:
+    with session.as_default():
+        ckpt.write(path)
+
+
+@pytest.mark.parametrize(
+    "make,what",
+    [
+        (tf.compat.v1.train.Checkpoint, "tf.compat.v1.train.Checkpoint"),
+        (tf.train.Checkpoint, "tf.train.Checkpoint"),
+    ],
+)
+def test_an_object_checkpoint_of_unretrieved_tables_warns_too(graph, tmp_path, caplog, make, what):
+    _train(graph)
+    with graph.graph.as_default():
+        ckpt = make(users=graph.vars.embedding_variables_by_table["users"][0])
+        with caplog.at_level(logging.WARNING):
+            _write(ckpt, str(tmp_path / "ckpt"), graph.session)
+    messages = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert [m for m in messages if m.startswith(f"{what}: the TPU embedding engine trained")]
+    graph.retrieve()
+    caplog.clear()
+    with graph.graph.as_default(), caplog.at_level(logging.WARNING):
+        _write(ckpt, str(tmp_path / "ckpt2"), graph.session)
+    assert not [r for r in caplog.records if "TPU embedding engine" in r.getMessage()]

@@ -21,8 +21,10 @@ one core; the rest is TF's own code, unchanged)::
     sess.run(emb.generate_send_gradients_op(grads))  # 5. grads of get_activations()
 
 then `sess.run(ops.retrieve_ops())` before saving, or save with
-`RetrievingSaver(ops.retrieve_ops())`, which retrieves before every save.
-A `tf.compat.v1.train.Saver` save while this process's engine holds tables
+`RetrievingSaver(ops.retrieve_ops())`, which retrieves before every save;
+`retrieve_touched_ops(ops)` brings the variables up to date between saves at
+a cost that follows the rows trained (what TPUEstimator runs after every loop).
+A `tf.compat.v1.train.Saver` save, or a `Checkpoint` write, while this process's engine holds tables
 trained since their last retrieve logs a warning naming them
 (`warn_unretrieved_saves(False)` turns it off; `unretrieved_tables()` lists
 them).
@@ -36,7 +38,11 @@ none), and `reset()` (or `tpu.shutdown_system()`) clears everything.
 """
 
 from tpu_embed_adam.engine._save_check import unretrieved_tables, warn_unretrieved_saves
-from tpu_embed_adam.engine._session import RetrievingSaver, load_tables_at_session_start
+from tpu_embed_adam.engine._session import (
+    RetrievingSaver,
+    load_tables_at_session_start,
+    retrieve_touched_ops,
+)
 from tpu_embed_adam.engine._state import info, reset, tables
 
 __all__ = [
@@ -44,6 +50,7 @@ __all__ = [
     "info",
     "load_tables_at_session_start",
     "reset",
+    "retrieve_touched_ops",
     "tables",
     "unretrieved_tables",
     "warn_unretrieved_saves",

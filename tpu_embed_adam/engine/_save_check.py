@@ -1,4 +1,4 @@
-"""A warning when a `Saver` saves while the engine holds tables trained since their last retrieve.
+"""A warning when a `Saver` or `Checkpoint` saves tables trained since their last retrieve.
 
 TF's `TPUEmbedding` variables get the engine's rows only when its retrieve
 ops run; `tf.compat.v1.train.Saver().save(...)` without them silently writes
@@ -9,7 +9,9 @@ Why importing the package wraps `tf.compat.v1.train.Saver.save`, a global
 side effect: the programs this engine serves are TF's own, unchanged, so the
 save that loses the training is TF's own `Saver.save`, and its method is the
 one place where every such save (also by `CheckpointSaverHook` or a subclass)
-can be seen. The wrapper changes nothing a save does (same arguments, result
+can be seen. Object-based checkpoints (`tf.compat.v1.train.Checkpoint`,
+`tf.train.Checkpoint`; `save` and `write`) all write through their class's
+`_write`, which is wrapped the same way. The wrapper changes nothing a save does (same arguments, result
 and errors): before it, it asks this process's engine which shards have had
 steps applied since their last load or retrieve (one small op: microseconds
 eagerly, a throwaway session where eager execution is disabled) and logs one
@@ -26,6 +28,7 @@ import threading
 from typing import Any
 
 from absl import logging
+from tensorflow.python.checkpoint import checkpoint as tf_checkpoint
 from tensorflow.python.training import saver as tf_saver
 
 from tpu_embed_adam.engine._session import RetrievingSaver
@@ -34,8 +37,14 @@ from tpu_embed_adam.engine._state import tables
 __all__ = ["unretrieved_tables", "warn_unretrieved_saves"]
 
 _LOCK = threading.Lock()
-# TF's own `Saver.save` while the wrapper is installed, else None.
-_TF_SAVE: Any = None
+# Each checked method: (class, attribute, what the warning calls it).
+_CHECKED = (
+    (tf_saver.Saver, "save", "Saver.save"),
+    (tf_checkpoint.CheckpointV1, "_write", "tf.compat.v1.train.Checkpoint"),
+    (tf_checkpoint.Checkpoint, "_write", "tf.train.Checkpoint"),
+)
+# TF's own methods, in `_CHECKED` order, while the wrappers are installed.
+_TF_METHODS: list[Any] = []
 
 
 def unretrieved_tables() -> dict[str, int]:
@@ -54,35 +63,38 @@ def unretrieved_tables() -> dict[str, int]:
     return out
 
 
-def _warn_if_unretrieved() -> None:
+def _warn_if_unretrieved(what: str) -> None:
     stale = unretrieved_tables()
     if stale:
         names = ", ".join(f"'{name}' ({steps} steps)" for name, steps in sorted(stale.items()))
         logging.warning(
-            "Saver.save: the TPU embedding engine trained %s since the last retrieve; the "
+            "%s: the TPU embedding engine trained %s since the last retrieve; the "
             "checkpoint holds those tables as last loaded or retrieved, not as trained. Run the "
-            "TPUEmbedding's retrieve_ops() before saving, or save with "
-            "tpu_embed_adam.engine.RetrievingSaver(retrieve_ops), which retrieves first.",
+            "TPUEmbedding's retrieve_ops() (or tpu_embed_adam.engine.retrieve_touched_ops) "
+            "before saving, or save with tpu_embed_adam.engine.RetrievingSaver(retrieve_ops), "
+            "which retrieves first.",
+            what,
             names,
         )
 
 
-def _checked_save(tf_save: Any) -> Any:
-    @functools.wraps(tf_save)
-    def save(self: tf_saver.Saver, *args: Any, **kwargs: Any) -> Any:
+def _checked(tf_method: Any, what: str) -> Any:
+    @functools.wraps(tf_method)
+    def method(self: Any, *args: Any, **kwargs: Any) -> Any:
         if not isinstance(self, RetrievingSaver):
-            _warn_if_unretrieved()
-        return tf_save(self, *args, **kwargs)
+            _warn_if_unretrieved(what)
+        return tf_method(self, *args, **kwargs)
 
-    return save
+    return method
 
 
 def warn_unretrieved_saves(enabled: bool = True) -> None:
     """Turns the warning on unretrieved saves on (the package's import does) or off.
 
-    On, `tf.compat.v1.train.Saver.save` logs a warning naming the tables when
-    this process's engine holds shards trained since their last retrieve;
-    off, `Saver.save` is TF's own function again. Idempotent.
+    On, `tf.compat.v1.train.Saver.save` and every write of a
+    `tf.compat.v1.train.Checkpoint` or `tf.train.Checkpoint` log a warning
+    naming the tables when this process's engine holds shards trained since
+    their last retrieve; off, they are TF's own methods again. Idempotent.
 
     Args:
       enabled: whether saves are checked.
@@ -90,13 +102,14 @@ def warn_unretrieved_saves(enabled: bool = True) -> None:
     Raises:
       TypeError: `enabled` is not a bool.
     """
-    global _TF_SAVE
     if not isinstance(enabled, bool):
         raise TypeError(f"warn_unretrieved_saves: `enabled` must be a bool, got {enabled!r}")
     with _LOCK:
-        if enabled and _TF_SAVE is None:
-            _TF_SAVE = tf_saver.Saver.save
-            tf_saver.Saver.save = _checked_save(_TF_SAVE)
-        elif not enabled and _TF_SAVE is not None:
-            tf_saver.Saver.save = _TF_SAVE
-            _TF_SAVE = None
+        if enabled and not _TF_METHODS:
+            for owner, name, what in _CHECKED:
+                _TF_METHODS.append(getattr(owner, name))
+                setattr(owner, name, _checked(_TF_METHODS[-1], what))
+        elif not enabled and _TF_METHODS:
+            for (owner, name, _), tf_method in zip(_CHECKED, _TF_METHODS, strict=True):
+                setattr(owner, name, tf_method)
+            _TF_METHODS.clear()

@@ -3,10 +3,10 @@
 On a TPU, TPUEstimator configures the embedding engine and runs the load ops
 when a session starts, and retrieves the tables into their variables after
 each training loop. Here the load happens when a session starts
-(`load_tables_at_session_start`), and the retrieve right before each
-checkpoint save (`RetrievingSaver`): the variables only need the engine's
-values when something reads them, and a retrieve copies whole tables
-(seconds for large ones), too much for every step.
+(`load_tables_at_session_start`); after each loop `retrieve_touched_ops`
+copies only the rows trained since the last retrieve (a full retrieve copies
+whole tables, seconds for large ones), and `RetrievingSaver` retrieves in
+full before each checkpoint save.
 """
 
 from __future__ import annotations
@@ -15,7 +15,10 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import tensorflow as tf
+from tensorflow.python.tpu import tpu_embedding
 from tensorflow.python.tpu.ops import tpu_ops
+
+from tpu_embed_adam.engine._state import library
 
 
 def load_tables_at_session_start(
@@ -72,3 +75,43 @@ class RetrievingSaver(tf.compat.v1.train.Saver):
         """Retrieves the tables, then saves; arguments as `Saver.save`."""
         sess.run(self._retrieve)
         return super().save(sess, *args, **kwargs)
+
+
+def retrieve_touched_ops(variables_and_ops: tpu_embedding.VariablesAndOps) -> list[tf.Operation]:
+    """Builds ops that copy into the variables only the rows trained since the last retrieve.
+
+    Where `retrieve_ops()` copies every table whole, each of these ops takes
+    from the engine the rows of one shard that steps changed since that
+    shard's last load or retrieve (every row once a non-lazy Adam step ran)
+    and scatters them, with both Adam slots, into the shard's variables.
+    After it the variables equal the engine's tables, as after
+    `retrieve_ops()`, at a cost that follows the rows trained: what a
+    TPUEstimator train op does after every loop. Tables without Adam slots
+    (an INFERENCE configuration) train nothing and get no op.
+
+    Args:
+      variables_and_ops: what `TPUEmbedding.create_variables_and_ops()` returned.
+
+    Returns:
+      One op per table shard, each colocated with its shard's variable.
+    """
+    ops = []
+    for table, parts in variables_and_ops.embedding_variables_by_table.items():
+        slots = variables_and_ops.slot_variables_by_table.get(table)
+        if not isinstance(slots, tpu_embedding.AdamSlotVariables):
+            continue
+        for shard, (w, m, v) in enumerate(zip(parts, slots.m, slots.v, strict=True)):
+            with tf.compat.v1.colocate_with(w):
+                ids, *rows = library().tpu_embed_adam_retrieve_touched(
+                    table_name=table, num_shards=len(parts), shard_id=shard
+                )
+                ops.append(
+                    tf.group(
+                        *(
+                            tf.compat.v1.scatter_update(var, ids, values)
+                            for var, values in zip((w, m, v), rows, strict=True)
+                        ),
+                        name=f"tpu_embed_adam_retrieve_touched_{shard}",
+                    )
+                )
+    return ops

@@ -27,14 +27,19 @@ __all__ = ["info", "reset", "tables"]
 _REMOTE_TIMEOUT_MS = 10_000
 
 
-def _library() -> Any:
-    library = loader.load_library()
-    if library is None:
+def library() -> Any:
+    """The loaded kernel library.
+
+    Raises:
+      RuntimeError: it did not load.
+    """
+    module = loader.load_library()
+    if module is None:
         raise RuntimeError(
             "the tpu_embed_adam kernel library did not load "
             f"({loader.load_error()}); build it with `make lib`."
         )
-    return library
+    return module
 
 
 def _run(make_op: Any) -> Any:
@@ -61,7 +66,7 @@ def reset(target: str | None = None, task: int | None = None) -> None:
     Raises:
       As `info`.
     """
-    _run_where(_library().tpu_embed_adam_engine_reset, target, task)
+    _run_where(library().tpu_embed_adam_engine_reset, target, task)
 
 
 def _run_on_worker(make_op: Any, target: Any, task: Any) -> Any:
@@ -141,7 +146,7 @@ def info(target: str | None = None, task: int | None = None) -> dict[str, Any]:
         (`UnavailableError` naming it), or did not answer within 10 s
         (`DeadlineExceededError` naming it).
     """
-    return json.loads(_run_where(_library().tpu_embed_adam_engine_info, target, task))
+    return json.loads(_run_where(library().tpu_embed_adam_engine_info, target, task))
 
 
 def tables(target: str | None = None, task: int | None = None) -> list[dict[str, Any]]:

@@ -530,7 +530,7 @@ void Engine::WriteLoadLocked(const ShardRef& ref, const LoadRequest& req) {
     arrays[i]->assign(req.data[i], req.data[i] + n);
   }
   s.loaded = true;
-  s.steps_since_retrieve = 0;
+  s.MarkRetrieved();
 }
 
 Status Engine::Retrieve(const ShardRef& ref, float* const out[3],
@@ -549,7 +549,36 @@ Status Engine::Retrieve(const ShardRef& ref, float* const out[3],
   for (int i = 0; i < NumArrays(t.optimizer); ++i) {
     std::copy(arrays[i]->begin(), arrays[i]->end(), out[i]);
   }
-  s.steps_since_retrieve = 0;
+  s.MarkRetrieved();
+  return tensorflow::OkStatus();
+}
+
+Status Engine::RetrieveTouched(const ShardRef& ref,
+                               const AllocateTouched& allocate,
+                               const ParallelFor& parallel_for) {
+  std::lock_guard<std::mutex> lock(mu_);
+  ApplyStepLocked(parallel_for);
+  Table& t = *ref.table;
+  std::lock_guard<std::mutex> table_lock(t.mu);
+  Shard& s = t.shards[ref.shard];
+  if (!s.loaded) {
+    return FailedPrecondition("table '", t.name, "' shard ", ref.shard,
+                              " (", s.rows, " x ", t.dim,
+                              ") was never loaded in this process");
+  }
+  const int64_t n = s.all_touched ? s.rows : s.touched.size();
+  int64_t* ids = nullptr;
+  float* out[3] = {nullptr, nullptr, nullptr};
+  TF_RETURN_IF_ERROR(allocate(n, &ids, out));
+  const std::vector<float>* arrays[3] = {&s.w, &s.m, &s.v};
+  for (int64_t i = 0; i < n; ++i) {
+    ids[i] = s.all_touched ? i : s.touched[i];
+    for (int a = 0; a < NumArrays(t.optimizer); ++a) {
+      const float* row = arrays[a]->data() + ids[i] * t.dim;
+      std::copy(row, row + t.dim, out[a] + i * t.dim);
+    }
+  }
+  s.MarkRetrieved();
   return tensorflow::OkStatus();
 }
 

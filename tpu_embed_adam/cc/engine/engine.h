@@ -105,6 +105,17 @@ class Engine {
   // FailedPrecondition if it was never loaded here.
   tensorflow::Status Retrieve(const ShardRef& ref, float* const out[3],
                               const ParallelFor& parallel_for);
+  // Allocates n local row ids and NumArrays(optimizer) arrays of n rows.
+  using AllocateTouched =
+      std::function<tensorflow::Status(int64_t n, int64_t** ids,
+                                       float* out[3])>;
+  // As Retrieve, but copies out only the rows that steps changed since the
+  // shard's last Load or Retrieve (every row after a non-lazy step), with
+  // their local ids: writing them into the variables Retrieve fills brings
+  // those up to date at a cost that follows the rows trained.
+  tensorflow::Status RetrieveTouched(const ShardRef& ref,
+                                     const AllocateTouched& allocate,
+                                     const ParallelFor& parallel_for);
 
   // Validates every feature of one enqueue op and queues the batch for the
   // core; nothing is queued if any feature is bad. `combiners` holds one

@@ -1,5 +1,7 @@
 #include "tpu_embed_adam/cc/engine/table.h"
 
+#include <algorithm>
+
 #include "absl/strings/str_cat.h"
 
 namespace tpu_embed_adam {
@@ -43,6 +45,29 @@ int64_t Shard::SentBytes() const {
   return bytes;
 }
 
+void Shard::MarkTouched(const int64_t* ids, int64_t n) {
+  if (all_touched) return;
+  if (touched_mark.empty()) touched_mark.assign(rows, 0);
+  for (int64_t i = 0; i < n; ++i) {
+    if (!touched_mark[ids[i]]) {
+      touched_mark[ids[i]] = 1;
+      touched.push_back(ids[i]);
+    }
+  }
+}
+
+void Shard::MarkRetrieved() {
+  steps_since_retrieve = 0;
+  // Clearing only the marked rows keeps the cost at the rows touched.
+  if (touched.size() * 8 < touched_mark.size()) {
+    for (const int64_t r : touched) touched_mark[r] = 0;
+  } else {
+    std::fill(touched_mark.begin(), touched_mark.end(), 0);
+  }
+  touched.clear();
+  all_touched = false;
+}
+
 void StepShard(const Table& t, float lr, const ParallelFor& parallel_for,
                Shard& s) {
   std::vector<const Accumulator*> cores;
@@ -61,6 +86,11 @@ void StepShard(const Table& t, float lr, const ParallelFor& parallel_for,
                              rows->grads.data(), rows->ids.size(),
                              parallel_for);
     ++s.steps_since_retrieve;
+    if (t.adam.lazy) {
+      s.MarkTouched(rows->ids.data(), rows->ids.size());
+    } else {
+      s.all_touched = true;
+    }
   }
   for (Accumulator& a : s.sent) a.Clear();
 }

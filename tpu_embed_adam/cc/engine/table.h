@@ -37,6 +37,12 @@ struct Shard {
   // the TF variables that Retrieve fills hold older rows than the engine.
   int64_t steps_since_retrieve = 0;
   std::vector<float> w, m, v;
+  // The rows those steps changed, each once in the order first stepped, so
+  // that bringing the variables up to date costs the rows trained, not the
+  // shard; `all_touched` once a non-lazy step changed every row.
+  std::vector<int64_t> touched;
+  std::vector<uint8_t> touched_mark;  // per row; sized on first use
+  bool all_touched = false;
   // The step's gradient rows by sending core, in core order (host-major),
   // each summed per row with the table's gradient accumulation (see
   // Accumulator). Kept apart so that the step's sum is the same floats
@@ -49,6 +55,10 @@ struct Shard {
     return sent[core];
   }
   int64_t SentBytes() const;
+  // Marks as touched the `n` local rows of `ids` (repeats allowed).
+  void MarkTouched(const int64_t* ids, int64_t n);
+  // After a Load or Retrieve: the variables hold the shard as it is.
+  void MarkRetrieved();
 };
 
 struct Table {

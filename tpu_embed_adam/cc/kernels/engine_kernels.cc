@@ -170,6 +170,33 @@ class RetrieveOp : public ShardOpBase {
   }
 };
 
+// TpuEmbedAdamRetrieveTouched: the Adam rows trained since the last retrieve.
+class RetrieveTouchedOp : public ShardOpBase {
+ public:
+  using ShardOpBase::ShardOpBase;
+  void Compute(OpKernelContext* ctx) override {
+    engine::ShardRef ref;
+    OP_REQUIRES_OK(ctx, Engine::Get().ResolveShard(Optimizer::kAdam, config_,
+                                                   table_id_, table_name_,
+                                                   num_shards_, shard_id_,
+                                                   &ref));
+    const int64_t dim = ref.table->dim;
+    const auto allocate = [ctx, dim](int64_t n, int64_t** ids, float* out[3]) {
+      Tensor* t = nullptr;
+      TF_RETURN_IF_ERROR(ctx->allocate_output(0, TensorShape({n}), &t));
+      *ids = t->flat<int64_t>().data();
+      for (int i = 0; i < 3; ++i) {
+        TF_RETURN_IF_ERROR(
+            ctx->allocate_output(i + 1, TensorShape({n, dim}), &t));
+        out[i] = t->flat<float>().data();
+      }
+      return tensorflow::OkStatus();
+    };
+    OP_REQUIRES_OK(ctx, Engine::Get().RetrieveTouched(ref, allocate,
+                                                      MakeParallelFor(ctx)));
+  }
+};
+
 REGISTER_KERNEL_BUILDER(Name("ConfigureTPUEmbedding").Device(DEVICE_CPU),
                         ConfigureOp);
 REGISTER_KERNEL_BUILDER(Name("ConfigureDistributedTPU").Device(DEVICE_CPU),
@@ -191,6 +218,8 @@ REGISTER_KERNEL_BUILDER(
     Name("RetrieveTPUEmbeddingADAMParameters").Device(DEVICE_CPU),
     RetrieveOp<Optimizer::kAdam>);
 // What TF's TPUEmbedding emits in INFERENCE mode: the table, no slots.
+REGISTER_KERNEL_BUILDER(Name("TpuEmbedAdamRetrieveTouched").Device(DEVICE_CPU),
+                        RetrieveTouchedOp);
 REGISTER_KERNEL_BUILDER(
     Name("LoadTPUEmbeddingStochasticGradientDescentParameters")
         .Device(DEVICE_CPU),

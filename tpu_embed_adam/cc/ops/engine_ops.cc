@@ -25,4 +25,28 @@ whether loaded here, steps applied since the shard's last load or retrieve,
 bytes).
 )doc");
 
+REGISTER_OP("TpuEmbedAdamRetrieveTouched")
+    .Output("ids: int64")
+    .Output("parameters: float32")
+    .Output("momenta: float32")
+    .Output("velocities: float32")
+    .Attr("table_id: int = -1")
+    .Attr("table_name: string = \"\"")
+    .Attr("num_shards: int")
+    .Attr("shard_id: int")
+    .Attr("config: string = \"\"")
+    .SetIsStateful()
+    .SetShapeFn([](tensorflow::shape_inference::InferenceContext* c) {
+      c->set_output(0, c->Vector(c->UnknownDim()));
+      for (int i = 1; i < 4; ++i) c->set_output(i, c->UnknownShapeOfRank(2));
+      return tensorflow::OkStatus();
+    })
+    .Doc(R"doc(
+As RetrieveTPUEmbeddingADAMParameters, but only the rows of the shard that
+training steps changed since its last load or retrieve (every row after a
+non-lazy step): their local row ids (ascending is not promised) and those
+rows of the parameters and both Adam slots. Scattering them into the
+variables that the full retrieve fills brings those up to date.
+)doc");
+
 }  // namespace tpu_embed_adam
