@@ -12,14 +12,14 @@ one place where every such save (also by `CheckpointSaverHook` or a subclass)
 can be seen. Object-based checkpoints (`tf.compat.v1.train.Checkpoint`,
 `tf.train.Checkpoint`; `save` and `write`) all write through their class's
 `_write`, which is wrapped the same way. The wrapper changes nothing a save
-does (same arguments, result and errors): before it, it asks this process's engine which shards have had
-steps applied since their last load or retrieve (one small op: microseconds
-eagerly, a throwaway session where eager execution is disabled) and logs one
-warning when there are some. `warn_unretrieved_saves(False)` restores TF's
-own method. `RetrievingSaver` is never warned about: it retrieves first, and
-a step landing between its retrieve and its save (training in another
-thread) is not the mistake this warns of.
-"""
+does (same arguments, result and errors): before it, it asks this process's
+engine which shards have had steps applied since their last load or retrieve
+(one small op: microseconds eagerly, a throwaway session where eager execution
+is disabled) and logs one warning when there are some.
+`warn_unretrieved_saves(False)` restores TF's own method. `RetrievingSaver` is
+never warned about: it retrieves first, and a step landing between its
+retrieve and its save (training in another thread) is not the mistake this
+warns of."""
 
 from __future__ import annotations
 
