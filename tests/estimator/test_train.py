@@ -12,13 +12,26 @@ import pytest
 import tensorflow as tf
 from estimator_harness import (
     BIAS_LEARNING_RATE,
+    FEATURES,
+    TABLE_BATCH,
     TABLE_STEPS,
+    TABLES,
     assert_tables_equal,
+    initial_tables,
+    input_fn_of,
+    oracle_embedding,
+    random_batch,
+    random_targets,
+    regression_model_fn,
+    replay,
+    table_spec,
     train_and_replay,
+    zeros_slots,
 )
 from tensorflow.python.tpu import tpu_embedding
 
 import tpu_embed_adam
+from tpu_embed_adam.estimator import TPUEstimator
 
 PARAMS = {
     "default": tpu_embed_adam.AdamParameters(0.05),
@@ -101,3 +114,59 @@ def test_pipeline_execution_with_tensor_core_accepted(tmp_path):
     )
     assert emb.config_proto.pipeline_execution_with_tensor_core
     assert_tables_equal(reader, model)
+
+
+class ReadTables(tf.compat.v1.train.SessionRunHook):
+    """Reads the table variables after every step, in a run of their own (as a hook would)."""
+
+    def __init__(self, sink: list[dict[str, np.ndarray]]):
+        self._sink = sink
+
+    def begin(self) -> None:
+        self._vars = {
+            t: v
+            for t in TABLES
+            for v in tf.compat.v1.global_variables()
+            if v.op.name == f"{t}/part_0"
+        }
+
+    def after_run(self, run_context, run_values) -> None:
+        self._sink.append(run_context.session.run(self._vars))
+
+
+@pytest.mark.parametrize("iterations_per_loop", [1, 2])
+def test_table_variables_are_fresh_after_every_loop(tmp_path, iterations_per_loop):
+    initial = initial_tables()
+    spec = table_spec(tpu_embed_adam.AdamParameters(0.05), initial)
+    emb = oracle_embedding(spec, TABLE_BATCH)
+    rng = np.random.default_rng(1)
+    batches = [random_batch(rng, emb, min_ids_per_sample=0) for _ in range(TABLE_STEPS)]
+    targets = [random_targets(rng, emb) for _ in range(TABLE_STEPS)]
+    fetched, read = [], []
+    config = tf.compat.v1.estimator.tpu.RunConfig(
+        model_dir=str(tmp_path),
+        save_checkpoints_steps=1000,
+        tpu_config=tf.compat.v1.estimator.tpu.TPUConfig(iterations_per_loop=iterations_per_loop),
+    )
+    estimator = TPUEstimator(
+        model_fn=regression_model_fn(list(FEATURES), fetched),
+        config=config,
+        use_tpu=False,
+        embedding_config_spec=spec,
+        train_batch_size=TABLE_BATCH,
+    )
+    estimator.train(
+        input_fn_of(batches, targets, TABLE_BATCH),
+        max_steps=TABLE_STEPS,
+        hooks=[ReadTables(read)],
+    )
+    assert len(read) == TABLE_STEPS
+    for step in range(1, TABLE_STEPS + 1):
+        # What a TPU's variables hold after this step: the tables as of the
+        # end of the last loop.
+        done = step - step % iterations_per_loop
+        model = replay(emb, zeros_slots(initial), batches[:done], targets[:done], fetched[:done])
+        for table in TABLES:
+            np.testing.assert_array_equal(
+                read[step - 1][table], model.state[table].w, err_msg=f"{table} after step {step}"
+            )

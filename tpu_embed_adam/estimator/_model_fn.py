@@ -24,8 +24,13 @@ from tensorflow.python.tpu import tpu_embedding_gradient, tpu_function
 from tensorflow.python.util import function_utils
 from tensorflow_estimator.python.estimator import model_fn as model_fn_lib
 from tensorflow_estimator.python.estimator.tpu import _tpu_estimator_embedding as tf_tpu_est_emb
+from tensorflow_estimator.python.estimator.tpu import util as tpu_util
 
-from tpu_embed_adam.engine import RetrievingSaver, load_tables_at_session_start
+from tpu_embed_adam.engine import (
+    RetrievingSaver,
+    load_tables_at_session_start,
+    retrieve_touched_ops,
+)
 from tpu_embed_adam.estimator._log import log_training
 
 _ModeKeys = model_fn_lib.ModeKeys
@@ -135,8 +140,10 @@ def engine_model_fn(
 
     Returns:
       The model_fn's spec; for TRAIN with the Send of the embedding
-      gradients in its train_op. The graph's local init op loads the
-      tables, and (TRAIN) its saver retrieves them before each save.
+      gradients in its train_op, and after every `iterations_per_loop`
+      steps the copy of the rows trained into the table variables. The
+      graph's local init op loads the tables, and (TRAIN) its saver
+      retrieves them in full before each save.
     """
     training = mode == _ModeKeys.TRAIN
     emb = embedding_config.get_tpu_embedding(mode)
@@ -199,8 +206,31 @@ def engine_model_fn(
     # its enqueue; here the enqueue must run first even if TF prunes the Recv.
     with tf.control_dependencies(enqueue_ops):
         send = emb.generate_send_gradients_op(gradients, step)
+    with tf.control_dependencies([send]):
+        refresh = _refresh_after_each_loop(variables_and_ops, step, config)
     _use_retrieving_saver(variables_and_ops.retrieve_ops(), config)
-    return _without_own_saver(spec)._replace(train_op=tf.group(spec.train_op, send))
+    return _without_own_saver(spec)._replace(train_op=tf.group(spec.train_op, send, refresh))
+
+
+def _refresh_after_each_loop(variables_and_ops: Any, step: tf.Tensor, config: Any) -> tf.Operation:
+    """Brings the table variables up to date after every `iterations_per_loop` steps.
+
+    On a TPU the train op retrieves the tables after each loop, so hooks and
+    an `evaluate` in the same process read trained rows. Here each step is
+    its own run; the loop ends when the global step after this one is a
+    multiple of the count, and only the rows trained since the last retrieve
+    are copied. A loop measured in time ends after every step.
+    """
+    loop = tpu_util.parse_iterations_per_loop(config.tpu_config.iterations_per_loop)
+    every = loop.value if loop.unit == "count" else 1
+
+    def refresh() -> tf.Operation:
+        return tf.group(*retrieve_touched_ops(variables_and_ops))
+
+    if every == 1:
+        return refresh()
+    loop_ends = tf.equal(tf.math.floormod(step + 1, every), 0)
+    return tf.cond(loop_ends, refresh, tf.no_op, name="tpu_embed_adam_refresh_tables")
 
 
 def _batch_of(features: dict[str, Any], emb: Any, argument: str) -> Any:
