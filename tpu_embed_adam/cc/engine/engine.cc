@@ -3,7 +3,6 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
-#include <cstdio>
 #include <limits>
 
 #include <unistd.h>
@@ -15,6 +14,7 @@
 #include "tpu_embed_adam/cc/core/adam_config.h"
 #include "tpu_embed_adam/cc/core/huge_pages.h"
 #include "tpu_embed_adam/cc/engine/activations.h"
+#include "tpu_embed_adam/cc/engine/config.h"
 #include "tpu_embed_adam/cc/core/shape_util.h"
 
 namespace tpu_embed_adam {
@@ -32,184 +32,10 @@ namespace tpu = tensorflow::tpu;
 // a configuration fails instead of copying without bound.
 constexpr size_t kMaxDeferredLoads = 4096;
 
-// Bounds on what a configuration or an input may make the engine allocate
-// (docs/engine.md, "Limits"): each is far above any TPU system or model, and
-// refusing past it turns an allocation that would kill the process into an
-// error naming the field.
-constexpr int64_t kMaxHosts = 4096;
-constexpr int64_t kMaxCoresPerHost = 256;
-constexpr int64_t kMaxFeatures = 65536;
-constexpr int64_t kMaxShards = int64_t{1} << 20;  // tables x hosts
-constexpr int64_t kMaxFeatureSlots = int64_t{1} << 24;         // batch x sequence
-constexpr int64_t kMaxActivationElements = int64_t{1} << 30;  // slots x dimension
+// Bounds on what an input may make the engine allocate (docs/engine.md,
+// "Limits"); the configuration's are in config.h.
 constexpr int64_t kMaxBatchGradientElements = int64_t{1} << 31;  // ids x dimension
 constexpr size_t kMaxQueuedBatches = 1024;  // per core, enqueued and not received
-
-std::string Canonical(const tpu::TPUEmbeddingConfiguration& proto) {
-  std::string out;
-  google::protobuf::io::StringOutputStream stream(&out);
-  google::protobuf::io::CodedOutputStream coded(&stream);
-  coded.SetSerializationDeterministic(true);
-  proto.SerializeToCodedStream(&coded);
-  coded.Trim();
-  return out;
-}
-
-Status Parse(const std::string& serialized,
-             tpu::TPUEmbeddingConfiguration* proto) {
-  if (!proto->ParseFromString(serialized)) {
-    return InvalidArgument("config is not a serialized ",
-                           "TPUEmbeddingConfiguration");
-  }
-  return tensorflow::OkStatus();
-}
-
-// `inference`: the configuration's mode is INFERENCE, for which TF's
-// TPUEmbedding configures stochastic gradient descent (nothing trains).
-Status TableFromProto(const tpu::TPUEmbeddingConfiguration_TableDescriptor& d,
-                      int id, int64_t num_shards, bool inference, Table* t) {
-  const auto& p = d.optimization_parameters();
-  if (d.name().empty()) {
-    return InvalidArgument("table ", id, " has no name");
-  }
-  if (d.vocabulary_size() <= 0 || d.dimension() <= 0) {
-    return InvalidArgument("table '", d.name(), "': vocabulary_size ",
-                           d.vocabulary_size(), " and dimension ",
-                           d.dimension(), " must be positive");
-  }
-  if (p.has_adam()) {
-    t->optimizer = Optimizer::kAdam;
-  } else if (inference && p.has_stochastic_gradient_descent()) {
-    t->optimizer = Optimizer::kSgd;
-  } else if (inference) {
-    return InvalidArgument("table '", d.name(), "' uses optimizer '",
-                           OptimizerName(p), "'; in INFERENCE mode the ",
-                           "engine supports stochastic_gradient_descent ",
-                           "(what TF's TPUEmbedding configures) and Adam");
-  } else {
-    return InvalidArgument("table '", d.name(), "' uses optimizer '",
-                           OptimizerName(p),
-                           "'; the engine supports only Adam");
-  }
-  if (CheckedProduct({d.vocabulary_size(), d.dimension()}) < 0) {
-    return InvalidArgument("table '", d.name(), "': vocabulary_size ",
-                           d.vocabulary_size(), " x dimension ", d.dimension(),
-                           " overflows int64");
-  }
-  // Out-of-range values would silently train with a zero learning rate or
-  // produce NaNs in every row: refuse them here, naming the table.
-  const auto bad = [&](const auto&... what) {
-    return InvalidArgument("table '", d.name(), "': ", what...);
-  };
-  switch (p.learning_rate().learning_rate_case()) {
-    case tpu::LearningRate::kConstant:
-      if (!(p.learning_rate().constant() > 0.0f) ||
-          !std::isfinite(p.learning_rate().constant())) {
-        return bad("learning_rate constant ", p.learning_rate().constant(),
-                   " must be positive and finite");
-      }
-      break;
-    case tpu::LearningRate::kDynamic:
-      if (p.learning_rate().dynamic().tag() < 0) {
-        return bad("dynamic learning rate tag ",
-                   p.learning_rate().dynamic().tag(), " is negative");
-      }
-      break;
-    case tpu::LearningRate::LEARNING_RATE_NOT_SET:
-      return bad("learning_rate sets neither constant nor dynamic");
-  }
-  if (t->optimizer == Optimizer::kAdam) {
-    // An SGD table (INFERENCE mode) trains nothing: its AdamConfig stays unset.
-    const Status read = AdamConfigFromProto(p, &t->adam);
-    if (!read.ok()) return bad(read.message());
-  }
-  t->name = d.name();
-  t->id = id;
-  t->vocabulary_size = d.vocabulary_size();
-  // As TF's TPUEmbedding does: at least one row per shard, the extra shards
-  // holding dummy rows that no valid id reaches.
-  t->padded_vocabulary_size =
-      std::max<int64_t>(d.vocabulary_size(), num_shards);
-  t->dim = d.dimension();
-  if (p.learning_rate().has_dynamic()) {
-    t->dynamic_lr_tag = p.learning_rate().dynamic().tag();
-  } else {
-    t->constant_lr = p.learning_rate().constant();
-  }
-
-  t->shards.resize(num_shards);
-  const int64_t base = t->padded_vocabulary_size / num_shards;
-  const int64_t extra = t->padded_vocabulary_size % num_shards;
-  for (int64_t s = 0; s < num_shards; ++s) {
-    t->shards[s].rows = base + (s < extra ? 1 : 0);
-  }
-  return tensorflow::OkStatus();
-}
-
-std::string JsonString(const std::string& s) {
-  std::string out = "\"";
-  for (char c : s) {
-    if (c == '"' || c == '\\') {
-      out += '\\';
-      out += c;
-    } else if (static_cast<unsigned char>(c) < 0x20) {
-      char buf[8];
-      snprintf(buf, sizeof(buf), "\\u%04x", c);
-      out += buf;
-    } else {
-      out += c;
-    }
-  }
-  return out + "\"";
-}
-
-// The system-wide fields: everything sized by them (shards per table, cores)
-// is bounded, and enums must name a known value.
-Status CheckSystem(const tpu::TPUEmbeddingConfiguration& proto) {
-  // 0 is proto3's "unset": one host, as before any multi-host configuration.
-  const int64_t hosts = proto.num_hosts() == 0 ? 1 : proto.num_hosts();
-  if (hosts < 1 || hosts > kMaxHosts) {
-    return InvalidArgument("num_hosts ", proto.num_hosts(),
-                           " is outside [1, ", kMaxHosts, "]");
-  }
-  const int64_t cores = proto.num_tensor_cores();
-  if (cores < hosts || cores > hosts * kMaxCoresPerHost || cores % hosts != 0) {
-    return InvalidArgument("num_tensor_cores ", cores, " must be num_hosts (",
-                           hosts, ") times a cores-per-host count in [1, ",
-                           kMaxCoresPerHost, "]");
-  }
-  if (!tpu::TPUEmbeddingConfiguration::ShardingStrategy_IsValid(
-          proto.sharding_strategy())) {
-    return InvalidArgument("sharding_strategy ", proto.sharding_strategy(),
-                           " is neither DIV_DEFAULT (0) nor MOD (1)");
-  }
-  if (!tpu::TPUEmbeddingConfiguration::Mode_IsValid(proto.mode())) {
-    return InvalidArgument("mode ", proto.mode(), " is not a known mode");
-  }
-  // Every table holds one (empty until loaded) shard per host.
-  const int64_t shards = proto.table_descriptor_size() * hosts;
-  if (shards > kMaxShards) {
-    return InvalidArgument(proto.table_descriptor_size(), " tables x num_hosts ",
-                           hosts, " = ", shards, " shards; at most ",
-                           kMaxShards, " are supported");
-  }
-  int64_t features = proto.feature_descriptor_size();
-  if (features == 0) {
-    for (const auto& t : proto.table_descriptor()) {
-      if (t.num_features() < 0) {
-        return InvalidArgument("table '", t.name(), "': num_features ",
-                               t.num_features(), " is negative");
-      }
-      features += t.num_features();
-    }
-  }
-  if (features > kMaxFeatures) {
-    return InvalidArgument("the configuration has ", features,
-                           " features; at most ", kMaxFeatures,
-                           " are supported");
-  }
-  return tensorflow::OkStatus();
-}
 
 // Sizes `a` for n floats, backed by huge pages where the host allows
 // (core/huge_pages.h): lookups and updates touch rows scattered over the
@@ -239,17 +65,17 @@ Status Engine::EnsureConfigured(const std::string& serialized) {
 
 Status Engine::CheckConfigLocked(const std::string& serialized) {
   if (serialized.empty()) {
-    if (canonical_config_.empty()) {
+    if (config_ == nullptr) {
       return FailedPrecondition(
           "the TPU embedding engine is not configured: run ",
           "ConfigureTPUEmbedding, or an op carrying the config attr, first");
     }
     return tensorflow::OkStatus();
   }
-  if (canonical_config_.empty()) return InstallLocked(serialized);
-  tpu::TPUEmbeddingConfiguration proto;
-  TF_RETURN_IF_ERROR(Parse(serialized, &proto));
-  if (Canonical(proto) != canonical_config_) {
+  if (config_ == nullptr) return InstallLocked(serialized);
+  std::string canonical;
+  TF_RETURN_IF_ERROR(CanonicalConfig(serialized, &canonical));
+  if (canonical != config_->canonical) {
     return FailedPrecondition(
         "config differs from the TPUEmbeddingConfiguration the engine holds; ",
         "reset the engine (tpu_embed_adam.engine.reset()) or run ",
@@ -263,88 +89,25 @@ Status Engine::Configure(const std::string& serialized) {
   if (serialized.empty()) {
     return InvalidArgument("ConfigureTPUEmbedding needs a non-empty config");
   }
-  if (!canonical_config_.empty()) {
-    tpu::TPUEmbeddingConfiguration proto;
-    TF_RETURN_IF_ERROR(Parse(serialized, &proto));
-    if (Canonical(proto) == canonical_config_) return tensorflow::OkStatus();
+  if (config_ != nullptr) {
+    std::string canonical;
+    TF_RETURN_IF_ERROR(CanonicalConfig(serialized, &canonical));
+    if (canonical == config_->canonical) return tensorflow::OkStatus();
   }
   return InstallLocked(serialized);
 }
 
 Status Engine::InstallLocked(const std::string& serialized) {
-  tpu::TPUEmbeddingConfiguration proto;
-  TF_RETURN_IF_ERROR(Parse(serialized, &proto));
-  TF_RETURN_IF_ERROR(CheckSystem(proto));
-  const int64_t hosts = std::max<int64_t>(1, proto.num_hosts());
-  const bool inference =
-      proto.mode() == tpu::TPUEmbeddingConfiguration::INFERENCE;
-  std::vector<std::shared_ptr<Table>> tables;
-  std::map<std::string, int> ids;
-  for (int i = 0; i < proto.table_descriptor_size(); ++i) {
-    auto t = std::make_shared<Table>();
-    TF_RETURN_IF_ERROR(TableFromProto(proto.table_descriptor(i), i, hosts,
-                                      inference, t.get()));
-    if (!ids.emplace(t->name, i).second) {
-      return InvalidArgument("table name '", t->name, "' appears twice");
-    }
-    tables.push_back(std::move(t));
-  }
-  std::vector<Feature> features;
-  for (const auto& fd : proto.feature_descriptor()) {
-    Feature f{fd.table_id(), {fd.input_shape().begin(), fd.input_shape().end()}};
-    features.push_back(std::move(f));
-  }
-  // Configurations without feature descriptors count features per table.
-  if (features.empty()) {
-    for (int i = 0; i < proto.table_descriptor_size(); ++i) {
-      for (int k = 0; k < proto.table_descriptor(i).num_features(); ++k) {
-        features.push_back({i, {proto.batch_size_per_tensor_core()}});
-      }
-    }
-  }
-  for (size_t i = 0; i < features.size(); ++i) {
-    const Feature& f = features[i];
-    if (f.table_id < 0 || f.table_id >= static_cast<int>(tables.size())) {
-      return InvalidArgument("feature ", i, " names table id ", f.table_id,
-                             " of ", tables.size(), " tables");
-    }
-    const bool positive = std::all_of(f.input_shape.begin(),
-                                      f.input_shape.end(),
-                                      [](int64_t d) { return d > 0; });
-    std::vector<int64_t> activation = f.input_shape;
-    activation.push_back(tables[f.table_id]->dim);
-    // Every enqueue sizes per-slot buffers by the input shape, every Recv
-    // allocates the activation: both bounded, so neither can exhaust memory.
-    const int64_t slots = CheckedProduct(f.input_shape);
-    const int64_t elements = CheckedProduct(activation);
-    if (f.input_shape.empty() || f.input_shape.size() > 2 || !positive ||
-        slots > kMaxFeatureSlots || elements < 0 ||
-        elements > kMaxActivationElements) {
-      return InvalidArgument("feature ", i, " (table '",
-                             tables[f.table_id]->name, "'): input_shape ",
-                             ShapeString(f.input_shape),
-                             " must be [batch] or [batch, max_sequence_length] ",
-                             "of positive sizes, with at most ",
-                             kMaxFeatureSlots, " slots and ",
-                             kMaxActivationElements,
-                             " activation elements (slots x dimension)");
-    }
-  }
+  std::shared_ptr<const EngineConfig> config;
+  TF_RETURN_IF_ERROR(ParseEngineConfig(serialized, &config));
   // Loads that ran before any configuration: all valid, or none applied.
   std::vector<std::unique_ptr<DeferredLoad>> deferred;
   deferred.swap(deferred_loads_);
   ClearLocked();
-  num_hosts_ = hosts;
-  cores_per_host_ = proto.num_tensor_cores() / hosts;
-  for (auto& t : tables) {
-    t->mod_sharding =
-        proto.sharding_strategy() == tpu::TPUEmbeddingConfiguration::MOD;
+  for (const TableSpec& spec : config->tables) {
+    tables_.push_back(std::make_shared<Table>(spec));
   }
-  training_mode_ = !inference;
-  tables_ = std::move(tables);
-  table_ids_ = std::move(ids);
-  features_ = std::move(features);
-  canonical_config_ = Canonical(proto);
+  config_ = std::move(config);
   std::vector<ShardRef> refs(deferred.size());
   for (size_t i = 0; i < deferred.size(); ++i) {
     const Status s = CheckLoadLocked(deferred[i]->request, &refs[i]);
@@ -363,7 +126,7 @@ Status Engine::InstallLocked(const std::string& serialized) {
 
 bool Engine::IsConfigured() {
   std::lock_guard<std::mutex> lock(mu_);
-  return !canonical_config_.empty();
+  return config_ != nullptr;
 }
 
 void Engine::Reset() {
@@ -373,24 +136,22 @@ void Engine::Reset() {
 
 std::pair<int64_t, int64_t> Engine::HostsAndCores() {
   std::lock_guard<std::mutex> lock(mu_);
-  return {num_hosts_, cores_per_host_};
+  if (config_ == nullptr) return {1, 1};
+  return {config_->num_hosts, config_->cores_per_host};
 }
 
 void Engine::ClearLocked() {
   // Kernels that already hold a table keep it alive through their
   // shared_ptr; nothing they write is visible after the reset.
-  canonical_config_.clear();
+  config_.reset();
   tables_.clear();
-  table_ids_.clear();
-  features_.clear();
   cores_.clear();
   sent_.clear();
   step_learning_rates_.clear();
   deferred_loads_.clear();
-  num_hosts_ = 1;
-  cores_per_host_ = 1;
-  training_mode_ = true;
   ++generation_;
+  // Every op waiting for a batch sees the new generation and fails at once.
+  enqueued_.notify_all();
 }
 
 Status Engine::ResolveShard(Optimizer optimizer, const std::string& config,
@@ -409,8 +170,8 @@ Status Engine::ResolveShardLocked(Optimizer optimizer, int64_t table_id,
                                   ShardRef* out) {
   int id = -1;
   if (!table_name.empty()) {
-    auto it = table_ids_.find(table_name);
-    if (it == table_ids_.end()) {
+    auto it = config_->table_ids.find(table_name);
+    if (it == config_->table_ids.end()) {
       std::vector<std::string> names;
       for (const auto& t : tables_) names.push_back(t->name);
       return InvalidArgument("unknown table_name '", table_name,
@@ -437,10 +198,10 @@ Status Engine::ResolveShardLocked(Optimizer optimizer, int64_t table_id,
                            LoadOpName(optimizer), " / ",
                            RetrieveOpName(optimizer));
   }
-  if (num_shards != num_hosts_) {
+  if (num_shards != config_->num_hosts) {
     return InvalidArgument("table '", t->name, "': num_shards ", num_shards,
                            " differs from the configuration's num_hosts ",
-                           num_hosts_);
+                           config_->num_hosts);
   }
   if (shard_id < 0 || shard_id >= num_shards) {
     return InvalidArgument("table '", t->name, "': shard_id ", shard_id,
@@ -455,7 +216,7 @@ Status Engine::ResolveShardLocked(Optimizer optimizer, int64_t table_id,
 Status Engine::Load(const std::string& config, const LoadRequest& req,
                     const ParallelFor& parallel_for) {
   std::lock_guard<std::mutex> lock(mu_);
-  if (config.empty() && canonical_config_.empty()) {
+  if (config.empty() && config_ == nullptr) {
     if (deferred_loads_.size() >= kMaxDeferredLoads) {
       return tensorflow::errors::ResourceExhausted(
           LoadOpName(req.optimizer), ": ", deferred_loads_.size(),
@@ -583,10 +344,11 @@ Status Engine::RetrieveTouched(const ShardRef& ref,
 }
 
 Status Engine::CheckCoreLocked(int64_t task, int64_t core) const {
-  if (task < 0 || task >= num_hosts_ || core < 0 || core >= cores_per_host_) {
+  const int64_t hosts = config_->num_hosts, cores = config_->cores_per_host;
+  if (task < 0 || task >= hosts || core < 0 || core >= cores) {
     return InvalidArgument("core ", core, " of task ", task,
-                           " is outside the configuration's ", num_hosts_,
-                           " hosts x ", cores_per_host_, " cores per host");
+                           " is outside the configuration's ", hosts,
+                           " hosts x ", cores, " cores per host");
   }
   return tensorflow::OkStatus();
 }
@@ -598,13 +360,13 @@ Status Engine::Enqueue(int64_t task, int64_t core,
   std::unique_lock<std::mutex> lock(mu_);
   TF_RETURN_IF_ERROR(CheckConfigLocked(""));
   TF_RETURN_IF_ERROR(CheckCoreLocked(task, core));
-  if (inputs.size() != features_.size()) {
+  if (inputs.size() != config_->features.size()) {
     return InvalidArgument("enqueue has ", inputs.size(), " features; the ",
-                           "configuration has ", features_.size());
+                           "configuration has ", config_->features.size());
   }
   Batch batch;
   if (mode_override == "unspecified" || mode_override.empty()) {
-    batch.training = training_mode_;
+    batch.training = config_->training;
   } else if (mode_override == "inference") {
     batch.training = false;
   } else if (mode_override == "training" || mode_override == "train" ||
@@ -618,7 +380,7 @@ Status Engine::Enqueue(int64_t task, int64_t core,
   }
   // Its gradients could never be sent (Send refuses inference mode), and the
   // batch would hold every later step open.
-  if (batch.training && !training_mode_) {
+  if (batch.training && !config_->training) {
     return InvalidArgument("mode_override '", mode_override, "' asks for ",
                            "training, but the configuration is in INFERENCE ",
                            "mode");
@@ -632,7 +394,7 @@ Status Engine::Enqueue(int64_t task, int64_t core,
   batch.features.resize(inputs.size());
   int64_t gradient_elements = 0;
   for (size_t i = 0; i < inputs.size(); ++i) {
-    const Feature& f = features_[i];
+    const Feature& f = config_->features[i];
     const Table& t = *tables_[f.table_id];
     if (inputs[i].table_id >= 0 && inputs[i].table_id != f.table_id) {
       return InvalidArgument("feature ", i, ": table_ids entry ",
@@ -702,21 +464,21 @@ Status Engine::Recv(const std::string& config, int64_t task, int64_t core,
                     const AllocateOutput& allocate) {
   std::unique_lock<std::mutex> lock(mu_);
   TF_RETURN_IF_ERROR(CheckConfigLocked(config));
-  if (num_outputs != static_cast<int>(features_.size())) {
+  if (num_outputs != static_cast<int>(config_->features.size())) {
     return InvalidArgument("RecvTPUEmbeddingActivations has ", num_outputs,
                            " outputs; the configuration has ",
-                           features_.size(), " features");
+                           config_->features.size(), " features");
   }
-  std::vector<std::shared_ptr<Table>> tables(features_.size());
-  std::vector<float*> outputs(features_.size());
-  std::vector<int64_t> sizes(features_.size());
+  std::vector<std::shared_ptr<Table>> tables(config_->features.size());
+  std::vector<float*> outputs(config_->features.size());
+  std::vector<int64_t> sizes(config_->features.size());
   TF_RETURN_IF_ERROR(TakeBatchLocked(
       lock, "RecvTPUEmbeddingActivations", task, core, timeout_ms,
       [&](const Batch& batch) {
         TF_RETURN_IF_ERROR(CheckRowsLoadedLocked(batch));
-        for (size_t i = 0; i < features_.size(); ++i) {
-          tables[i] = tables_[features_[i].table_id];
-          std::vector<int64_t> shape = features_[i].input_shape;
+        for (size_t i = 0; i < config_->features.size(); ++i) {
+          tables[i] = tables_[config_->features[i].table_id];
+          std::vector<int64_t> shape = config_->features[i].input_shape;
           shape.push_back(tables[i]->dim);
           sizes[i] = CheckedProduct(shape);  // fits: checked at install
           TF_RETURN_IF_ERROR(allocate(i, shape, &outputs[i]));
@@ -769,9 +531,9 @@ Status Engine::AwaitBatchLocked(std::unique_lock<std::mutex>& lock,
 }
 
 Status Engine::CheckRowsLoadedLocked(const Batch& batch) const {
-  for (size_t i = 0; i < features_.size(); ++i) {
+  for (size_t i = 0; i < config_->features.size(); ++i) {
     // `loaded` changes only under mu_ too, so reading it needs no table lock.
-    const Table& t = *tables_[features_[i].table_id];
+    const Table& t = *tables_[config_->features[i].table_id];
     for (const Entry& e : batch.features[i]) {
       if (!t.shards[e.shard].loaded) {
         return FailedPrecondition("table '", t.name, "' shard ", e.shard,
@@ -790,20 +552,20 @@ Status Engine::TakeSendBatchLocked(
     std::shared_ptr<const Batch>* batch) {
   TF_RETURN_IF_ERROR(CheckConfigLocked(""));
   TF_RETURN_IF_ERROR(CheckCoreLocked(task, core));
-  if (!training_mode_) {
+  if (!config_->training) {
     return FailedPrecondition(op, " on core ", core, " of task ", task,
                               ": the TPU embedding configuration is in ",
                               "INFERENCE mode, which trains nothing; ",
                               "configure a TRAINING one");
   }
-  if (shapes.size() != features_.size()) {
+  if (shapes.size() != config_->features.size()) {
     return InvalidArgument("Send has ", shapes.size(), " gradients; the ",
-                           "configuration has ", features_.size(),
+                           "configuration has ", config_->features.size(),
                            " features");
   }
-  for (size_t i = 0; i < features_.size(); ++i) {
-    const Table& t = *tables_[features_[i].table_id];
-    std::vector<int64_t> expected = features_[i].input_shape;
+  for (size_t i = 0; i < config_->features.size(); ++i) {
+    const Table& t = *tables_[config_->features[i].table_id];
+    std::vector<int64_t> expected = config_->features[i].input_shape;
     expected.push_back(t.dim);
     if (shapes[i] != expected) {
       return InvalidArgument("gradient ", i, " (table '", t.name,
@@ -859,9 +621,9 @@ Status Engine::Send(int64_t task, int64_t core,
   // A core sending twice before the others finished the step closes that
   // step first, so no core's gradients ever count twice in one update.
   if (sent_.count(key)) ApplyStepLocked(parallel_for);
-  const size_t position = task * cores_per_host_ + core;
-  for (size_t i = 0; i < features_.size(); ++i) {
-    Table& t = *tables_[features_[i].table_id];
+  const size_t position = task * config_->cores_per_host + core;
+  for (size_t i = 0; i < config_->features.size(); ++i) {
+    Table& t = *tables_[config_->features[i].table_id];
     std::lock_guard<std::mutex> table_lock(t.mu);
     const bool accumulate = t.adam.gradient_accumulation;
     for (const Entry& e : batch->features[i]) {
@@ -915,48 +677,6 @@ void Engine::ApplyStepLocked(const ParallelFor& parallel_for) {
     for (Shard& s : t.shards) StepShard(t, lr, parallel_for, s);
   }
   sent_.clear();
-}
-
-std::string Engine::InfoJson() {
-  std::lock_guard<std::mutex> lock(mu_);
-  int64_t queued = 0;
-  for (const auto& [key, core] : cores_) queued += core.queued.size();
-  int64_t total = 0;
-  std::vector<std::string> tables;
-  for (const auto& tp : tables_) {
-    Table& t = *tp;
-    std::lock_guard<std::mutex> table_lock(t.mu);
-    int64_t bytes = 0;
-    std::vector<std::string> shards;
-    for (size_t i = 0; i < t.shards.size(); ++i) {
-      const Shard& s = t.shards[i];
-      const int64_t b =
-          (s.w.size() + s.m.size() + s.v.size()) * sizeof(float) +
-          s.SentBytes();
-      bytes += b;
-      shards.push_back(absl::StrCat("{\"shard\": ", i, ", \"rows\": ", s.rows,
-                                    ", \"loaded\": ",
-                                    s.loaded ? "true" : "false",
-                                    ", \"steps_since_retrieve\": ",
-                                    s.steps_since_retrieve,
-                                    ", \"bytes\": ", b, "}"));
-    }
-    total += bytes;
-    tables.push_back(absl::StrCat(
-        "{\"name\": ", JsonString(t.name), ", \"id\": ", t.id,
-        ", \"vocabulary_size\": ", t.vocabulary_size, ", \"dimension\": ",
-        t.dim, ", \"sharding\": \"", t.mod_sharding ? "mod" : "div",
-        "\", \"num_shards\": ", t.shards.size(), ", \"bytes\": ", bytes,
-        ", \"shards\": [", absl::StrJoin(shards, ", "), "]}"));
-  }
-  return absl::StrCat(
-      "{\"pid\": ", static_cast<int64_t>(getpid()),
-      ", \"configured\": ", canonical_config_.empty() ? "false" : "true",
-      ", \"num_hosts\": ", num_hosts_, ", \"cores_per_host\": ",
-      cores_per_host_, ", \"num_features\": ", features_.size(),
-      ", \"queued_batches\": ", queued, ", \"deferred_loads\": ",
-      deferred_loads_.size(), ", \"bytes\": ", total,
-      ", \"tables\": [", absl::StrJoin(tables, ", "), "]}");
 }
 
 }  // namespace engine

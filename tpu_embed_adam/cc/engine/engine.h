@@ -36,15 +36,11 @@
 
 #include "tensorflow/core/platform/status.h"
 #include "tpu_embed_adam/cc/engine/batch.h"
+#include "tpu_embed_adam/cc/engine/config.h"
 #include "tpu_embed_adam/cc/engine/table.h"
 
 namespace tpu_embed_adam {
 namespace engine {
-
-struct Feature {
-  int table_id = 0;
-  std::vector<int64_t> input_shape;
-};
 
 // A shard named by a Load or Retrieve op, resolved against the configuration.
 struct ShardRef {
@@ -285,13 +281,8 @@ class Engine {
 
   std::mutex mu_;
   std::condition_variable enqueued_;
-  std::string canonical_config_;  // deterministic serialization; "" = none
-  int64_t num_hosts_ = 1;
-  int64_t cores_per_host_ = 1;
-  bool training_mode_ = true;  // mode of the configuration
-  std::vector<std::shared_ptr<Table>> tables_;
-  std::map<std::string, int> table_ids_;
-  std::vector<Feature> features_;
+  std::shared_ptr<const EngineConfig> config_;  // null: none installed
+  std::vector<std::shared_ptr<Table>> tables_;  // config_->tables' state
   std::map<CoreKey, Core> cores_;
   // The step barrier: cores that have sent gradients in the step now
   // accumulating (see StepOutstandingLocked for the cores it waits for).

@@ -75,9 +75,9 @@ Status Engine::RouteIds(const std::string& config, int64_t task, int64_t core,
                         const AllocateIds& allocate) {
   std::unique_lock<std::mutex> lock(mu_);
   TF_RETURN_IF_ERROR(CheckConfigLocked(config));
-  if (num_owners != num_hosts_) {
+  if (num_owners != config_->num_hosts) {
     return InvalidArgument("RouteIds has ", num_owners, " outputs; the ",
-                           "configuration has ", num_hosts_, " hosts");
+                           "configuration has ", config_->num_hosts, " hosts");
   }
   auto routing = std::make_shared<Routing>();
   TF_RETURN_IF_ERROR(TakeBatchLocked(
@@ -87,9 +87,9 @@ Status Engine::RouteIds(const std::string& config, int64_t task, int64_t core,
         // Distinct local rows per (owner, table), in first-seen order.
         std::vector<std::vector<int64_t>> rows(num_owners * num_tables);
         std::vector<absl::flat_hash_map<int64_t, int64_t>> seen(rows.size());
-        routing->offsets.resize(features_.size());
-        for (size_t i = 0; i < features_.size(); ++i) {
-          const int table = features_[i].table_id;
+        routing->offsets.resize(config_->features.size());
+        for (size_t i = 0; i < config_->features.size(); ++i) {
+          const int table = config_->features[i].table_id;
           const std::vector<Entry>& entries = batch.features[i];
           std::vector<int64_t>& offsets = routing->offsets[i];
           offsets.resize(entries.size());
@@ -112,8 +112,8 @@ Status Engine::RouteIds(const std::string& config, int64_t task, int64_t core,
           }
           routing->owner_floats[o] = floats;
         }
-        for (size_t i = 0; i < features_.size(); ++i) {
-          const int table = features_[i].table_id;
+        for (size_t i = 0; i < config_->features.size(); ++i) {
+          const int table = config_->features[i].table_id;
           const int64_t dim = tables_[table]->dim;
           const std::vector<Entry>& entries = batch.features[i];
           for (size_t k = 0; k < entries.size(); ++k) {
@@ -180,10 +180,10 @@ Status Engine::CombineActivations(const std::string& config, int64_t task,
   std::unique_lock<std::mutex> lock(mu_);
   TF_RETURN_IF_ERROR(CheckConfigLocked(config));
   TF_RETURN_IF_ERROR(CheckCoreLocked(task, core));
-  if (num_outputs != static_cast<int>(features_.size())) {
+  if (num_outputs != static_cast<int>(config_->features.size())) {
     return InvalidArgument("RecvTPUEmbeddingActivations has ", num_outputs,
                            " outputs; the configuration has ",
-                           features_.size(), " features");
+                           config_->features.size(), " features");
   }
   auto it = cores_.find(CoreKey{task, core});
   if (it == cores_.end() || it->second.routing == nullptr) {
@@ -205,11 +205,11 @@ Status Engine::CombineActivations(const std::string& config, int64_t task,
                              "routed to it needs ", routing->owner_floats[o]);
     }
   }
-  std::vector<float*> outputs(features_.size());
-  std::vector<int64_t> dims(features_.size()), slots(features_.size());
-  for (size_t i = 0; i < features_.size(); ++i) {
-    std::vector<int64_t> shape = features_[i].input_shape;
-    dims[i] = tables_[features_[i].table_id]->dim;
+  std::vector<float*> outputs(config_->features.size());
+  std::vector<int64_t> dims(config_->features.size()), slots(config_->features.size());
+  for (size_t i = 0; i < config_->features.size(); ++i) {
+    std::vector<int64_t> shape = config_->features[i].input_shape;
+    dims[i] = tables_[config_->features[i].table_id]->dim;
     slots[i] = CheckedProduct(shape);  // fits: checked at install
     shape.push_back(dims[i]);
     TF_RETURN_IF_ERROR(allocate(i, shape, &outputs[i]));
@@ -234,16 +234,19 @@ Status Engine::SplitGradients(int64_t task, int64_t core,
                               int num_owners, int64_t timeout_ms,
                               const AllocatePayload& allocate) {
   std::unique_lock<std::mutex> lock(mu_);
-  if (num_owners != num_hosts_) {
+  TF_RETURN_IF_ERROR(CheckConfigLocked(""));
+  if (num_owners != config_->num_hosts) {
     return InvalidArgument("SplitGradients has ", num_owners, " owners; the ",
-                           "configuration has ", num_hosts_, " hosts");
+                           "configuration has ", config_->num_hosts, " hosts");
   }
   std::shared_ptr<const Batch> batch;
   TF_RETURN_IF_ERROR(TakeSendBatchLocked(lock, "SendTPUEmbeddingGradients",
                                          task, core, shapes, timeout_ms,
                                          /*local_rows=*/false, &batch));
   const std::vector<std::shared_ptr<Table>> tables = tables_;
-  const std::vector<Feature> features = features_;
+  // The configuration the batch was built under, shared, not copied.
+  const std::shared_ptr<const EngineConfig> config = config_;
+  const std::vector<Feature>& features = config->features;
   lock.unlock();
 
   // The core's own sum per row (what the owner's accumulator would form
@@ -286,7 +289,7 @@ Status Engine::ApplyGradients(int64_t task,
   std::unique_lock<std::mutex> lock(mu_);
   TF_RETURN_IF_ERROR(CheckConfigLocked(""));
   TF_RETURN_IF_ERROR(CheckCoreLocked(task, 0));
-  if (!training_mode_) {
+  if (!config_->training) {
     return FailedPrecondition("ApplyGradients on task ", task, ": the TPU ",
                               "embedding configuration is in INFERENCE mode");
   }

@@ -1,7 +1,7 @@
 // A table as the engine holds it: its configuration, its shards (rows, Adam
-// slots, gradient accumulator), where each id lives, and one step's update
-// of a shard. Shared by the single-process step and the owner's half of a
-// multi-process one.
+// slots, gradient accumulator, rows trained since the last retrieve), where
+// each id lives, and one step's update of a shard. Shared by the
+// single-process step and the owner's half of a multi-process one.
 #ifndef TPU_EMBED_ADAM_CC_ENGINE_TABLE_H_
 #define TPU_EMBED_ADAM_CC_ENGINE_TABLE_H_
 
@@ -12,14 +12,10 @@
 
 #include "tpu_embed_adam/cc/core/sparse_adam.h"
 #include "tpu_embed_adam/cc/engine/accumulator.h"
+#include "tpu_embed_adam/cc/engine/config.h"
 
 namespace tpu_embed_adam {
 namespace engine {
-
-// Which of TF's optimizers a table uses, i.e. which Load/Retrieve ops move
-// it. Training needs Adam; TF's INFERENCE mode configures every table with
-// stochastic gradient descent, whose state is the table alone.
-enum class Optimizer { kAdam, kSgd };
 
 // How many arrays the optimizer's Load/Retrieve ops move: the parameters,
 // then the slots (Adam: momenta, velocities).
@@ -61,19 +57,13 @@ struct Shard {
   void MarkRetrieved();
 };
 
-struct Table {
-  std::string name;
-  int id = 0;
-  int64_t vocabulary_size = 0;  // as configured: valid ids are below it
-  // At least one row per shard (TF pads small tables with dummy rows): the
-  // size that sharding splits.
-  int64_t padded_vocabulary_size = 0;
-  int64_t dim = 0;
-  bool mod_sharding = false;  // else div: contiguous blocks
-  Optimizer optimizer = Optimizer::kAdam;
-  AdamConfig adam;
-  float constant_lr = 0.0f;
-  int dynamic_lr_tag = -1;  // index into Send's learning_rates, or -1
+// A table's state: its configuration (immutable, from the EngineConfig)
+// and its shards.
+struct Table : TableSpec {
+  explicit Table(const TableSpec& spec) : TableSpec(spec) {
+    shards.resize(shard_rows.size());
+    for (size_t s = 0; s < shards.size(); ++s) shards[s].rows = shard_rows[s];
+  }
   std::mutex mu;
   std::vector<Shard> shards;
 };
