@@ -4,6 +4,7 @@
 `tf.compat.v1.tpu.experimental.AdamParameters`); `reference.adam_update`
 states the update and `apply_adam` runs it fast; `engine` is the software TPU
 embedding engine, and `cluster` starts its worker processes (one per host);
+`TPUEmbedding` is TF2's mid-level embedding API training on CPU;
 `install()` makes TF's public alias resolve to ours.
 
 Importing the package loads its kernel library (when built): that registers
@@ -14,16 +15,18 @@ the why, and how to turn it off); that is the one change it makes to TF's
 Python API. `install()` makes the others.
 """
 
-from tpu_embed_adam import cluster, engine, optimization_parameters_pb2
+from tpu_embed_adam import cluster, engine, optimization_parameters_pb2, tf2
 from tpu_embed_adam.ops import loader
 from tpu_embed_adam.ops.apply import apply_adam
 from tpu_embed_adam.params import AdamParameters, DynamicLearningRate
 from tpu_embed_adam.patch import install, installed, uninstall
 from tpu_embed_adam.reference import bias_corrected_learning_rate
+from tpu_embed_adam.tf2 import TPUEmbedding
 
 __all__ = [
     "AdamParameters",
     "DynamicLearningRate",
+    "TPUEmbedding",
     "apply_adam",
     "cluster",
     "engine",
@@ -31,6 +34,7 @@ __all__ = [
     "install",
     "installed",
     "optimization_parameters_pb2",
+    "tf2",
     "uninstall",
 ]
 
