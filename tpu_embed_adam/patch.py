@@ -1,15 +1,21 @@
-"""Make TF use ours, reversibly: `AdamParameters` and `TPUEstimator` on CPU.
+"""Make TF use ours, reversibly: `AdamParameters`, `TPUEstimator` and TF2's `TPUEmbedding`.
 
 Importing `tpu_embed_adam` changes none of this (its one change to TF's
 Python API is the unretrieved-save warning, `engine.warn_unretrieved_saves`);
 `install()` does, and `uninstall()` (or leaving `installed()`) restores
 exactly what was there.
-Two things change: the public `AdamParameters` aliases
+Three things change: the public `AdamParameters` aliases
 (`tf.compat.v1.tpu.experimental` and the `tf.tpu.experimental` of the v1
 API) name ours, while TF's own class stays in place so TF's `isinstance`
-checks keep accepting both; and TF's `TPUEstimator` gets the methods of
+checks keep accepting both; TF's `TPUEstimator` gets the methods of
 `tpu_embed_adam.estimator.TPUEstimator`, so that with `use_tpu=False` its
-embedding tables train on the software TPU embedding engine.
+embedding tables train on the software TPU embedding engine; and TF2's
+`tf.tpu.experimental.embedding.TPUEmbedding` gets `build`, `enqueue`,
+`dequeue` and `apply_gradients` of `tpu_embed_adam.TPUEmbedding`, which run
+TF's originals under a `TPUStrategy` and train on CPU otherwise. Its
+constructor stays TF's: a TF class made on CPU with another optimizer than
+Adam (TF's documented way to restore tables for serving) still constructs,
+and only training with it raises.
 """
 
 from __future__ import annotations
@@ -33,6 +39,8 @@ _LOCK = threading.Lock()
 _SAVED: dict[ModuleType, type] = {}
 # TPUEstimator's methods that install() replaced, by name.
 _SAVED_ESTIMATOR: dict[str, Any] = {}
+# TF2 TPUEmbedding's methods that install() replaced, by name.
+_SAVED_EMBEDDING: dict[str, Any] = {}
 
 
 def _api_modules() -> list[ModuleType]:
@@ -53,19 +61,34 @@ def _estimator_classes() -> tuple[type, type]:
     return TPUEstimator, TPUEstimator.__mro__[1]
 
 
+def _embedding_classes() -> tuple[type, type, tuple[str, ...]]:
+    """Ours and TF2's `TPUEmbedding`, and the methods install() moves."""
+    from tpu_embed_adam.tf2._embedding import CPU_METHODS, TF_TPU_EMBEDDING, TPUEmbedding
+
+    return TPUEmbedding, TF_TPU_EMBEDDING, CPU_METHODS
+
+
 def install() -> None:
-    """Points TF's `AdamParameters` aliases at ours and puts the engine under `TPUEstimator`.
+    """Points TF's `AdamParameters` aliases at ours and trains TF's embedding APIs on CPU.
 
     After it, `tf.compat.v1.tpu.experimental.AdamParameters` is
-    `tpu_embed_adam.AdamParameters`, and TF's `TPUEstimator(use_tpu=False,
-    embedding_config_spec=...)` behaves as `tpu_embed_adam.estimator.TPUEstimator`.
-    Idempotent: a second call changes nothing.
+    `tpu_embed_adam.AdamParameters`; TF's `TPUEstimator(use_tpu=False,
+    embedding_config_spec=...)` behaves as `tpu_embed_adam.estimator.TPUEstimator`;
+    and TF2's `tf.tpu.experimental.embedding.TPUEmbedding`, made outside a
+    `TPUStrategy`, trains as `tpu_embed_adam.TPUEmbedding` (under a
+    `TPUStrategy` its methods run TF's code). Idempotent: a second call
+    changes nothing.
     """
     with _LOCK:
         if not _SAVED_ESTIMATOR:
             ours, tf_class = _estimator_classes()
             for name in ENGINE_METHODS:
                 _SAVED_ESTIMATOR[name] = tf_class.__dict__[name]
+                setattr(tf_class, name, ours.__dict__[name])
+        if not _SAVED_EMBEDDING:
+            ours, tf_class, methods = _embedding_classes()
+            for name in methods:
+                _SAVED_EMBEDDING[name] = tf_class.__dict__[name]
                 setattr(tf_class, name, ours.__dict__[name])
         for module in _api_modules():
             current = getattr(module, "AdamParameters")  # noqa: B009 (mypy: dynamic module)
@@ -82,6 +105,11 @@ def uninstall() -> None:
             for name, original in _SAVED_ESTIMATOR.items():
                 setattr(tf_class, name, original)
             _SAVED_ESTIMATOR.clear()
+        if _SAVED_EMBEDDING:
+            _, tf_class, _ = _embedding_classes()
+            for name, original in _SAVED_EMBEDDING.items():
+                setattr(tf_class, name, original)
+            _SAVED_EMBEDDING.clear()
         for module, original in _SAVED.items():
             setattr(module, "AdamParameters", original)  # noqa: B010
         _SAVED.clear()
