@@ -72,6 +72,13 @@ def test_train_batch_size_required(tmp_path, value):
         _build(tmp_path, spec_of(columns(None)), train_batch_size=value)
 
 
+@pytest.mark.parametrize("argument", ["train_batch_size", "eval_batch_size"])
+def test_batch_size_beyond_int32_refused_at_construction(tmp_path, argument):
+    """TF's TPUEmbeddingConfiguration holds batch sizes as int32."""
+    with pytest.raises(ValueError, match=f"{argument} must be a positive int.*2147483648"):
+        _build(tmp_path, spec_of(columns(None)), **{argument: 2**31})
+
+
 def test_eval_batch_size_checked(tmp_path):
     with pytest.raises(ValueError, match="eval_batch_size must be a positive int"):
         _build(tmp_path, spec_of(columns(None)), eval_batch_size=-1)
@@ -127,6 +134,33 @@ def test_batch_larger_than_train_batch_size_fails_naming_it(tmp_path):
         make_estimator(regression_model_fn(list(FEATURES)), spec, tmp_path / "dynamic").train(
             unknown_batch, max_steps=1
         )
+
+
+def _ids(rows):
+    values = [i for row in rows for i in row]
+    return tf.RaggedTensor.from_row_lengths(
+        tf.constant(values, tf.int64), [len(row) for row in rows]
+    )
+
+
+@pytest.mark.parametrize(
+    "features, match",
+    [
+        (
+            lambda: {"hist": tf.sparse.SparseTensor([[0, 0]], tf.constant([1], tf.int64), [2, 1])},
+            r"features have no 'item'.*\['hist'\]",
+        ),
+        (
+            lambda: {"hist": _ids([[1], [2, 3]]), "item": _ids([[1], []])},
+            r"feature 'hist' is a RaggedTensor",
+        ),
+    ],
+)
+def test_embedding_features_that_cannot_be_enqueued_are_named(tmp_path, features, match):
+    """Before TF's enqueue would fail on them with an error that names no feature."""
+    estimator = make_estimator(_model_fn, spec_of(columns(None)), tmp_path)
+    with pytest.raises(ValueError, match=match):
+        estimator.train(lambda params: tf.data.Dataset.from_tensors(features()), max_steps=1)
 
 
 def test_smaller_last_batch_is_padded(tmp_path):

@@ -83,13 +83,19 @@ def check_spec(spec: Any, train_batch_size: Any, eval_batch_size: Any) -> None:
             )
 
 
+# TF's TPUEmbeddingConfiguration holds a batch size in an int32: a larger one
+# fails in TF's proto code when training starts, naming no argument.
+_MAX_BATCH_SIZE = 2**31 - 1
+
+
 def _check_batch_size(name: str, value: Any, required: bool) -> None:
     if value is None and not required:
         return
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= _MAX_BATCH_SIZE:
         raise ValueError(
-            f"{name} must be a positive int when the CPU TPU embedding engine serves "
-            f"embedding_config_spec (it sizes the engine's batches); got {value!r}."
+            f"{name} must be a positive int, at most {_MAX_BATCH_SIZE}, when the CPU TPU "
+            f"embedding engine serves embedding_config_spec (it sizes the engine's batches); "
+            f"got {value!r}."
         )
 
 

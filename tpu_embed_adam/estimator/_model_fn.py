@@ -237,8 +237,22 @@ def _batch_of(features: dict[str, Any], emb: Any, argument: str) -> Any:
     """The batch size of this step's inputs, from the first embedding feature.
 
     Raises:
-      ValueError: the batch is statically larger than the engine's.
+      ValueError: an embedding feature is missing or neither a SparseTensor
+        nor a Tensor, or the batch is statically larger than the engine's.
     """
+    # TF's split_inputs would fail on these later, naming no feature.
+    for name in emb.feature_to_config_dict:
+        if name not in features:
+            raise ValueError(
+                f"The input_fn's features have no {name!r}, an embedding feature of "
+                f"embedding_config_spec; they have {sorted(features)}."
+            )
+        if not isinstance(features[name], (tf.Tensor, tf.sparse.SparseTensor)):
+            raise ValueError(
+                f"The input_fn's feature {name!r} is a {type(features[name]).__name__}; "
+                "TPUEstimator enqueues an embedding feature as a SparseTensor or a dense "
+                "Tensor of ids."
+            )
     feature = features[next(iter(emb.feature_to_config_dict))]
     static = tf.compat.dimension_value(feature.shape[0])
     if static is not None and static > emb.batch_size_per_core:
