@@ -247,9 +247,10 @@ def _id_check(batch: FeatureBatch) -> tf.Operation:
     return tf.debugging.Assert(
         tf.logical_not(tf.reduce_any(bad)),
         [
-            f"enqueue: {_where(batch.path, 'features')} has an id outside [0, {vocabulary}), "
-            f"the rows of table {batch.table.name!r}. First such id and its position "
-            "among the feature's ids kept:",
+            # Backticks, not quotes: a graph's assertion prints quotes escaped.
+            f"enqueue: feature `{batch.path}` (argument `features`) has an id outside "
+            f"[0, {vocabulary}), the rows of table `{batch.table.name}`. First such id and "
+            "its position among the ids kept:",
             tf.gather(batch.ids, first),
             first,
         ],
