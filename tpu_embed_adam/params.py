@@ -10,8 +10,6 @@ behaves as a value: immutable, comparable, hashable, picklable, serializable.
 
 import functools
 import json
-import math
-import numbers
 import typing
 from typing import Any, Literal
 
@@ -20,6 +18,7 @@ from tensorflow.python.tpu import tpu_embedding as _tf_tpu_embedding
 
 from tpu_embed_adam import proto
 from tpu_embed_adam.learning_rates import DynamicLearningRate, constant_learning_rate
+from tpu_embed_adam.rules import decay_rate, real
 
 __all__ = [
     "AdamParameters",
@@ -60,31 +59,6 @@ _HINTS: dict[str, Any] = {
 _ARGUMENTS = (*_FIELDS, *_HINTS)
 
 
-def _real(name: str, value: Any) -> float:
-    """Returns `value` as a float finite in float32, or raises naming the argument.
-
-    The proto, the kernels and the TPU hold float32: a value that overflows
-    float32 (1e39) would serialize as inf and no longer read back.
-    """
-    if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Real):
-        raise TypeError(
-            f"Argument `{name}` must be a real number; received: {value!r} "
-            f"({type(value).__name__})."
-        )
-    try:
-        result = float(value)
-    except OverflowError:  # an int or Fraction beyond any float (10**400)
-        result = math.inf
-    with np.errstate(over="ignore"):
-        finite = math.isfinite(result) and math.isfinite(np.float32(result))
-    if not finite:
-        hint = " (use None for no bound)" if name.startswith("clip_") else ""
-        raise ValueError(
-            f"Argument `{name}` must be finite in float32{hint}; received: {value!r}."
-        )
-    return result
-
-
 def _flag(name: str, value: Any, optional: bool = False) -> bool | None:
     if optional and value is None:
         return None
@@ -121,17 +95,10 @@ def _validated(kwargs: dict[str, Any]) -> dict[str, Any]:
         lr if isinstance(lr, DynamicLearningRate) else constant_learning_rate(lr)
     )
     for name in ("beta1", "beta2"):
-        out[name] = _real(name, kwargs[name])
-        # Checked in float32 too: 0.99999999 rounds to 1.0 there, and the
-        # moment would never decay.
-        if not (0.0 <= out[name] < 1.0 and np.float32(out[name]) < 1.0):
-            raise ValueError(
-                f"Argument `{name}` must be >= 0 and < 1 (also in float32); "
-                f"received: {kwargs[name]!r}."
-            )
+        out[name] = decay_rate(name, kwargs[name])
     for name in _BOOL_FIELDS:
         out[name] = _flag(name, kwargs[name])
-    out["epsilon"] = _real("epsilon", kwargs["epsilon"])
+    out["epsilon"] = real("epsilon", kwargs["epsilon"])
     if out["epsilon"] <= 0 or np.float32(out["epsilon"]) <= 0:
         raise ValueError(
             f"Argument `epsilon` must be > 0 (also in float32); received: {kwargs['epsilon']!r}."
@@ -149,7 +116,7 @@ def _validated(kwargs: dict[str, Any]) -> dict[str, Any]:
             f"{np.finfo(np.float32).tiny:.4g}; received: {kwargs['epsilon']!r}."
         )
     for name in ("clip_weight_min", "clip_weight_max", "clip_gradient_min", "clip_gradient_max"):
-        out[name] = None if kwargs[name] is None else _real(name, kwargs[name])
+        out[name] = None if kwargs[name] is None else real(name, kwargs[name])
     for kind in ("weight", "gradient"):
         low, high = out[f"clip_{kind}_min"], out[f"clip_{kind}_max"]
         if low is not None and high is not None and low > high:
@@ -158,7 +125,7 @@ def _validated(kwargs: dict[str, Any]) -> dict[str, Any]:
                 f"received: {low!r} > {high!r}."
             )
     wd = kwargs["weight_decay_factor"]
-    out["weight_decay_factor"] = None if wd is None else _real("weight_decay_factor", wd)
+    out["weight_decay_factor"] = None if wd is None else real("weight_decay_factor", wd)
     if out["weight_decay_factor"] is not None and out["weight_decay_factor"] < 0:
         raise ValueError(f"Argument `weight_decay_factor` must be >= 0; received: {wd!r}.")
     if out["weight_decay_factor"] and np.float32(out["weight_decay_factor"]) == 0:

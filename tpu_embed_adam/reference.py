@@ -12,6 +12,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from tpu_embed_adam.learning_rates import constant_learning_rate
+from tpu_embed_adam.rules import decay_rate
 
 __all__ = ["Float32Constants", "adam_update", "bias_corrected_learning_rate", "float32_constants"]
 
@@ -38,9 +39,10 @@ def bias_corrected_learning_rate(
       The corrected learning rate as a Python float.
 
     Raises:
-      TypeError: `learning_rate` is a bool or not a real number.
-      ValueError: if `step` < 1, a beta is outside [0, 1), or `learning_rate`
-        is not a normal float32 > 0 (`learning_rates.constant_learning_rate`).
+      TypeError: `learning_rate` or a beta is a bool or not a real number.
+      ValueError: if `step` < 1, a beta is outside [0, 1)
+        (`rules.decay_rate`), or `learning_rate` is not a normal float32 > 0
+        (`learning_rates.constant_learning_rate`).
     """
     try:
         # float(step) bounds it: `beta**step` needs a float exponent, and an
@@ -50,9 +52,7 @@ def bias_corrected_learning_rate(
         valid = False
     if not valid:
         raise ValueError(f"`step` must be an integer >= 1 that fits a float; got {step!r}.")
-    for name, beta in (("beta1", beta1), ("beta2", beta2)):
-        if not 0.0 <= beta < 1.0:
-            raise ValueError(f"`{name}` must be in [0, 1); got {beta!r}.")
+    beta1, beta2 = decay_rate("beta1", beta1), decay_rate("beta2", beta2)
     rate = constant_learning_rate(learning_rate)
     return float(rate * np.sqrt(1.0 - beta2 ** float(step)) / (1.0 - beta1 ** float(step)))
 

@@ -66,7 +66,7 @@ def test_non_adam_table() -> None:
     cfg = embedding_config([("ada", 4, 2, adam_params())], [(0, [1])], optimizer="adagrad")
     with pytest.raises(
         tf.errors.InvalidArgumentError,
-        match="table 'ada' uses optimizer 'adagrad'; the engine supports only Adam",
+        match="table 'ada': Argument `message` configures the 'adagrad' optimizer, not 'adam'",
     ):
         raw.ConfigureTPUEmbedding(config=cfg)
     assert not engine.info()["configured"]
@@ -89,21 +89,36 @@ def _set(path: str, value: float):
 @pytest.mark.parametrize(
     "mutate,pattern",
     [
-        (_set_lr_none, "learning_rate sets neither constant nor dynamic"),
-        (_set("learning_rate.dynamic.tag", -1), "dynamic learning rate tag -1 is negative"),
+        (_set_lr_none, r"Argument `message` has no learning_rate \(constant or dynamic\)"),
+        (_set("learning_rate.dynamic.tag", -1),
+         r"Argument `tag` must be in \[0, 2\*\*31\); received: -1"),
         (_set("learning_rate.constant", float("inf")),
-         "learning_rate constant inf must be positive and finite"),
-        (_set("learning_rate.constant", 0.0), "learning_rate constant 0 must be positive"),
-        (_set("learning_rate.constant", -0.5), "learning_rate constant -0.5 must be positive"),
-        (_set("adam.epsilon", 1e-23), r"Adam epsilon 1e-23 vanishes in float32 \(epsilon\^2"),
-        (_set("adam.beta1", 1.0), r"Adam beta1 1 is outside \[0, 1\)"),
-        (_set("adam.beta2", -0.1), r"Adam beta2 -0.1 is outside \[0, 1\)"),
-        (_set("adam.beta1", float("nan")), r"Adam beta1 nan is outside \[0, 1\)"),
-        (_set("adam.epsilon", 0.0), "Adam epsilon 0 must be positive and finite"),
-        (_set("adam.epsilon", float("inf")), "Adam epsilon inf must be positive and finite"),
-        (_set("weight_decay_factor", -1.0), "weight_decay_factor -1 must be non-negative"),
+         "Argument `learning_rate` must be finite in float32; received: inf"),
+        (_set("learning_rate.constant", 0.0), "Argument `learning_rate` must be > 0; received: 0"),
+        (_set("learning_rate.constant", -0.5),
+         "Argument `learning_rate` must be > 0; received: -0.5"),
+        (_set("learning_rate.constant", 1e-40),
+         "Argument `learning_rate` must be a normal float32"),
+        (_set("adam.epsilon", 1e-23),
+         r"Argument `epsilon` vanishes in float32: with sum_inside_sqrt=True, epsilon\^2"),
+        (_set("adam.beta1", 1.0),
+         r"Argument `beta1` must be >= 0 and < 1 \(also in float32\); received: 1\."),
+        (_set("adam.beta2", -0.1), r"Argument `beta2` must be >= 0 and < 1"),
+        (_set("adam.beta1", float("nan")),
+         "Argument `beta1` must be finite in float32; received: nan"),
+        (_set("adam.epsilon", 0.0), r"Argument `epsilon` must be > 0 \(also in float32\)"),
+        (_set("adam.epsilon", float("inf")), "Argument `epsilon` must be finite in float32"),
+        (_set("weight_decay_factor", -1.0),
+         "Argument `weight_decay_factor` must be >= 0; received: -1"),
         (_set("clipping_limits.lower.value", 2.0), None),  # with upper 1 below
-        (_set("gradient_clipping_limits.upper.value", float("nan")), "gradient_clipping_limits"),
+        (_set("gradient_clipping_limits.upper.value", float("nan")),
+         r"Argument `clip_gradient_max` must be finite in float32 \(use None for no bound\)"),
+        (_set("gradient_accumulation_status", 7),
+         "Argument `message` has an unknown gradient_accumulation_status 7"),
+        (_set("multiply_weight_decay_factor_by_learning_rate", True),
+         "Argument `multiply_weight_decay_factor_by_learning_rate` is True but"),
+        (_set("simulated_quantization.enabled", True),
+         "Argument `simulated_quantization` is not supported"),
     ],
 )
 def test_invalid_table_parameters(mutate, pattern: str | None) -> None:
@@ -113,7 +128,7 @@ def test_invalid_table_parameters(mutate, pattern: str | None) -> None:
     mutate(o)
     if pattern is None:
         o.clipping_limits.upper.value = 1.0
-        pattern = r"clipping_limits \[2, 1\] is not an interval"
+        pattern = r"Argument `clip_weight_min` must be <= `clip_weight_max`; received: 2 > 1\."
     with pytest.raises(tf.errors.InvalidArgumentError, match=f"table 't': {pattern}"):
         raw.ConfigureTPUEmbedding(config=cfg.SerializeToString())
     assert not engine.info()["configured"]
@@ -131,7 +146,7 @@ def test_vanishing_epsilon_outside_the_square_root() -> None:
     # the message may come from the positivity check instead.
     with pytest.raises(
         tf.errors.InvalidArgumentError,
-        match=r"table 't': Adam epsilon \S+ (vanishes in float32|must be positive and finite)",
+        match=r"table 't': Argument `epsilon` (vanishes in float32|must be > 0)",
     ):
         raw.ConfigureTPUEmbedding(config=serialized)
     assert not engine.info()["configured"]
@@ -147,7 +162,8 @@ _BAD_SYSTEMS = [
     (dict(num_hosts=2, num_tensor_cores=3), "num_tensor_cores 3 must be num_hosts"),
     (dict(num_tensor_cores=_BIG), f"num_tensor_cores {_BIG} must be"),
     (dict(sharding_strategy=7), "sharding_strategy 7 is neither DIV_DEFAULT"),
-    (dict(mode=9), "mode 9 is not a known mode"),
+    (dict(mode=9), "Argument `mode` must be TRAINING or INFERENCE.*; received: 9"),
+    (dict(mode=0), "Argument `mode` must be TRAINING or INFERENCE.*; received: 0"),
     (dict(input_shape=[_BIG, 64]), r"input_shape \[2147483647, 64\] must be .* at most 16777216"),
     (dict(input_shape=[2**24], dim=2**7), "at most 16777216 slots and 1073741824 activation"),
     (dict(num_features=_BIG), f"the configuration has {_BIG} features; at most 65536"),
@@ -210,3 +226,27 @@ def test_bad_system_fields_leave_the_engine_as_it_was(loaded: bytes, fields, pat
     with pytest.raises(tf.errors.InvalidArgumentError, match=pattern):
         raw.ConfigureTPUEmbedding(config=system_config(**fields))
     assert_engine_unchanged(before)
+
+
+@pytest.mark.parametrize(
+    "mutate,pattern",
+    [
+        (lambda c: c.ClearField("table_descriptor"),
+         "Argument `table_descriptor` must hold at least one table"),
+        (lambda c: setattr(c.table_descriptor[0], "name", "t\x00x"),
+         "Argument `name` of table 0 must not contain a NUL character"),
+        (lambda c: setattr(c.table_descriptor[0].optimization_parameters.adam,
+                           "use_non_lazy_adam", True)
+         or setattr(c.table_descriptor[0].optimization_parameters,
+                    "gradient_accumulation_status", 2),
+         "Argument `lazy_adam` is False, which needs `use_gradient_accumulation=True`"),
+    ],
+)
+def test_configurations_python_refuses_are_refused(mutate, pattern: str) -> None:
+    cfg = cfg_pb2.TPUEmbeddingConfiguration.FromString(
+        embedding_config([("t", 4, 2, adam_params())], [(0, [1])])
+    )
+    mutate(cfg)
+    with pytest.raises(tf.errors.InvalidArgumentError, match=pattern):
+        raw.ConfigureTPUEmbedding(config=cfg.SerializeToString())
+    assert not engine.info()["configured"]

@@ -283,7 +283,9 @@ def test_initialize_system_load_train_retrieve_shutdown():
 
 
 def test_configure_distributed_tpu_installs_its_embedding_config():
-    cfg = cfg_pb2.TPUEmbeddingConfiguration(num_hosts=2, num_tensor_cores=6)
+    cfg = cfg_pb2.TPUEmbeddingConfiguration(
+        num_hosts=2, num_tensor_cores=6, mode=cfg_pb2.TPUEmbeddingConfiguration.TRAINING
+    )
     t = cfg.table_descriptor.add(name="t", vocabulary_size=4, dimension=2)
     t.optimization_parameters.learning_rate.constant = 0.1
     t.optimization_parameters.adam.epsilon = 1e-3
@@ -296,7 +298,9 @@ def test_configure_distributed_tpu_installs_its_embedding_config():
     assert len({tuple(c) for c in topology.device_coordinates.reshape(-1, 4)}) == 6
     info = engine.info()
     assert (info["num_hosts"], info["cores_per_host"]) == (2, 3)
-    bad = cfg_pb2.TPUEmbeddingConfiguration(num_hosts=1, num_tensor_cores=1)
+    bad = cfg_pb2.TPUEmbeddingConfiguration(
+        num_hosts=1, num_tensor_cores=1, mode=cfg_pb2.TPUEmbeddingConfiguration.TRAINING
+    )
     bad.table_descriptor.add(name="t", vocabulary_size=0, dimension=2)
     with pytest.raises(tf.errors.InvalidArgumentError, match="vocabulary_size 0"):
         raw.ConfigureDistributedTPU(embedding_config=bad.SerializeToString())

@@ -1,7 +1,7 @@
 """Shared by the tests of the fused kernel, the TF path and `apply_adam`.
 
-A plain module rather than conftest fixtures: hypothesis strategies and the
-`Flags` class are used at collection time, where fixtures do not reach.
+A plain module rather than conftest fixtures: hypothesis strategies and
+`params_of` are used at collection time, where fixtures do not reach.
 Named after its directory so that it cannot shadow a helper module of another
 test directory (pytest puts each one on `sys.path`).
 """
@@ -12,55 +12,19 @@ from typing import Any
 
 import numpy as np
 from hypothesis import strategies as st
-from tensorflow.core.protobuf.tpu.optimization_parameters_pb2 import (
-    GradientAccumulationStatus,
-)
 
 from tpu_embed_adam.params import AdamParameters
 from tpu_embed_adam.reference import adam_update
 
 
-class Flags:
-    """`AdamParameters`, plus gradient accumulation off where the class refuses it.
+def params_of(learning_rate: float = 0.05, **kwargs: Any) -> AdamParameters:
+    """`AdamParameters` with the tests' default learning rate, 0.05.
 
-    TF (and so `AdamParameters`) refuses non-lazy Adam and gradient clipping
-    without accumulation; every implementation still follows the reference
-    for them, so the tests cover them too. The parameters are an
-    `AdamParameters` built with accumulation on (so validated, with its
-    normalisation: no decay is None); `use_gradient_accumulation` is kept
-    beside it, and `to_tf_proto()` turns accumulation off in the proto, which
-    is what the fused kernel reads. Every other attribute is the
-    parameters'. `learning_rate` defaults to 0.05.
+    What the class refuses (non-lazy Adam or gradient clipping without
+    gradient accumulation, as TF does) every kernel refuses too
+    (tests/test_rule_set.py), so no test feeds it to one.
     """
-
-    def __init__(
-        self,
-        learning_rate: float = 0.05,
-        use_gradient_accumulation: bool = True,
-        **kwargs: Any,
-    ) -> None:
-        self.params = AdamParameters(learning_rate, **kwargs)
-        self.use_gradient_accumulation = use_gradient_accumulation
-
-    def __getattr__(self, name: str) -> Any:
-        if name == "params":  # not set yet (copy, pickle): no recursion
-            raise AttributeError(name)
-        return getattr(self.params, name)
-
-    def __repr__(self) -> str:
-        return f"Flags({self.params!r}, use_gradient_accumulation={self.use_gradient_accumulation})"
-
-    def replace(self, **changes: Any) -> Flags:
-        accumulate = changes.pop("use_gradient_accumulation", self.use_gradient_accumulation)
-        flags = Flags(use_gradient_accumulation=accumulate)
-        flags.params = self.params.replace(**changes)
-        return flags
-
-    def to_tf_proto(self) -> Any:
-        msg = self.params.to_tf_proto()
-        if not self.use_gradient_accumulation:
-            msg.gradient_accumulation_status = GradientAccumulationStatus.DISABLED
-        return msg
+    return AdamParameters(learning_rate, **kwargs)
 
 
 # The values the strategies draw from, also cycled through by the
@@ -81,9 +45,14 @@ DECAYS = (
 BOUNDS = ((None, None), (-0.5, 0.5), (None, 0.3), (-0.2, None), (0.1, 0.4))
 
 
-def with_bounds(flags: Flags, gradient: tuple[Any, Any], weight: tuple[Any, Any]) -> Flags:
-    """`flags` with gradient clipping `gradient` and weight clipping 4x `weight`."""
-    return flags.replace(
+def with_bounds(
+    params: AdamParameters, gradient: tuple[Any, Any], weight: tuple[Any, Any]
+) -> AdamParameters:
+    """`params` with weight clipping 4x `weight`, and gradient clipping `gradient`
+    where gradient accumulation is on (TF refuses it without)."""
+    if not params.use_gradient_accumulation:
+        gradient = (None, None)
+    return params.replace(
         clip_gradient_min=gradient[0],
         clip_gradient_max=gradient[1],
         clip_weight_min=None if weight[0] is None else weight[0] * 4,
@@ -91,20 +60,24 @@ def with_bounds(flags: Flags, gradient: tuple[Any, Any], weight: tuple[Any, Any]
     )
 
 
-flag_sets = st.builds(
-    Flags,
-    learning_rate=st.sampled_from(LEARNING_RATES),
-    beta1=st.sampled_from(BETA1S),
-    beta2=st.sampled_from(BETA2S),
-    epsilon=st.sampled_from(EPSILONS),
-    lazy_adam=st.booleans(),
-    sum_inside_sqrt=st.booleans(),
-    use_gradient_accumulation=st.booleans(),
-).flatmap(
-    lambda f: st.tuples(
-        st.sampled_from(DECAYS), st.sampled_from(BOUNDS), st.sampled_from(BOUNDS)
-    ).map(lambda d: with_bounds(f.replace(**d[0]), d[1], d[2]))
-)
+@st.composite
+def _drawn_params(draw: Any) -> AdamParameters:
+    accumulate = draw(st.booleans())
+    params = params_of(
+        learning_rate=draw(st.sampled_from(LEARNING_RATES)),
+        beta1=draw(st.sampled_from(BETA1S)),
+        beta2=draw(st.sampled_from(BETA2S)),
+        epsilon=draw(st.sampled_from(EPSILONS)),
+        # Non-lazy Adam needs gradient accumulation (TF's rule).
+        lazy_adam=draw(st.booleans()) or not accumulate,
+        sum_inside_sqrt=draw(st.booleans()),
+        use_gradient_accumulation=accumulate,
+        **draw(st.sampled_from(DECAYS)),
+    )
+    return with_bounds(params, draw(st.sampled_from(BOUNDS)), draw(st.sampled_from(BOUNDS)))
+
+
+flag_sets = _drawn_params()
 
 
 def random_state(seed: Any, rows: int, dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

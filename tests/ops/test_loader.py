@@ -8,7 +8,7 @@ import re
 
 import numpy as np
 import pytest
-from _ops_helpers import Flags, random_state
+from _ops_helpers import params_of, random_state
 
 from tpu_embed_adam.ops import loader
 from tpu_embed_adam.ops.fused import fused_apply_adam
@@ -38,7 +38,7 @@ def test_missing_library(monkeypatch, tmp_path):
 
     variables = [tf.Variable(x) for x in random_state(1, 6, 4)]
     with pytest.raises(RuntimeError, match="make lib"):
-        fused_apply_adam(*variables, np.array([0, 2, 5]), np.ones([3, 4], np.float32), Flags())
+        fused_apply_adam(*variables, np.array([0, 2, 5]), np.ones([3, 4], np.float32), params_of())
 
 
 def test_broken_library(monkeypatch, tmp_path):

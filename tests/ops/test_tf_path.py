@@ -10,10 +10,10 @@ from _ops_helpers import (
     BETA2S,
     EPSILONS,
     LEARNING_RATES,
-    Flags,
     assert_state_close,
     assert_state_equal,
     flag_sets,
+    params_of,
     problems,
     random_state,
     reference_steps,
@@ -34,8 +34,8 @@ _DECAYS = {"none": {}, "plain": {"weight_decay_factor": 0.05},
 
 
 def _flags(lazy, inside, accumulate, grad_clip, weight_clip, decay, **rates):
-    """Flags for one combination; `rates` sets the learning rate, betas, epsilon."""
-    return Flags(
+    """params_of for one combination; `rates` sets the learning rate, betas, epsilon."""
+    return params_of(
         lazy_adam=lazy, sum_inside_sqrt=inside, use_gradient_accumulation=accumulate,
         clip_gradient_min=_GRAD_CLIPS[grad_clip][0], clip_gradient_max=_GRAD_CLIPS[grad_clip][1],
         clip_weight_min=_WEIGHT_CLIPS[weight_clip][0],
@@ -44,14 +44,20 @@ def _flags(lazy, inside, accumulate, grad_clip, weight_clip, decay, **rates):
 
 
 def _every_combination():
-    """Every flag combination, TF-rejected ones included. Each takes the next
-    (learning rate, beta1, beta2, epsilon) of their product, so that every
-    value of each is met by many flag settings."""
+    """Every flag combination that AdamParameters (and so every path) accepts:
+    TF's rules refuse non-lazy Adam and gradient clipping without gradient
+    accumulation. Each takes the next (learning rate, beta1, beta2, epsilon)
+    of their product, so that every value of each is met by many flag
+    settings."""
     rates = itertools.cycle(itertools.product(LEARNING_RATES, BETA1S, BETA2S, EPSILONS))
-    for flags in itertools.product((True, False), (True, False), (True, False), _GRAD_CLIPS,
-                                   _WEIGHT_CLIPS, _DECAYS):
+    for lazy, inside, accumulate, grad_clip, *rest in itertools.product(
+        (True, False), (True, False), (True, False), _GRAD_CLIPS, _WEIGHT_CLIPS, _DECAYS
+    ):
+        if not accumulate and (not lazy or grad_clip != "none"):
+            continue
         lr, beta1, beta2, epsilon = next(rates)
-        yield _flags(*flags, learning_rate=lr, beta1=beta1, beta2=beta2, epsilon=epsilon)
+        yield _flags(lazy, inside, accumulate, grad_clip, *rest,
+                     learning_rate=lr, beta1=beta1, beta2=beta2, epsilon=epsilon)
 
 
 def _run_tf1(state, batches, params, lrs):

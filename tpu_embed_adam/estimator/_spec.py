@@ -30,15 +30,17 @@ def adam_as_ours(value: Any, where: str) -> Any:
       `value` as ours, validated, if it is Adam; else `value`.
 
     Raises:
-      ValueError: Adam parameters that `tpu_embed_adam.AdamParameters`
-        refuses; the message starts with `where`.
+      TypeError, ValueError: Adam parameters that
+        `tpu_embed_adam.AdamParameters` refuses, with its error type; the
+        message starts with `where`.
     """
     if not isinstance(value, tf_tpu_embedding.AdamParameters):
         return value
     try:
         return as_adam_parameters(value)
     except (TypeError, ValueError) as err:
-        raise ValueError(f"{where}: {err}") from err
+        # The same type as the class raises: one rule set, one error type.
+        raise type(err)(f"{where}: {err}") from err
 
 
 def spec_with_our_adam(spec: Any) -> Any:

@@ -15,9 +15,9 @@ inline uint64_t RowHash(int64_t local) {
 
 }  // namespace
 
-void Accumulator::GrowIndex() {
+void Accumulator::GrowIndex(size_t rows) {
   size_t capacity = std::max<size_t>(64, index.size());
-  while (capacity < 2 * (ids.size() + 1)) capacity *= 2;
+  while (capacity < 2 * rows) capacity *= 2;
   index.assign(capacity, 0);
   const uint64_t mask = capacity - 1;
   const int shift = 64 - __builtin_ctzll(capacity);
@@ -31,7 +31,7 @@ void Accumulator::GrowIndex() {
 void Accumulator::Add(int64_t dim, bool accumulate, int64_t local, float scale,
                       const float* g) {
   if (accumulate) {
-    if (2 * (ids.size() + 1) > index.size()) GrowIndex();
+    if (2 * (ids.size() + 1) > index.size()) GrowIndex(ids.size() + 1);
     const uint64_t mask = index.size() - 1;
     const int shift = 64 - __builtin_ctzll(index.size());
     for (uint64_t h = RowHash(local) >> shift;; h = (h + 1) & mask) {
@@ -55,6 +55,13 @@ void Accumulator::Add(int64_t dim, bool accumulate, int64_t local, float scale,
   grads.resize(offset + dim);
   float* dst = grads.data() + offset;
   for (int64_t j = 0; j < dim; ++j) dst[j] = 0.0f + scale * g[j];
+}
+
+void Accumulator::Reserve(int64_t more, int64_t dim, bool accumulate) {
+  const size_t rows = ids.size() + more;
+  ids.reserve(rows);
+  grads.reserve(rows * dim);
+  if (accumulate && 2 * rows > index.size()) GrowIndex(rows);
 }
 
 void Accumulator::Append(const Accumulator& from) {

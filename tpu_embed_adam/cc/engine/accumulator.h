@@ -11,6 +11,7 @@
 #ifndef TPU_EMBED_ADAM_CC_ENGINE_ACCUMULATOR_H_
 #define TPU_EMBED_ADAM_CC_ENGINE_ACCUMULATOR_H_
 
+#include <cstddef>
 #include <cstdint>
 #include <vector>
 
@@ -30,6 +31,10 @@ struct Accumulator {
   // without, every call appends a row.
   void Add(int64_t dim, bool accumulate, int64_t local, float scale,
            const float* g);
+  // Makes room for `more` Add calls (rows of `dim` floats), so that they
+  // allocate nothing: a failed allocation happens here, before any row is
+  // added.
+  void Reserve(int64_t more, int64_t dim, bool accumulate);
   // Appends `from`'s rows as rows of their own (the index is not updated:
   // for a list handed to ApplySparseAdam, not for further Adds).
   void Append(const Accumulator& from);
@@ -40,7 +45,8 @@ struct Accumulator {
   }
 
  private:
-  void GrowIndex();
+  // Resizes and refills the index for at least `rows` ids.
+  void GrowIndex(size_t rows);
 };
 
 }  // namespace engine

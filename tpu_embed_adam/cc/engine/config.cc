@@ -45,6 +45,11 @@ Status TableFromProto(const tpu::TPUEmbeddingConfiguration_TableDescriptor& d,
   if (d.name().empty()) {
     return InvalidArgument("table ", id, " has no name");
   }
+  // Names travel through C strings (TF's attrs, checkpoint keys, logs).
+  if (d.name().find('\0') != std::string::npos) {
+    return InvalidArgument("Argument `name` of table ", id,
+                           " must not contain a NUL character");
+  }
   if (d.vocabulary_size() <= 0 || d.dimension() <= 0) {
     return InvalidArgument("table '", d.name(), "': vocabulary_size ",
                            d.vocabulary_size(), " and dimension ",
@@ -60,41 +65,27 @@ Status TableFromProto(const tpu::TPUEmbeddingConfiguration_TableDescriptor& d,
                            "engine supports stochastic_gradient_descent ",
                            "(what TF's TPUEmbedding configures) and Adam");
   } else {
-    return InvalidArgument("table '", d.name(), "' uses optimizer '",
-                           OptimizerName(p),
-                           "'; the engine supports only Adam");
+    return InvalidArgument("table '", d.name(), "': Argument `message` ",
+                           "configures the '", OptimizerName(p),
+                           "' optimizer, not 'adam' (the engine trains only ",
+                           "Adam)");
   }
   if (CheckedProduct({d.vocabulary_size(), d.dimension()}) < 0) {
     return InvalidArgument("table '", d.name(), "': vocabulary_size ",
                            d.vocabulary_size(), " x dimension ", d.dimension(),
                            " overflows int64");
   }
-  // Out-of-range values would silently train with a zero learning rate or
-  // produce NaNs in every row: refuse them here, naming the table.
   const auto bad = [&](const auto&... what) {
     return InvalidArgument("table '", d.name(), "': ", what...);
   };
-  switch (p.learning_rate().learning_rate_case()) {
-    case tpu::LearningRate::kConstant:
-      if (!(p.learning_rate().constant() > 0.0f) ||
-          !std::isfinite(p.learning_rate().constant())) {
-        return bad("learning_rate constant ", p.learning_rate().constant(),
-                   " must be positive and finite");
-      }
-      break;
-    case tpu::LearningRate::kDynamic:
-      if (p.learning_rate().dynamic().tag() < 0) {
-        return bad("dynamic learning rate tag ",
-                   p.learning_rate().dynamic().tag(), " is negative");
-      }
-      break;
-    case tpu::LearningRate::LEARNING_RATE_NOT_SET:
-      return bad("learning_rate sets neither constant nor dynamic");
-  }
   if (t->optimizer == Optimizer::kAdam) {
-    // An SGD table (INFERENCE mode) trains nothing: its AdamConfig stays unset.
+    // The same rules, and the same messages, as AdamParameters.from_tf_proto.
     const Status read = AdamConfigFromProto(p, &t->adam);
     if (!read.ok()) return bad(read.message());
+  } else if (!p.has_learning_rate()) {
+    // An SGD table (INFERENCE mode) trains nothing: only its rate's
+    // presence is TF's to require.
+    return bad("Argument `message` has no learning_rate (constant or dynamic).");
   }
   t->name = d.name();
   t->id = id;
@@ -138,8 +129,15 @@ Status CheckSystem(const tpu::TPUEmbeddingConfiguration& proto) {
     return InvalidArgument("sharding_strategy ", proto.sharding_strategy(),
                            " is neither DIV_DEFAULT (0) nor MOD (1)");
   }
-  if (!tpu::TPUEmbeddingConfiguration::Mode_IsValid(proto.mode())) {
-    return InvalidArgument("mode ", proto.mode(), " is not a known mode");
+  if (!tpu::TPUEmbeddingConfiguration::Mode_IsValid(proto.mode()) ||
+      proto.mode() == tpu::TPUEmbeddingConfiguration::UNSPECIFIED) {
+    return InvalidArgument("Argument `mode` must be TRAINING or INFERENCE ",
+                           "(TF's TPUEmbedding sets one); received: ",
+                           proto.mode(), ".");
+  }
+  if (proto.table_descriptor_size() == 0) {
+    return InvalidArgument("Argument `table_descriptor` must hold at least ",
+                           "one table; received: none.");
   }
   // Every table holds one (empty until loaded) shard per host.
   const int64_t shards = proto.table_descriptor_size() * hosts;

@@ -286,8 +286,18 @@ void Engine::WriteLoadLocked(const ShardRef& ref, const LoadRequest& req) {
   Shard& s = t.shards[ref.shard];
   const int64_t n = s.rows * t.dim;  // fits: TableFromProto checked vocab x dim
   std::vector<float>* arrays[3] = {&s.w, &s.m, &s.v};
-  for (int i = 0; i < NumArrays(t.optimizer); ++i) {
-    ReserveShardArray(*arrays[i], n);
+  const int count = NumArrays(t.optimizer);
+  // Every allocation before the first write: an allocation that fails
+  // (std::bad_alloc, ResourceExhausted at the kernel) leaves the shard as
+  // it was. Only a first load allocates (a shard's size never changes).
+  std::vector<float> fresh[3];
+  for (int i = 0; i < count; ++i) {
+    if (arrays[i]->capacity() < static_cast<size_t>(n)) {
+      ReserveShardArray(fresh[i], n);
+    }
+  }
+  for (int i = 0; i < count; ++i) {
+    if (fresh[i].capacity() != 0) arrays[i]->swap(fresh[i]);
     arrays[i]->assign(req.data[i], req.data[i] + n);
   }
   s.loaded = true;
@@ -472,17 +482,23 @@ Status Engine::Recv(const std::string& config, int64_t task, int64_t core,
   std::vector<std::shared_ptr<Table>> tables(config_->features.size());
   std::vector<float*> outputs(config_->features.size());
   std::vector<int64_t> sizes(config_->features.size());
+  std::vector<uint8_t> written;
   TF_RETURN_IF_ERROR(TakeBatchLocked(
       lock, "RecvTPUEmbeddingActivations", task, core, timeout_ms,
       [&](const Batch& batch) {
         TF_RETURN_IF_ERROR(CheckRowsLoadedLocked(batch));
+        int64_t max_slots = 0;
         for (size_t i = 0; i < config_->features.size(); ++i) {
           tables[i] = tables_[config_->features[i].table_id];
           std::vector<int64_t> shape = config_->features[i].input_shape;
+          max_slots = std::max(max_slots, CheckedProduct(shape));
           shape.push_back(tables[i]->dim);
           sizes[i] = CheckedProduct(shape);  // fits: checked at install
           TF_RETURN_IF_ERROR(allocate(i, shape, &outputs[i]));
         }
+        // Allocated before the batch is taken, so that a failure takes
+        // nothing.
+        written.reserve(max_slots);
         return tensorflow::OkStatus();
       }));
   const std::shared_ptr<const Batch> batch = cores_[CoreKey{task, core}].received;
@@ -490,7 +506,6 @@ Status Engine::Recv(const std::string& config, int64_t task, int64_t core,
 
   // Rows change only under their table's lock, so every activation is built
   // from whole rows of one step.
-  std::vector<uint8_t> written;
   for (size_t i = 0; i < batch->features.size(); ++i) {
     Table& t = *tables[i];
     std::lock_guard<std::mutex> table_lock(t.mu);
@@ -549,6 +564,7 @@ Status Engine::TakeSendBatchLocked(
     std::unique_lock<std::mutex>& lock, const char* op, int64_t task,
     int64_t core, const std::vector<std::vector<int64_t>>& shapes,
     int64_t timeout_ms, bool local_rows,
+    const std::function<void(const Batch&)>& prepare,
     std::shared_ptr<const Batch>* batch) {
   TF_RETURN_IF_ERROR(CheckConfigLocked(""));
   TF_RETURN_IF_ERROR(CheckCoreLocked(task, core));
@@ -585,6 +601,7 @@ Status Engine::TakeSendBatchLocked(
   };
   if (c != nullptr && c->received != nullptr) {
     TF_RETURN_IF_ERROR(check_training(*c->received));
+    prepare(*c->received);
     *batch = std::move(c->received);
     c->received.reset();
     c->routing.reset();
@@ -599,6 +616,7 @@ Status Engine::TakeSendBatchLocked(
         &c));
     TF_RETURN_IF_ERROR(check_training(c->queued.front()));
     if (local_rows) TF_RETURN_IF_ERROR(CheckRowsLoadedLocked(c->queued.front()));
+    prepare(c->queued.front());
     *batch = std::make_shared<const Batch>(std::move(c->queued.front()));
     c->queued.pop_front();
   }
@@ -613,15 +631,16 @@ Status Engine::Send(int64_t task, int64_t core,
                     int64_t timeout_ms, const ParallelFor& parallel_for) {
   std::unique_lock<std::mutex> lock(mu_);
   TF_RETURN_IF_ERROR(CheckLearningRatesLocked(learning_rates));
-  std::shared_ptr<const Batch> batch;
-  TF_RETURN_IF_ERROR(TakeSendBatchLocked(lock, "SendTPUEmbeddingGradients",
-                                         task, core, shapes, timeout_ms,
-                                         /*local_rows=*/true, &batch));
   const CoreKey key{task, core};
   // A core sending twice before the others finished the step closes that
   // step first, so no core's gradients ever count twice in one update.
   if (sent_.count(key)) ApplyStepLocked(parallel_for);
   const size_t position = task * config_->cores_per_host + core;
+  std::shared_ptr<const Batch> batch;
+  TF_RETURN_IF_ERROR(TakeSendBatchLocked(
+      lock, "SendTPUEmbeddingGradients", task, core, shapes, timeout_ms,
+      /*local_rows=*/true,
+      [&](const Batch& b) { ReserveSentLocked(b, position); }, &batch));
   for (size_t i = 0; i < config_->features.size(); ++i) {
     Table& t = *tables_[config_->features[i].table_id];
     std::lock_guard<std::mutex> table_lock(t.mu);
@@ -635,6 +654,20 @@ Status Engine::Send(int64_t task, int64_t core,
   step_learning_rates_ = learning_rates;
   if (!StepOutstandingLocked()) ApplyStepLocked(parallel_for);
   return tensorflow::OkStatus();
+}
+
+void Engine::ReserveSentLocked(const Batch& batch, size_t position) {
+  for (size_t i = 0; i < config_->features.size(); ++i) {
+    Table& t = *tables_[config_->features[i].table_id];
+    std::vector<int64_t> per_shard(t.shards.size(), 0);
+    for (const Entry& e : batch.features[i]) ++per_shard[e.shard];
+    std::lock_guard<std::mutex> table_lock(t.mu);
+    for (size_t s = 0; s < t.shards.size(); ++s) {
+      if (per_shard[s] == 0) continue;
+      t.shards[s].SentBy(position).Reserve(per_shard[s], t.dim,
+                                           t.adam.gradient_accumulation);
+    }
+  }
 }
 
 Status Engine::CheckLearningRatesLocked(

@@ -240,11 +240,17 @@ class Engine {
   // Send's and SplitGradients' checks, then the core's received batch (or,
   // with none, its oldest queued one, whose rows must be loaded here if
   // `local_rows`), taken out of the core.
+  // `prepare` runs on the batch before it is taken: what it allocates
+  // (a failure throws) comes before any change.
   tensorflow::Status TakeSendBatchLocked(
       std::unique_lock<std::mutex>& lock, const char* op, int64_t task,
       int64_t core, const std::vector<std::vector<int64_t>>& shapes,
       int64_t timeout_ms, bool local_rows,
+      const std::function<void(const Batch&)>& prepare,
       std::shared_ptr<const Batch>* batch);
+  // Makes room in the accumulators that the core at `position` (in core
+  // order) adds `batch`'s gradient rows to.
+  void ReserveSentLocked(const Batch& batch, size_t position);
   tensorflow::Status InstallLocked(const std::string& serialized);
   tensorflow::Status ResolveShardLocked(Optimizer optimizer, int64_t table_id,
                                         const std::string& table_name,

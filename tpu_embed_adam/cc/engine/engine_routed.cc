@@ -240,9 +240,9 @@ Status Engine::SplitGradients(int64_t task, int64_t core,
                            "configuration has ", config_->num_hosts, " hosts");
   }
   std::shared_ptr<const Batch> batch;
-  TF_RETURN_IF_ERROR(TakeSendBatchLocked(lock, "SendTPUEmbeddingGradients",
-                                         task, core, shapes, timeout_ms,
-                                         /*local_rows=*/false, &batch));
+  TF_RETURN_IF_ERROR(TakeSendBatchLocked(
+      lock, "SendTPUEmbeddingGradients", task, core, shapes, timeout_ms,
+      /*local_rows=*/false, [](const Batch&) {}, &batch));
   const std::vector<std::shared_ptr<Table>> tables = tables_;
   // The configuration the batch was built under, shared, not copied.
   const std::shared_ptr<const EngineConfig> config = config_;

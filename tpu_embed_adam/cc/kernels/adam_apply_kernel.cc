@@ -23,6 +23,7 @@
 #include "tpu_embed_adam/cc/core/huge_pages.h"
 #include "tpu_embed_adam/cc/core/parallel_for.h"
 #include "tpu_embed_adam/cc/core/sparse_adam.h"
+#include "tpu_embed_adam/cc/kernels/engine_kernel.h"
 
 namespace tpu_embed_adam {
 namespace {
@@ -61,9 +62,10 @@ int64_t FindNonFiniteParallel(const float* values, int64_t n,
 }
 
 template <typename Index>
-class TpuEmbedAdamApplyOp : public OpKernel {
+class TpuEmbedAdamApplyOp : public EngineKernel {
  public:
-  explicit TpuEmbedAdamApplyOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+  explicit TpuEmbedAdamApplyOp(OpKernelConstruction* ctx)
+      : EngineKernel(ctx) {
     std::string serialized;
     OP_REQUIRES_OK(ctx, ctx->GetAttr("optimization_parameters", &serialized));
     const tensorflow::Status read = AdamConfigFromSerialized(serialized, &cfg_);
@@ -72,25 +74,28 @@ class TpuEmbedAdamApplyOp : public OpKernel {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("check_numerics", &check_numerics_));
   }
 
-  void Compute(OpKernelContext* ctx) override {
+  tensorflow::Status Run(OpKernelContext* ctx) override {
     // The copy-on-read helpers below copy a shared buffer as float, which is
     // only sound for initialised float variables: check those first.
     for (int i : {kVar, kM, kV}) {
       tensorflow::core::RefCountPtr<tensorflow::Var> var;
       const tensorflow::Status found = tensorflow::LookupResource(
           ctx, tensorflow::HandleFromInput(ctx, i), &var);
-      OP_REQUIRES(ctx, found.ok(),
-                  FailedPrecondition(kVarNames[i],
+      if (!(found.ok())) {
+      return FailedPrecondition(kVarNames[i],
                                      " not found: uninitialized or deleted (",
-                                     found.message(), ")"));
-      OP_REQUIRES(ctx, var->is_initialized,
-                  FailedPrecondition(kVarNames[i],
+                                     found.message(), ")");
+    }
+      if (!(var->is_initialized)) {
+      return FailedPrecondition(kVarNames[i],
                                      " is not initialized: variable ",
-                                     tensorflow::HandleFromInput(ctx, i).name()));
-      OP_REQUIRES(ctx, var->tensor()->dtype() == tensorflow::DT_FLOAT,
-                  InvalidArgument(kVarNames[i], " must be float32; got ",
+                                     tensorflow::HandleFromInput(ctx, i).name());
+    }
+      if (!(var->tensor()->dtype() == tensorflow::DT_FLOAT)) {
+      return InvalidArgument(kVarNames[i], " must be float32; got ",
                                   tensorflow::DataTypeString(
-                                      var->tensor()->dtype())));
+                                      var->tensor()->dtype()));
+    }
     }
 
     // Exclusive locks for the whole step keep concurrent calls from
@@ -101,7 +106,7 @@ class TpuEmbedAdamApplyOp : public OpKernel {
         ctx, /*do_lock=*/true, /*sparse=*/true, {kVar, kM, kV});
     Tensor tables[3];
     for (int i : {kVar, kM, kV}) {
-      OP_REQUIRES_OK(ctx, tensorflow::GetInputTensorFromVariable<CPUDevice,
+      TF_RETURN_IF_ERROR(tensorflow::GetInputTensorFromVariable<CPUDevice,
                                                                  float>(
                               ctx, i, /*lock_held=*/true, /*sparse=*/true,
                               &tables[i]));
@@ -111,40 +116,46 @@ class TpuEmbedAdamApplyOp : public OpKernel {
     const Tensor& grads = ctx->input(kGrads);
     const Tensor& lr_tensor = ctx->input(kLr);
 
-    OP_REQUIRES(ctx, var.dims() == 2,
-                InvalidArgument("var must be a matrix [rows, dim]; got shape ",
-                                var.shape().DebugString()));
-    for (int i : {kM, kV}) {
-      OP_REQUIRES(ctx, tables[i].shape() == var.shape(),
-                  InvalidArgument(kVarNames[i], " must have the shape of var ",
-                                  var.shape().DebugString(), "; got ",
-                                  tables[i].shape().DebugString()));
+    if (!(var.dims() == 2)) {
+      return InvalidArgument("var must be a matrix [rows, dim]; got shape ",
+                                var.shape().DebugString());
     }
-    OP_REQUIRES(
-        ctx,
-        var.data() != tables[kM].data() && var.data() != tables[kV].data() &&
-            tables[kM].data() != tables[kV].data(),
-        InvalidArgument("var, m and v must be three distinct variables"));
-    OP_REQUIRES(ctx, ids.dims() == 1,
-                InvalidArgument("ids must be a vector; got shape ",
-                                ids.shape().DebugString()));
-    OP_REQUIRES(ctx, grads.dims() == 2,
-                InvalidArgument("grads must be a matrix [num_ids, dim]; got "
+    for (int i : {kM, kV}) {
+      if (!(tables[i].shape() == var.shape())) {
+      return InvalidArgument(kVarNames[i], " must have the shape of var ",
+                                  var.shape().DebugString(), "; got ",
+                                  tables[i].shape().DebugString());
+    }
+    }
+    if (var.data() == tables[kM].data() || var.data() == tables[kV].data() ||
+        tables[kM].data() == tables[kV].data()) {
+      return InvalidArgument("var, m and v must be three distinct variables");
+    }
+    if (!(ids.dims() == 1)) {
+      return InvalidArgument("ids must be a vector; got shape ",
+                                ids.shape().DebugString());
+    }
+    if (!(grads.dims() == 2)) {
+      return InvalidArgument("grads must be a matrix [num_ids, dim]; got "
                                 "shape ",
-                                grads.shape().DebugString()));
-    OP_REQUIRES(ctx, grads.dim_size(0) == ids.dim_size(0),
-                InvalidArgument("grads must have one row per id: ids has "
+                                grads.shape().DebugString());
+    }
+    if (!(grads.dim_size(0) == ids.dim_size(0))) {
+      return InvalidArgument("grads must have one row per id: ids has "
                                 "shape ",
                                 ids.shape().DebugString(),
                                 ", grads has shape ",
-                                grads.shape().DebugString()));
-    OP_REQUIRES(ctx, grads.dim_size(1) == var.dim_size(1),
-                InvalidArgument("grads must have the dim of var ",
+                                grads.shape().DebugString());
+    }
+    if (!(grads.dim_size(1) == var.dim_size(1))) {
+      return InvalidArgument("grads must have the dim of var ",
                                 var.shape().DebugString(), "; got shape ",
-                                grads.shape().DebugString()));
-    OP_REQUIRES(ctx, tensorflow::TensorShapeUtils::IsScalar(lr_tensor.shape()),
-                InvalidArgument("learning_rate must be a scalar; got shape ",
-                                lr_tensor.shape().DebugString()));
+                                grads.shape().DebugString());
+    }
+    if (!(tensorflow::TensorShapeUtils::IsScalar(lr_tensor.shape()))) {
+      return InvalidArgument("learning_rate must be a scalar; got shape ",
+                                lr_tensor.shape().DebugString());
+    }
 
     const int64_t rows = var.dim_size(0);
     const int64_t dim = var.dim_size(1);
@@ -155,22 +166,25 @@ class TpuEmbedAdamApplyOp : public OpKernel {
     const ParallelFor parallel_for = MakeParallelFor(ctx);
 
     const int64_t bad = FindOutOfRange(ids_data, n, rows);
-    OP_REQUIRES(ctx, bad < 0,
-                InvalidArgument("ids[", bad, "] = ",
+    if (!(bad < 0)) {
+      return InvalidArgument("ids[", bad, "] = ",
                                 bad < 0 ? 0 : static_cast<int64_t>(ids_data[bad]),
                                 " is out of range [0, ", rows,
                                 ") of var with shape ",
-                                var.shape().DebugString()));
+                                var.shape().DebugString());
+    }
     if (check_numerics_) {
-      OP_REQUIRES(ctx, std::isfinite(lr),
-                  InvalidArgument("learning_rate = ", lr,
-                                  " is not finite (check_numerics=True)"));
+      if (!(std::isfinite(lr))) {
+      return InvalidArgument("learning_rate = ", lr,
+                                  " is not finite (check_numerics=True)");
+    }
       const int64_t at = FindNonFiniteParallel(grads_data, n * dim, parallel_for);
-      OP_REQUIRES(ctx, at < 0,
-                  InvalidArgument("grads[", at / std::max<int64_t>(dim, 1),
+      if (!(at < 0)) {
+      return InvalidArgument("grads[", at / std::max<int64_t>(dim, 1),
                                   ", ", at % std::max<int64_t>(dim, 1), "] = ",
                                   at < 0 ? 0.0f : grads_data[at],
-                                  " is not finite (check_numerics=True)"));
+                                  " is not finite (check_numerics=True)");
+    }
     }
 
     AdviseHugePagesOnce(tables);
@@ -179,6 +193,7 @@ class TpuEmbedAdamApplyOp : public OpKernel {
                            tables[kV].flat<float>().data(), rows, dim};
     ApplySparseAdam<Index>(cfg_, lr, shard, ids_data, grads_data, n,
                            parallel_for);
+    return tensorflow::OkStatus();
   }
 
  private:

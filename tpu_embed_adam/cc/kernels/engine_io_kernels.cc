@@ -9,6 +9,7 @@
 #include "tensorflow/core/framework/tensor.h"
 #include "tpu_embed_adam/cc/engine/engine.h"
 #include "tpu_embed_adam/cc/core/parallel_for.h"
+#include "tpu_embed_adam/cc/kernels/engine_kernel.h"
 #include "tpu_embed_adam/cc/kernels/step_context.h"
 
 namespace tpu_embed_adam {
@@ -57,9 +58,9 @@ std::vector<float> ToFloat(const Tensor& t) {
 enum class EnqueueKind { kSparse, kRagged, kArbitrary, kInteger };
 
 template <EnqueueKind kKind>
-class EnqueueOp : public OpKernel {
+class EnqueueOp : public EngineKernel {
  public:
-  explicit EnqueueOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+  explicit EnqueueOp(OpKernelConstruction* ctx) : EngineKernel(ctx) {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("device_ordinal", &device_ordinal_));
     if (kKind == EnqueueKind::kInteger) return;
     // -1 (TF's default) means the core of the device the op runs on.
@@ -71,6 +72,12 @@ class EnqueueOp : public OpKernel {
     if (kKind == EnqueueKind::kArbitrary) return;
     std::vector<int64_t> num_features;
     OP_REQUIRES_OK(ctx, ctx->GetAttr("table_ids", &table_ids_));
+    for (const int32_t id : table_ids_) {
+      OP_REQUIRES(ctx, id >= 0,
+                  InvalidArgument("Argument `table_ids` must hold table ids ",
+                                  ">= 0, one per feature; received: ", id,
+                                  "."));
+    }
     OP_REQUIRES_OK(ctx, ctx->GetAttr("max_sequence_lengths", &max_seq_));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("num_features", &num_features));
     for (int64_t n : num_features) {
@@ -81,22 +88,23 @@ class EnqueueOp : public OpKernel {
     }
   }
 
-  void Compute(OpKernelContext* ctx) override {
+  Status Run(OpKernelContext* ctx) override {
     std::vector<FeatureInput> inputs;
     if (kKind == EnqueueKind::kInteger) {
-      OP_REQUIRES_OK(ctx, ReadIntegerBatch(ctx, &inputs));
+      TF_RETURN_IF_ERROR(ReadIntegerBatch(ctx, &inputs));
     } else {
-      OP_REQUIRES_OK(ctx, ReadFeatures(ctx, &inputs));
+      TF_RETURN_IF_ERROR(ReadFeatures(ctx, &inputs));
     }
     const Tensor& mode = ctx->input(ctx->num_inputs() - 1);
-    OP_REQUIRES(ctx, mode.NumElements() == 1,
-                InvalidArgument("mode_override must be a scalar; got ",
-                                mode.shape().DebugString()));
+    if (mode.NumElements() != 1) {
+      return InvalidArgument("mode_override must be a scalar; got ",
+                             mode.shape().DebugString());
+    }
     const int64_t core =
         device_ordinal_ >= 0 ? device_ordinal_ : DeviceCore(ctx);
-    OP_REQUIRES_OK(ctx, Engine::Get().Enqueue(
-                            Task(ctx), core, std::move(inputs), combiners_,
-                            std::string(mode.flat<tensorflow::tstring>()(0))));
+    return Engine::Get().Enqueue(
+        Task(ctx), core, std::move(inputs), combiners_,
+        std::string(mode.flat<tensorflow::tstring>()(0)));
   }
 
  private:
@@ -195,46 +203,32 @@ class EnqueueOp : public OpKernel {
   std::vector<int32_t> max_seq_;
 };
 
-class RecvOp : public OpKernel {
+class RecvOp : public EngineKernel {
  public:
-  explicit RecvOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("config", &config_));
-  }
-
-  void Compute(OpKernelContext* ctx) override {
+  using EngineKernel::EngineKernel;
+  Status Run(OpKernelContext* ctx) override {
     int64_t timeout_ms = 0;
-    OP_REQUIRES_OK(ctx, RecvTimeoutMs(&timeout_ms));
-    OP_REQUIRES_OK(ctx, Engine::Get().Recv(config_, Task(ctx), DeviceCore(ctx),
-                                           timeout_ms, num_outputs(),
-                                           ActivationAllocator(ctx)));
+    TF_RETURN_IF_ERROR(RecvTimeoutMs(&timeout_ms));
+    return Engine::Get().Recv(config(), Task(ctx), DeviceCore(ctx), timeout_ms,
+                              num_outputs(), ActivationAllocator(ctx));
   }
-
- private:
-  std::string config_;
 };
 
-class SendOp : public OpKernel {
+class SendOp : public EngineKernel {
  public:
-  explicit SendOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("config", &config_));
-  }
-
-  void Compute(OpKernelContext* ctx) override {
-    OP_REQUIRES_OK(ctx, Engine::Get().EnsureConfigured(config_));
+  using EngineKernel::EngineKernel;
+  Status Run(OpKernelContext* ctx) override {
+    TF_RETURN_IF_ERROR(Engine::Get().EnsureConfigured(config()));
     std::vector<const float*> grads;
     std::vector<std::vector<int64_t>> shapes;
-    OP_REQUIRES_OK(ctx, ReadGradients(ctx, "inputs", &grads, &shapes));
+    TF_RETURN_IF_ERROR(ReadGradients(ctx, "inputs", &grads, &shapes));
     std::vector<float> learning_rates;
-    OP_REQUIRES_OK(ctx, ReadLearningRates(ctx, &learning_rates));
+    TF_RETURN_IF_ERROR(ReadLearningRates(ctx, &learning_rates));
     int64_t timeout_ms = 0;
-    OP_REQUIRES_OK(ctx, RecvTimeoutMs(&timeout_ms));
-    OP_REQUIRES_OK(ctx, Engine::Get().Send(Task(ctx), DeviceCore(ctx), grads,
-                                           shapes, learning_rates, timeout_ms,
-                                           MakeParallelFor(ctx)));
+    TF_RETURN_IF_ERROR(RecvTimeoutMs(&timeout_ms));
+    return Engine::Get().Send(Task(ctx), DeviceCore(ctx), grads, shapes,
+                              learning_rates, timeout_ms, MakeParallelFor(ctx));
   }
-
- private:
-  std::string config_;
 };
 
 REGISTER_KERNEL_BUILDER(

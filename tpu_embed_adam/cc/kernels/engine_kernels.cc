@@ -7,6 +7,7 @@
 #include "tensorflow/core/protobuf/tpu/topology.pb.h"
 #include "tpu_embed_adam/cc/engine/engine.h"
 #include "tpu_embed_adam/cc/core/parallel_for.h"
+#include "tpu_embed_adam/cc/kernels/engine_kernel.h"
 
 namespace tpu_embed_adam {
 namespace {
@@ -15,22 +16,18 @@ using tensorflow::DEVICE_CPU;
 using tensorflow::OpKernel;
 using tensorflow::OpKernelConstruction;
 using tensorflow::OpKernelContext;
+using tensorflow::Status;
 using tensorflow::Tensor;
 using tensorflow::TensorShape;
 using engine::Engine;
 using engine::Optimizer;
 
-class ConfigureOp : public OpKernel {
+class ConfigureOp : public EngineKernel {
  public:
-  explicit ConfigureOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("config", &config_));
+  using EngineKernel::EngineKernel;
+  Status Run(OpKernelContext* ctx) override {
+    return Engine::Get().Configure(config());
   }
-  void Compute(OpKernelContext* ctx) override {
-    OP_REQUIRES_OK(ctx, Engine::Get().Configure(config_));
-  }
-
- private:
-  std::string config_;
 };
 
 // tpu.initialize_system(): TF runs this op (then ConfigureTPUEmbedding with
@@ -40,11 +37,11 @@ class ConfigureOp : public OpKernel {
 // A non-empty embedding_config installs it first, as ConfigureTPUEmbedding
 // does; without one an installed configuration (and its tables) is kept, so
 // that initializing again does not drop what a session trained.
-class ConfigureDistributedTPUOp : public OpKernel {
+class ConfigureDistributedTPUOp : public EngineKernel {
  public:
   explicit ConfigureDistributedTPUOp(OpKernelConstruction* ctx)
-      : OpKernel(ctx) {
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("embedding_config", &config_));
+      : EngineKernel(ctx) {
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("embedding_config", &embedding_config_));
     std::string v2_config;
     OP_REQUIRES_OK(ctx, ctx->GetAttr("tpu_embedding_config", &v2_config));
     OP_REQUIRES(ctx, v2_config.empty(),
@@ -53,9 +50,9 @@ class ConfigureDistributedTPUOp : public OpKernel {
                     "embedding v2 API) is not supported on CPU; pass the "
                     "TPUEmbeddingConfiguration as embedding_config"));
   }
-  void Compute(OpKernelContext* ctx) override {
-    if (!config_.empty()) {
-      OP_REQUIRES_OK(ctx, Engine::Get().Configure(config_));
+  Status Run(OpKernelContext* ctx) override {
+    if (!embedding_config_.empty()) {
+      TF_RETURN_IF_ERROR(Engine::Get().Configure(embedding_config_));
     }
     const auto [hosts, cores] = Engine::Get().HostsAndCores();
     tensorflow::tpu::TopologyProto topology;
@@ -72,57 +69,68 @@ class ConfigureDistributedTPUOp : public OpKernel {
       }
     }
     Tensor* out = nullptr;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({}), &out));
+    TF_RETURN_IF_ERROR(ctx->allocate_output(0, TensorShape({}), &out));
     out->scalar<tensorflow::tstring>()() = topology.SerializeAsString();
+    return tensorflow::OkStatus();
   }
 
  private:
-  std::string config_;
+  std::string embedding_config_;
 };
 
-class IsInitializedOp : public OpKernel {
+class IsInitializedOp : public EngineKernel {
  public:
-  using OpKernel::OpKernel;
-  void Compute(OpKernelContext* ctx) override {
+  using EngineKernel::EngineKernel;
+  Status Run(OpKernelContext* ctx) override {
     Tensor* out = nullptr;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({}), &out));
+    TF_RETURN_IF_ERROR(ctx->allocate_output(0, TensorShape({}), &out));
     out->scalar<bool>()() = Engine::Get().IsConfigured();
+    return tensorflow::OkStatus();
   }
 };
 
-class ResetOp : public OpKernel {
+class ResetOp : public EngineKernel {
  public:
-  using OpKernel::OpKernel;
-  void Compute(OpKernelContext*) override { Engine::Get().Reset(); }
+  using EngineKernel::EngineKernel;
+  Status Run(OpKernelContext*) override {
+    Engine::Get().Reset();
+    return tensorflow::OkStatus();
+  }
 };
 
-class InfoOp : public OpKernel {
+class InfoOp : public EngineKernel {
  public:
-  using OpKernel::OpKernel;
-  void Compute(OpKernelContext* ctx) override {
+  using EngineKernel::EngineKernel;
+  Status Run(OpKernelContext* ctx) override {
     Tensor* out = nullptr;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({}), &out));
+    TF_RETURN_IF_ERROR(ctx->allocate_output(0, TensorShape({}), &out));
     out->scalar<tensorflow::tstring>()() = Engine::Get().InfoJson();
+    return tensorflow::OkStatus();
   }
 };
 
 // The attrs Load and Retrieve share, naming one shard of one table.
-class ShardOpBase : public OpKernel {
+class ShardOpBase : public EngineKernel {
  public:
-  explicit ShardOpBase(OpKernelConstruction* ctx) : OpKernel(ctx) {
+  explicit ShardOpBase(OpKernelConstruction* ctx) : EngineKernel(ctx) {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("table_id", &table_id_));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("table_name", &table_name_));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("num_shards", &num_shards_));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("shard_id", &shard_id_));
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("config", &config_));
   }
 
  protected:
+  // The shard the op names, for `optimizer`'s arrays.
+  Status Resolve(Optimizer optimizer, engine::ShardRef* ref) const {
+    return Engine::Get().ResolveShard(optimizer, config(), table_id_,
+                                      table_name_, num_shards_, shard_id_,
+                                      ref);
+  }
+
   int64_t table_id_;
   std::string table_name_;
   int64_t num_shards_;
   int64_t shard_id_;
-  std::string config_;
 };
 
 // LoadTPUEmbeddingADAMParameters (parameters, momenta, velocities) and
@@ -131,7 +139,7 @@ template <Optimizer kOptimizer>
 class LoadOp : public ShardOpBase {
  public:
   using ShardOpBase::ShardOpBase;
-  void Compute(OpKernelContext* ctx) override {
+  Status Run(OpKernelContext* ctx) override {
     engine::LoadRequest req;
     req.optimizer = kOptimizer;
     req.table_id = table_id_;
@@ -144,7 +152,7 @@ class LoadOp : public ShardOpBase {
       req.shapes[i].assign(dims.begin(), dims.end());
       req.data[i] = t.flat<float>().data();
     }
-    OP_REQUIRES_OK(ctx, Engine::Get().Load(config_, req, MakeParallelFor(ctx)));
+    return Engine::Get().Load(config(), req, MakeParallelFor(ctx));
   }
 };
 
@@ -152,21 +160,17 @@ template <Optimizer kOptimizer>
 class RetrieveOp : public ShardOpBase {
  public:
   using ShardOpBase::ShardOpBase;
-  void Compute(OpKernelContext* ctx) override {
+  Status Run(OpKernelContext* ctx) override {
     engine::ShardRef ref;
-    OP_REQUIRES_OK(ctx, Engine::Get().ResolveShard(kOptimizer, config_,
-                                                   table_id_, table_name_,
-                                                   num_shards_, shard_id_,
-                                                   &ref));
+    TF_RETURN_IF_ERROR(Resolve(kOptimizer, &ref));
     const TensorShape shape({ref.rows, ref.table->dim});
     float* out[3] = {nullptr, nullptr, nullptr};
     for (int i = 0; i < engine::NumArrays(kOptimizer); ++i) {
       Tensor* t = nullptr;
-      OP_REQUIRES_OK(ctx, ctx->allocate_output(i, shape, &t));
+      TF_RETURN_IF_ERROR(ctx->allocate_output(i, shape, &t));
       out[i] = t->flat<float>().data();
     }
-    OP_REQUIRES_OK(ctx,
-                   Engine::Get().Retrieve(ref, out, MakeParallelFor(ctx)));
+    return Engine::Get().Retrieve(ref, out, MakeParallelFor(ctx));
   }
 };
 
@@ -174,12 +178,9 @@ class RetrieveOp : public ShardOpBase {
 class RetrieveTouchedOp : public ShardOpBase {
  public:
   using ShardOpBase::ShardOpBase;
-  void Compute(OpKernelContext* ctx) override {
+  Status Run(OpKernelContext* ctx) override {
     engine::ShardRef ref;
-    OP_REQUIRES_OK(ctx, Engine::Get().ResolveShard(Optimizer::kAdam, config_,
-                                                   table_id_, table_name_,
-                                                   num_shards_, shard_id_,
-                                                   &ref));
+    TF_RETURN_IF_ERROR(Resolve(Optimizer::kAdam, &ref));
     const int64_t dim = ref.table->dim;
     const auto allocate = [ctx, dim](int64_t n, int64_t** ids, float* out[3]) {
       Tensor* t = nullptr;
@@ -192,8 +193,7 @@ class RetrieveTouchedOp : public ShardOpBase {
       }
       return tensorflow::OkStatus();
     };
-    OP_REQUIRES_OK(ctx, Engine::Get().RetrieveTouched(ref, allocate,
-                                                      MakeParallelFor(ctx)));
+    return Engine::Get().RetrieveTouched(ref, allocate, MakeParallelFor(ctx));
   }
 };
 

@@ -7,6 +7,7 @@
 #include "tensorflow/core/framework/tensor.h"
 #include "tpu_embed_adam/cc/core/parallel_for.h"
 #include "tpu_embed_adam/cc/engine/engine.h"
+#include "tpu_embed_adam/cc/kernels/engine_kernel.h"
 #include "tpu_embed_adam/cc/kernels/step_context.h"
 
 namespace tpu_embed_adam {
@@ -32,101 +33,88 @@ Status CheckPairsShape(const char* what, int index, const Tensor& t) {
   return tensorflow::OkStatus();
 }
 
-class EnsureConfiguredOp : public OpKernel {
+class EnsureConfiguredOp : public EngineKernel {
  public:
-  explicit EnsureConfiguredOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("config", &config_));
-  }
-  void Compute(OpKernelContext* ctx) override {
-    OP_REQUIRES_OK(ctx, Engine::Get().EnsureConfigured(config_));
+  using EngineKernel::EngineKernel;
+  tensorflow::Status Run(OpKernelContext* ctx) override {
+    TF_RETURN_IF_ERROR(Engine::Get().EnsureConfigured(config()));
+    return tensorflow::OkStatus();
   }
 
- private:
-  std::string config_;
 };
 
-class RouteIdsOp : public OpKernel {
+class RouteIdsOp : public EngineKernel {
  public:
-  explicit RouteIdsOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("config", &config_));
-  }
-  void Compute(OpKernelContext* ctx) override {
+  using EngineKernel::EngineKernel;
+  tensorflow::Status Run(OpKernelContext* ctx) override {
     int64_t timeout_ms = 0;
-    OP_REQUIRES_OK(ctx, RecvTimeoutMs(&timeout_ms));
+    TF_RETURN_IF_ERROR(RecvTimeoutMs(&timeout_ms));
     const auto allocate = [ctx](int owner, int64_t n, int64_t** data) {
       Tensor* out = nullptr;
       TF_RETURN_IF_ERROR(ctx->allocate_output(owner, TensorShape({n, 2}), &out));
       *data = out->flat<int64_t>().data();
       return tensorflow::OkStatus();
     };
-    OP_REQUIRES_OK(ctx, Engine::Get().RouteIds(config_, Task(ctx),
+    TF_RETURN_IF_ERROR(Engine::Get().RouteIds(config(), Task(ctx),
                                                DeviceCore(ctx), timeout_ms,
                                                num_outputs(), allocate));
+    return tensorflow::OkStatus();
   }
 
- private:
-  std::string config_;
 };
 
-class GatherRowsOp : public OpKernel {
+class GatherRowsOp : public EngineKernel {
  public:
-  explicit GatherRowsOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("config", &config_));
-  }
-  void Compute(OpKernelContext* ctx) override {
+  using EngineKernel::EngineKernel;
+  tensorflow::Status Run(OpKernelContext* ctx) override {
     const Tensor& ids = ctx->input(0);
-    OP_REQUIRES_OK(ctx, CheckPairsShape("ids", 0, ids));
+    TF_RETURN_IF_ERROR(CheckPairsShape("ids", 0, ids));
     const auto allocate = [ctx](int64_t n, float** data) {
       Tensor* out = nullptr;
       TF_RETURN_IF_ERROR(ctx->allocate_output(0, TensorShape({n}), &out));
       *data = out->flat<float>().data();
       return tensorflow::OkStatus();
     };
-    OP_REQUIRES_OK(ctx, Engine::Get().GatherRows(config_, Task(ctx),
+    TF_RETURN_IF_ERROR(Engine::Get().GatherRows(config(), Task(ctx),
                                                  ids.flat<int64_t>().data(),
                                                  ids.dim_size(0), allocate));
+    return tensorflow::OkStatus();
   }
 
- private:
-  std::string config_;
 };
 
-class CombineActivationsOp : public OpKernel {
+class CombineActivationsOp : public EngineKernel {
  public:
-  explicit CombineActivationsOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("config", &config_));
-  }
-  void Compute(OpKernelContext* ctx) override {
+  using EngineKernel::EngineKernel;
+  tensorflow::Status Run(OpKernelContext* ctx) override {
     OpInputList rows;
-    OP_REQUIRES_OK(ctx, ctx->input_list("rows", &rows));
+    TF_RETURN_IF_ERROR(ctx->input_list("rows", &rows));
     std::vector<const float*> data;
     std::vector<int64_t> sizes;
     for (const Tensor& t : rows) {
       data.push_back(t.flat<float>().data());
       sizes.push_back(t.NumElements());
     }
-    OP_REQUIRES_OK(ctx, Engine::Get().CombineActivations(
-                            config_, Task(ctx), DeviceCore(ctx), data, sizes,
+    TF_RETURN_IF_ERROR(Engine::Get().CombineActivations(
+                            config(), Task(ctx), DeviceCore(ctx), data, sizes,
                             num_outputs(), ActivationAllocator(ctx)));
+    return tensorflow::OkStatus();
   }
 
- private:
-  std::string config_;
 };
 
-class SplitGradientsOp : public OpKernel {
+class SplitGradientsOp : public EngineKernel {
  public:
-  explicit SplitGradientsOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("config", &config_));
+  explicit SplitGradientsOp(OpKernelConstruction* ctx) : EngineKernel(ctx) {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("num_owners", &num_owners_));
   }
-  void Compute(OpKernelContext* ctx) override {
-    OP_REQUIRES_OK(ctx, Engine::Get().EnsureConfigured(config_));
+  tensorflow::Status Run(OpKernelContext* ctx) override {
+    TF_RETURN_IF_ERROR(Engine::Get().EnsureConfigured(config()));
     std::vector<const float*> grads;
     std::vector<std::vector<int64_t>> shapes;
-    OP_REQUIRES_OK(ctx, ReadGradients(ctx, "gradients", &grads, &shapes));
+    TF_RETURN_IF_ERROR(ReadGradients(ctx, "gradients", &grads, &shapes));
     int64_t timeout_ms = 0;
-    OP_REQUIRES_OK(ctx, RecvTimeoutMs(&timeout_ms));
+    TF_RETURN_IF_ERROR(RecvTimeoutMs(&timeout_ms));
     const int owners = num_owners_;
     const auto allocate = [ctx, owners](int owner, int64_t n, int64_t floats,
                                         int64_t** ids, float** rows) {
@@ -138,44 +126,42 @@ class SplitGradientsOp : public OpKernel {
       *rows = out->flat<float>().data();
       return tensorflow::OkStatus();
     };
-    OP_REQUIRES_OK(ctx, Engine::Get().SplitGradients(
+    TF_RETURN_IF_ERROR(Engine::Get().SplitGradients(
                             Task(ctx), DeviceCore(ctx), grads, shapes,
                             num_owners_, timeout_ms, allocate));
+    return tensorflow::OkStatus();
   }
 
  private:
-  std::string config_;
   int num_owners_ = 0;
 };
 
-class ApplyGradientsOp : public OpKernel {
+class ApplyGradientsOp : public EngineKernel {
  public:
-  explicit ApplyGradientsOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("config", &config_));
-  }
-  void Compute(OpKernelContext* ctx) override {
-    OP_REQUIRES_OK(ctx, Engine::Get().EnsureConfigured(config_));
+  using EngineKernel::EngineKernel;
+  tensorflow::Status Run(OpKernelContext* ctx) override {
+    TF_RETURN_IF_ERROR(Engine::Get().EnsureConfigured(config()));
     OpInputList ids, rows;
-    OP_REQUIRES_OK(ctx, ctx->input_list("ids", &ids));
-    OP_REQUIRES_OK(ctx, ctx->input_list("rows", &rows));
+    TF_RETURN_IF_ERROR(ctx->input_list("ids", &ids));
+    TF_RETURN_IF_ERROR(ctx->input_list("rows", &rows));
     std::vector<Engine::Payload> payloads(ids.size());
     for (int i = 0; i < ids.size(); ++i) {
-      OP_REQUIRES_OK(ctx, CheckPairsShape("ids", i, ids[i]));
-      OP_REQUIRES(ctx, rows[i].dims() == 1,
-                  InvalidArgument("rows[", i, "] must be a vector; got ",
-                                  rows[i].shape().DebugString()));
+      TF_RETURN_IF_ERROR(CheckPairsShape("ids", i, ids[i]));
+      if (!(rows[i].dims() == 1)) {
+      return InvalidArgument("rows[", i, "] must be a vector; got ",
+                                  rows[i].shape().DebugString());
+    }
       payloads[i] = {ids[i].flat<int64_t>().data(), ids[i].dim_size(0),
                      rows[i].flat<float>().data(), rows[i].NumElements()};
     }
     std::vector<float> learning_rates;
-    OP_REQUIRES_OK(ctx, ReadLearningRates(ctx, &learning_rates));
-    OP_REQUIRES_OK(ctx, Engine::Get().ApplyGradients(Task(ctx), payloads,
+    TF_RETURN_IF_ERROR(ReadLearningRates(ctx, &learning_rates));
+    TF_RETURN_IF_ERROR(Engine::Get().ApplyGradients(Task(ctx), payloads,
                                                      learning_rates,
                                                      MakeParallelFor(ctx)));
+    return tensorflow::OkStatus();
   }
 
- private:
-  std::string config_;
 };
 
 REGISTER_KERNEL_BUILDER(Name("TpuEmbedAdamEnsureConfigured").Device(DEVICE_CPU),
