@@ -25,6 +25,7 @@ from tpu_embed_adam.estimator._model_fn import (
     call_user_model_fn,
     engine_model_fn,
 )
+from tpu_embed_adam.estimator._sessions import ENGINE_CALLS
 from tpu_embed_adam.estimator._spec import spec_with_our_adam
 
 TF_TPU_ESTIMATOR = tf_tpu_estimator.TPUEstimator
@@ -37,6 +38,8 @@ _TF_UNDECORATED_INIT = tf_decorator.unwrap(TF_TPU_ESTIMATOR.__init__)[1]
 # tensorflow_estimator's estimator_export deprecates every exported symbol so.
 _TF_DEPRECATION_INSTRUCTIONS = "Use tf.keras instead."
 _TF_AUGMENT = TF_TPU_ESTIMATOR._augment_model_fn
+_TF_TRAIN = TF_TPU_ESTIMATOR.train
+_TF_EVALUATE = TF_TPU_ESTIMATOR.evaluate
 _TF_ADD_META_GRAPH = TF_TPU_ESTIMATOR._add_meta_graph_for_mode
 _TF_INIT_SIGNATURE = inspect.signature(_TF_UNDECORATED_INIT)
 # The attribute that marks an estimator whose tables the engine serves.
@@ -102,6 +105,24 @@ def _augment_model_fn(
     return augmented
 
 
+@functools.wraps(_TF_TRAIN)
+def _train(self: Any, *args: Any, **kwargs: Any) -> Any:
+    if getattr(self, _ENGINE_ATTR, None) is None:
+        return _TF_TRAIN(self, *args, **kwargs)
+    # The engine serves one session between steps: estimators in other
+    # threads wait (_sessions).
+    with ENGINE_CALLS:
+        return _TF_TRAIN(self, *args, **kwargs)
+
+
+@functools.wraps(_TF_EVALUATE)
+def _evaluate(self: Any, *args: Any, **kwargs: Any) -> Any:
+    if getattr(self, _ENGINE_ATTR, None) is None:
+        return _TF_EVALUATE(self, *args, **kwargs)
+    with ENGINE_CALLS:
+        return _TF_EVALUATE(self, *args, **kwargs)
+
+
 def _add_meta_graph_for_mode(
     self: Any,
     builder: Any,
@@ -159,3 +180,5 @@ class TPUEstimator(tf_tpu_estimator.TPUEstimator):  # type: ignore[misc]
     __init__ = _init
     _augment_model_fn = _augment_model_fn
     _add_meta_graph_for_mode = _add_meta_graph_for_mode
+    train = _train
+    evaluate = _evaluate

@@ -26,12 +26,9 @@ from tensorflow_estimator.python.estimator import model_fn as model_fn_lib
 from tensorflow_estimator.python.estimator.tpu import _tpu_estimator_embedding as tf_tpu_est_emb
 from tensorflow_estimator.python.estimator.tpu import util as tpu_util
 
-from tpu_embed_adam.engine import (
-    RetrievingSaver,
-    load_tables_at_session_start,
-    retrieve_touched_ops,
-)
+from tpu_embed_adam.engine import load_tables_at_session_start, retrieve_touched_ops
 from tpu_embed_adam.estimator._log import log_training
+from tpu_embed_adam.estimator._sessions import EngineSaver, EngineSessionHook
 
 _ModeKeys = model_fn_lib.ModeKeys
 # The host of the one-host, one-core configuration: the Estimator's own
@@ -143,7 +140,9 @@ def engine_model_fn(
       gradients in its train_op, and after every `iterations_per_loop`
       steps the copy of the rows trained into the table variables. The
       graph's local init op loads the tables, and (TRAIN) its saver
-      retrieves them in full before each save.
+      retrieves them in full before each save. Its hooks get an
+      `EngineSessionHook`, which takes the engine back from sessions that
+      ran in between (an evaluation during training).
     """
     training = mode == _ModeKeys.TRAIN
     emb = embedding_config.get_tpu_embedding(mode)
@@ -195,8 +194,12 @@ def engine_model_fn(
     variables_and_ops = emb.create_variables_and_ops(names, slot_names)
     load_tables_at_session_start(emb.config_proto, variables_and_ops.load_ops, init_ops)
     if not training:
-        return spec
+        hook = EngineSessionHook(emb.config_proto, variables_and_ops.load_ops, [])
+        return _with_hook(spec, "evaluation_hooks", hook)
     log_training(emb, names)
+    hook = EngineSessionHook(
+        emb.config_proto, variables_and_ops.load_ops, retrieve_touched_ops(variables_and_ops)
+    )
 
     gradients = tpu_embedding_gradient.get_gradients_through_dummy_table_variables(emb)
     multiplier = embedding_config.get_grad_multiplier()
@@ -208,8 +211,14 @@ def engine_model_fn(
         send = emb.generate_send_gradients_op(gradients, step)
     with tf.control_dependencies([send]):
         refresh = _refresh_after_each_loop(variables_and_ops, step, config)
-    _use_retrieving_saver(variables_and_ops.retrieve_ops(), config)
-    return _without_own_saver(spec)._replace(train_op=tf.group(spec.train_op, send, refresh))
+    _use_retrieving_saver(hook, variables_and_ops.retrieve_ops(), config)
+    spec = _without_own_saver(spec)._replace(train_op=tf.group(spec.train_op, send, refresh))
+    return _with_hook(spec, "training_hooks", hook)
+
+
+def _with_hook(spec: Any, field: str, hook: EngineSessionHook) -> Any:
+    """`spec` with `hook` added to its `training_hooks` or `evaluation_hooks`."""
+    return spec._replace(**{field: (*(getattr(spec, field) or ()), hook)})
 
 
 def _refresh_after_each_loop(variables_and_ops: Any, step: tf.Tensor, config: Any) -> tf.Operation:
@@ -265,11 +274,12 @@ def _batch_of(features: dict[str, Any], emb: Any, argument: str) -> Any:
     return tf.shape(feature, out_type=tf.int64)[0]
 
 
-def _use_retrieving_saver(retrieve_ops: list[Any], config: Any) -> None:
+def _use_retrieving_saver(hook: EngineSessionHook, retrieve_ops: list[Any], config: Any) -> None:
     """Makes the Estimator's default saver retrieve the tables before it saves.
 
     Estimator builds its default saver only when the SAVERS collection is
-    empty; ours, with the same settings, goes there first.
+    empty; ours (a `RetrievingSaver` that first takes the engine back for
+    the session of `hook`), with the same settings, goes there first.
     """
     savers = tf.compat.v1.GraphKeys.SAVERS
     if tf.compat.v1.get_collection(savers):
@@ -280,7 +290,8 @@ def _use_retrieving_saver(retrieve_ops: list[Any], config: Any) -> None:
         )
     tf.compat.v1.add_to_collection(
         savers,
-        RetrievingSaver(
+        EngineSaver(
+            hook,
             retrieve_ops,
             sharded=True,
             max_to_keep=config.keep_checkpoint_max,
