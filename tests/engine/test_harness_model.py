@@ -71,3 +71,24 @@ def test_split_and_join_invert_and_match_tf_part_sizes(strategy, vocab, hosts):
     np.testing.assert_array_equal(harness.join_table(parts, vocab, strategy), full)
     if strategy == "mod":
         assert all(p[0, 0] == 2 * i for i, p in enumerate(parts))
+
+
+def test_mean_of_weights_summing_below_zero_divides_as_tf():
+    """TF (div_no_nan) and the engine (engine/batch.cc) divide by any nonzero sum.
+
+    The model gave such a sample a zero activation: the random batches' weights
+    are positive, so no test met it, but an oracle must not differ there.
+    """
+    emb = make_embedding("mean")
+    w0 = np.random.default_rng(2).normal(size=(9, 3)).astype(np.float32)
+    model = harness.NumpyModel(emb, {"t": harness.Slots(w0, w0 * 0, w0 * 0)})
+    x = harness.FeatureInput(
+        np.array([1, 2, 3, 4], np.int64),
+        np.array([[0, 0], [0, 1], [1, 0], [1, 1]], np.int64),
+        np.array([-1.0, -2.0, 0.5, -0.5], np.float32),
+    )
+    got = model.activations({f: x for f in emb.feature_to_config_dict})["a"]
+    want = tf_lookup(tf.constant(w0), x, emb.batch_size_per_core, "mean").numpy()
+    # TF's lookup stops at the last sample with ids; the model covers the batch.
+    np.testing.assert_allclose(got[: len(want)], want, rtol=1e-6, atol=1e-6)
+    assert got[0].any() and not got[len(want) :].any()

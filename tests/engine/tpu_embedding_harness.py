@@ -300,7 +300,7 @@ class NumpyModel:
         total = np.zeros(n_slots)
         np.add.at(total, slots, w64 if combiner == "mean" else w64 * w64)
         denominator = (total if combiner == "mean" else np.sqrt(total))[slots]
-        scale = np.divide(w64, denominator, out=np.zeros(len(kept)), where=denominator > 0)
+        scale = np.divide(w64, denominator, out=np.zeros(len(kept)), where=denominator != 0)
         return kept, slots, scale.astype(_F32), n_slots
 
     def activations(self, core: Mapping[str, FeatureInput]) -> dict[str, np.ndarray]:
