@@ -322,6 +322,52 @@ def test_retrieve_and_load_apply_the_open_step() -> None:
     g.sess.close()
 
 
+def _await_waiting_ops(n: int, deadline_s: float = 30.0) -> None:
+    """Returns once `n` ops wait for a batch in the engine (its own count)."""
+    end = time.monotonic() + deadline_s
+    while engine.info()["waiting"] != n:
+        assert time.monotonic() < end, engine.info()
+        time.sleep(0.01)
+
+
+def test_a_reset_wakes_a_waiting_recv_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = embedding_config([("t", 4, 1, adam_params())], [(0, [1])])
+    load_all(cfg, "t", random_slots(np.random.default_rng(13), 4, 1), 1, False)
+    monkeypatch.setenv("TPU_EMBED_ADAM_RECV_TIMEOUT_MS", "60000")
+    result: list[object] = []
+
+    def recv() -> None:
+        try:
+            raw.RecvTPUEmbeddingActivations(num_outputs=1, config=cfg)
+        except tf.errors.OpError as e:
+            result.append(e)
+
+    thread = threading.Thread(target=recv)
+    thread.start()
+    _await_waiting_ops(1)
+    start = time.monotonic()
+    engine.reset()
+    thread.join()
+    assert time.monotonic() - start < 10
+    assert len(result) == 1 and isinstance(result[0], tf.errors.AbortedError), result
+    assert engine.info()["waiting"] == 0
+
+
+def test_a_sessions_timeout_ends_a_waiting_recv(monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = embedding_config([("t", 4, 1, adam_params())], [(0, [1])])
+    load_all(cfg, "t", random_slots(np.random.default_rng(14), 4, 1), 1, False)
+    monkeypatch.setenv("TPU_EMBED_ADAM_RECV_TIMEOUT_MS", "60000")
+    with tf.Graph().as_default():
+        (act,) = raw.RecvTPUEmbeddingActivations(num_outputs=1, config=cfg)
+        with tf.compat.v1.Session() as sess:
+            start = time.monotonic()
+            with pytest.raises(tf.errors.DeadlineExceededError):
+                sess.run(act, options=tf.compat.v1.RunOptions(timeout_in_ms=500))
+            # The op's cancellation ended the engine's wait, not its 60 s.
+            assert time.monotonic() - start < 10
+    _await_waiting_ops(0)
+
+
 def test_recv_fails_when_the_engine_is_reset_while_it_waits(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -339,15 +385,17 @@ def test_recv_fails_when_the_engine_is_reset_while_it_waits(
 
     thread = threading.Thread(target=recv)
     thread.start()
-    time.sleep(1.0)  # Recv waits for core 0's batch
+    _await_waiting_ops(1)  # Recv waits for core 0's batch
     # A new, larger configuration with a batch for the same core: Recv's
     # outputs were sized for the old one.
+    start = time.monotonic()
     raw.ConfigureTPUEmbedding(config=big)
+    thread.join()
+    # The reconfiguration woke it at once, not its 20 s timeout.
+    assert time.monotonic() - start < 10
+    assert len(result) == 1 and isinstance(result[0], tf.errors.AbortedError), result
     load_all(b"", "t", random_slots(np.random.default_rng(12), 4, 256), 1, False)
     enqueue("arbitrary", dense_ids([1] * 64), [], [0])
-    thread.join()
-    assert len(result) == 1 and isinstance(result[0], tf.errors.OpError), result
-    assert isinstance(result[0], tf.errors.AbortedError | tf.errors.FailedPreconditionError)
     # The batch stays queued for a Recv of the new configuration.
     monkeypatch.setenv("TPU_EMBED_ADAM_RECV_TIMEOUT_MS", "1")
     (act,) = raw.RecvTPUEmbeddingActivations(num_outputs=1, config=big)

@@ -451,12 +451,12 @@ Status Engine::Enqueue(int64_t task, int64_t core,
 
 Status Engine::TakeBatchLocked(
     std::unique_lock<std::mutex>& lock, const char* op, int64_t task,
-    int64_t core, int64_t timeout_ms,
+    int64_t core, const Wait& wait,
     const std::function<Status(const Batch&)>& use) {
   TF_RETURN_IF_ERROR(CheckCoreLocked(task, core));
   Core* c = nullptr;
   TF_RETURN_IF_ERROR(AwaitBatchLocked(lock, op, CoreKey{task, core},
-                                      timeout_ms,
+                                      wait,
                                       "nothing was enqueued for this core",
                                       &c));
   TF_RETURN_IF_ERROR(use(c->queued.front()));
@@ -469,8 +469,13 @@ Status Engine::TakeBatchLocked(
   return tensorflow::OkStatus();
 }
 
+void Engine::WakeWaiters() {
+  std::lock_guard<std::mutex> lock(mu_);
+  enqueued_.notify_all();
+}
+
 Status Engine::Recv(const std::string& config, int64_t task, int64_t core,
-                    int64_t timeout_ms, int num_outputs,
+                    const Wait& wait, int num_outputs,
                     const AllocateOutput& allocate) {
   std::unique_lock<std::mutex> lock(mu_);
   TF_RETURN_IF_ERROR(CheckConfigLocked(config));
@@ -484,7 +489,7 @@ Status Engine::Recv(const std::string& config, int64_t task, int64_t core,
   std::vector<int64_t> sizes(config_->features.size());
   std::vector<uint8_t> written;
   TF_RETURN_IF_ERROR(TakeBatchLocked(
-      lock, "RecvTPUEmbeddingActivations", task, core, timeout_ms,
+      lock, "RecvTPUEmbeddingActivations", task, core, wait,
       [&](const Batch& batch) {
         TF_RETURN_IF_ERROR(CheckRowsLoadedLocked(batch));
         int64_t max_slots = 0;
@@ -520,21 +525,32 @@ Status Engine::Recv(const std::string& config, int64_t task, int64_t core,
 
 Status Engine::AwaitBatchLocked(std::unique_lock<std::mutex>& lock,
                                 const char* op, const CoreKey& key,
-                                int64_t timeout_ms, const char* missing,
+                                const Wait& wait, const char* missing,
                                 Core** core) {
   const uint64_t generation = generation_;
+  const auto cancelled = [&wait] {
+    return wait.cancelled != nullptr && wait.cancelled->load();
+  };
   // The enqueue of the same step may still be running on another thread.
-  enqueued_.wait_for(lock, std::chrono::milliseconds(timeout_ms), [&] {
-    if (generation_ != generation) return true;
+  ++waiting_;
+  enqueued_.wait_for(lock, std::chrono::milliseconds(wait.timeout_ms), [&] {
+    if (generation_ != generation || cancelled()) return true;
     auto it = cores_.find(key);
     return it != cores_.end() && !it->second.queued.empty();
   });
+  --waiting_;
   // The wait released the lock: the caller's checks hold only for the same
   // configuration.
   if (generation_ != generation) {
     return tensorflow::errors::Aborted(
         op, " on core ", key.second, " of task ", key.first,
         ": the engine was reset or reconfigured while it waited for a batch");
+  }
+  if (cancelled()) {
+    return tensorflow::errors::Cancelled(
+        op, " on core ", key.second, " of task ", key.first, ": the step was ",
+        "cancelled (a RunOptions timeout, a closed session or a failed peer) ",
+        "while it waited for a batch");
   }
   auto it = cores_.find(key);
   if (it == cores_.end() || it->second.queued.empty()) {
@@ -563,7 +579,7 @@ Status Engine::CheckRowsLoadedLocked(const Batch& batch) const {
 Status Engine::TakeSendBatchLocked(
     std::unique_lock<std::mutex>& lock, const char* op, int64_t task,
     int64_t core, const std::vector<std::vector<int64_t>>& shapes,
-    int64_t timeout_ms, bool local_rows,
+    const Wait& wait, bool local_rows,
     const std::function<void(const Batch&)>& prepare,
     std::shared_ptr<const Batch>* batch) {
   TF_RETURN_IF_ERROR(CheckConfigLocked(""));
@@ -610,7 +626,7 @@ Status Engine::TakeSendBatchLocked(
     // (their gradient does not depend on them); a TPU's Send still pairs
     // with the core's next batch, so take it as Recv would have.
     TF_RETURN_IF_ERROR(AwaitBatchLocked(
-        lock, op, key, timeout_ms,
+        lock, op, key, wait,
         "no batch awaits gradients (nothing was received or enqueued for "
         "this core)",
         &c));
@@ -628,7 +644,7 @@ Status Engine::Send(int64_t task, int64_t core,
                     const std::vector<const float*>& grads,
                     const std::vector<std::vector<int64_t>>& shapes,
                     const std::vector<float>& learning_rates,
-                    int64_t timeout_ms, const ParallelFor& parallel_for) {
+                    const Wait& wait, const ParallelFor& parallel_for) {
   std::unique_lock<std::mutex> lock(mu_);
   TF_RETURN_IF_ERROR(CheckLearningRatesLocked(learning_rates));
   const CoreKey key{task, core};
@@ -638,7 +654,7 @@ Status Engine::Send(int64_t task, int64_t core,
   const size_t position = task * config_->cores_per_host + core;
   std::shared_ptr<const Batch> batch;
   TF_RETURN_IF_ERROR(TakeSendBatchLocked(
-      lock, "SendTPUEmbeddingGradients", task, core, shapes, timeout_ms,
+      lock, "SendTPUEmbeddingGradients", task, core, shapes, wait,
       /*local_rows=*/true,
       [&](const Batch& b) { ReserveSentLocked(b, position); }, &batch));
   for (size_t i = 0; i < config_->features.size(); ++i) {

@@ -22,6 +22,7 @@
 #ifndef TPU_EMBED_ADAM_CC_ENGINE_ENGINE_H_
 #define TPU_EMBED_ADAM_CC_ENGINE_ENGINE_H_
 
+#include <atomic>
 #include <cstdint>
 #include <condition_variable>
 #include <deque>
@@ -50,6 +51,14 @@ struct ShardRef {
 };
 
 using CoreKey = std::pair<int64_t, int64_t>;  // (task, core within the host)
+
+// How an op waits for its core's batch: at most `timeout_ms`, and no longer
+// than until `*cancelled` is set (by the op's cancellation callback, which
+// then calls Engine::WakeWaiters).
+struct Wait {
+  int64_t timeout_ms = 0;
+  const std::atomic<bool>* cancelled = nullptr;
+};
 
 // A Load op's request, as the kernel received it: NumArrays(optimizer)
 // entries of `shapes` and `data` are set.
@@ -125,25 +134,25 @@ class Engine {
   // returns its buffer.
   using AllocateOutput = std::function<tensorflow::Status(
       int index, const std::vector<int64_t>& shape, float** data)>;
-  // Checks `config`, pops the core's oldest batch (waiting up to timeout_ms
+  // Checks `config`, pops the core's oldest batch (waiting up to wait
   // for one), allocates the `num_outputs` outputs through `allocate` and
   // writes the combined activations into them. Shapes, allocation and the
   // pop happen in one hold of the engine's lock, so a concurrent reset
   // cannot leave buffers sized for another configuration.
   tensorflow::Status Recv(const std::string& config, int64_t task,
-                          int64_t core, int64_t timeout_ms, int num_outputs,
+                          int64_t core, const Wait& wait, int num_outputs,
                           const AllocateOutput& allocate);
   // Backpropagates `grads` through the batch the core last received into the
   // tables' accumulators; when no core that has not sent in this step still
   // holds a training batch, applies one ApplySparseAdam per table shard.
   // A core with no received batch (TF pruned its Recv) sends into its oldest
-  // queued batch instead, waiting up to timeout_ms for one as Recv does.
+  // queued batch instead, waiting up to wait for one as Recv does.
   // Refused for an INFERENCE configuration.
   tensorflow::Status Send(int64_t task, int64_t core,
                           const std::vector<const float*>& grads,
                           const std::vector<std::vector<int64_t>>& shapes,
                           const std::vector<float>& learning_rates,
-                          int64_t timeout_ms, const ParallelFor& parallel_for);
+                          const Wait& wait, const ParallelFor& parallel_for);
 
   // The multi-process step (docs/engine.md, "Training across processes").
   // A graph pass (cc/graph/routing_pass.cc) replaces each Recv with
@@ -156,11 +165,11 @@ class Engine {
   // Allocates output `owner` as n (table, local row) pairs.
   using AllocateIds =
       std::function<tensorflow::Status(int owner, int64_t n, int64_t** data)>;
-  // Pops the core's oldest batch as Recv does (waiting up to timeout_ms),
+  // Pops the core's oldest batch as Recv does (waiting up to wait),
   // keeps it as the core's received batch, and writes for each of the
   // `num_owners` hosts the distinct rows of its shards that the batch reads.
   tensorflow::Status RouteIds(const std::string& config, int64_t task,
-                              int64_t core, int64_t timeout_ms, int num_owners,
+                              int64_t core, const Wait& wait, int num_owners,
                               const AllocateIds& allocate);
   // Copies the rows named by `ids` (n pairs) from this process's shard
   // `task` of each table into a buffer of their total floats.
@@ -187,7 +196,7 @@ class Engine {
   tensorflow::Status SplitGradients(
       int64_t task, int64_t core, const std::vector<const float*>& grads,
       const std::vector<std::vector<int64_t>>& shapes, int num_owners,
-      int64_t timeout_ms, const AllocatePayload& allocate);
+      const Wait& wait, const AllocatePayload& allocate);
   // One core's payload for this owner, as SplitGradients wrote it.
   struct Payload {
     const int64_t* ids = nullptr;
@@ -201,6 +210,10 @@ class Engine {
                                     const std::vector<Payload>& payloads,
                                     const std::vector<float>& learning_rates,
                                     const ParallelFor& parallel_for);
+
+  // Wakes every op waiting for a batch, so that it rechecks its Wait's
+  // `cancelled` flag.
+  void WakeWaiters();
 
   // Tables, shards, rows and bytes held, as a JSON object.
   std::string InfoJson();
@@ -235,7 +248,7 @@ class Engine {
   // unsent one from the step), so that a failed lookup changes nothing.
   tensorflow::Status TakeBatchLocked(
       std::unique_lock<std::mutex>& lock, const char* op, int64_t task,
-      int64_t core, int64_t timeout_ms,
+      int64_t core, const Wait& wait,
       const std::function<tensorflow::Status(const Batch&)>& use);
   // Send's and SplitGradients' checks, then the core's received batch (or,
   // with none, its oldest queued one, whose rows must be loaded here if
@@ -245,7 +258,7 @@ class Engine {
   tensorflow::Status TakeSendBatchLocked(
       std::unique_lock<std::mutex>& lock, const char* op, int64_t task,
       int64_t core, const std::vector<std::vector<int64_t>>& shapes,
-      int64_t timeout_ms, bool local_rows,
+      const Wait& wait, bool local_rows,
       const std::function<void(const Batch&)>& prepare,
       std::shared_ptr<const Batch>* batch);
   // Makes room in the accumulators that the core at `position` (in core
@@ -262,13 +275,13 @@ class Engine {
   tensorflow::Status CheckConfigLocked(const std::string& serialized);
   void ClearLocked();
   tensorflow::Status CheckCoreLocked(int64_t task, int64_t core) const;
-  // Waits, releasing `lock`, up to timeout_ms for a batch in the queue of
+  // Waits, releasing `lock`, up to wait for a batch in the queue of
   // core `key` and returns that core. Aborted if the engine was reset or
-  // reconfigured meanwhile; FailedPrecondition "`op` on core ...: `missing`"
-  // if no batch came.
+  // reconfigured meanwhile, Cancelled if the op was; FailedPrecondition
+  // "`op` on core ...: `missing`" if no batch came.
   tensorflow::Status AwaitBatchLocked(std::unique_lock<std::mutex>& lock,
                                       const char* op, const CoreKey& key,
-                                      int64_t timeout_ms, const char* missing,
+                                      const Wait& wait, const char* missing,
                                       Core** core);
   // FailedPrecondition naming the first id of `batch` whose shard was never
   // loaded here.
@@ -296,6 +309,7 @@ class Engine {
   // Bumped by every reset or reconfiguration: a Recv that waited across one
   // fails instead of mixing two configurations.
   uint64_t generation_ = 0;
+  int64_t waiting_ = 0;  // ops waiting for a batch now (InfoJson's "waiting")
   std::vector<float> step_learning_rates_;
   std::vector<std::unique_ptr<DeferredLoad>> deferred_loads_;
 };

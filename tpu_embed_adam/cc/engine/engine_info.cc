@@ -82,7 +82,8 @@ std::string Engine::InfoJson() {
       ", \"configured\": ", config_ == nullptr ? "false" : "true",
       ", \"num_hosts\": ", hosts, ", \"cores_per_host\": ", cores,
       ", \"num_features\": ", features,
-      ", \"queued_batches\": ", queued, ", \"deferred_loads\": ",
+      ", \"queued_batches\": ", queued, ", \"waiting\": ", waiting_,
+      ", \"deferred_loads\": ",
       deferred_loads_.size(), ", \"bytes\": ", total,
       ", \"tables\": [", absl::StrJoin(tables, ", "), "]}");
 }

@@ -71,7 +71,7 @@ Status CheckPairs(const char* what,
 }  // namespace
 
 Status Engine::RouteIds(const std::string& config, int64_t task, int64_t core,
-                        int64_t timeout_ms, int num_owners,
+                        const Wait& wait, int num_owners,
                         const AllocateIds& allocate) {
   std::unique_lock<std::mutex> lock(mu_);
   TF_RETURN_IF_ERROR(CheckConfigLocked(config));
@@ -81,7 +81,7 @@ Status Engine::RouteIds(const std::string& config, int64_t task, int64_t core,
   }
   auto routing = std::make_shared<Routing>();
   TF_RETURN_IF_ERROR(TakeBatchLocked(
-      lock, "RecvTPUEmbeddingActivations", task, core, timeout_ms,
+      lock, "RecvTPUEmbeddingActivations", task, core, wait,
       [&](const Batch& batch) {
         const size_t num_tables = tables_.size();
         // Distinct local rows per (owner, table), in first-seen order.
@@ -231,7 +231,7 @@ Status Engine::CombineActivations(const std::string& config, int64_t task,
 Status Engine::SplitGradients(int64_t task, int64_t core,
                               const std::vector<const float*>& grads,
                               const std::vector<std::vector<int64_t>>& shapes,
-                              int num_owners, int64_t timeout_ms,
+                              int num_owners, const Wait& wait,
                               const AllocatePayload& allocate) {
   std::unique_lock<std::mutex> lock(mu_);
   TF_RETURN_IF_ERROR(CheckConfigLocked(""));
@@ -241,7 +241,7 @@ Status Engine::SplitGradients(int64_t task, int64_t core,
   }
   std::shared_ptr<const Batch> batch;
   TF_RETURN_IF_ERROR(TakeSendBatchLocked(
-      lock, "SendTPUEmbeddingGradients", task, core, shapes, timeout_ms,
+      lock, "SendTPUEmbeddingGradients", task, core, shapes, wait,
       /*local_rows=*/false, [](const Batch&) {}, &batch));
   const std::vector<std::shared_ptr<Table>> tables = tables_;
   // The configuration the batch was built under, shared, not copied.

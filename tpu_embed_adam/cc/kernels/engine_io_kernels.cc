@@ -207,9 +207,9 @@ class RecvOp : public EngineKernel {
  public:
   using EngineKernel::EngineKernel;
   Status Run(OpKernelContext* ctx) override {
-    int64_t timeout_ms = 0;
-    TF_RETURN_IF_ERROR(RecvTimeoutMs(&timeout_ms));
-    return Engine::Get().Recv(config(), Task(ctx), DeviceCore(ctx), timeout_ms,
+    const StepWait wait(ctx);
+    TF_RETURN_IF_ERROR(wait.status());
+    return Engine::Get().Recv(config(), Task(ctx), DeviceCore(ctx), wait.wait(),
                               num_outputs(), ActivationAllocator(ctx));
   }
 };
@@ -224,10 +224,10 @@ class SendOp : public EngineKernel {
     TF_RETURN_IF_ERROR(ReadGradients(ctx, "inputs", &grads, &shapes));
     std::vector<float> learning_rates;
     TF_RETURN_IF_ERROR(ReadLearningRates(ctx, &learning_rates));
-    int64_t timeout_ms = 0;
-    TF_RETURN_IF_ERROR(RecvTimeoutMs(&timeout_ms));
+    const StepWait wait(ctx);
+    TF_RETURN_IF_ERROR(wait.status());
     return Engine::Get().Send(Task(ctx), DeviceCore(ctx), grads, shapes,
-                              learning_rates, timeout_ms, MakeParallelFor(ctx));
+                              learning_rates, wait.wait(), MakeParallelFor(ctx));
   }
 };
 

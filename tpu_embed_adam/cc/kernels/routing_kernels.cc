@@ -47,8 +47,8 @@ class RouteIdsOp : public EngineKernel {
  public:
   using EngineKernel::EngineKernel;
   tensorflow::Status Run(OpKernelContext* ctx) override {
-    int64_t timeout_ms = 0;
-    TF_RETURN_IF_ERROR(RecvTimeoutMs(&timeout_ms));
+    const StepWait wait(ctx);
+    TF_RETURN_IF_ERROR(wait.status());
     const auto allocate = [ctx](int owner, int64_t n, int64_t** data) {
       Tensor* out = nullptr;
       TF_RETURN_IF_ERROR(ctx->allocate_output(owner, TensorShape({n, 2}), &out));
@@ -56,7 +56,7 @@ class RouteIdsOp : public EngineKernel {
       return tensorflow::OkStatus();
     };
     TF_RETURN_IF_ERROR(Engine::Get().RouteIds(config(), Task(ctx),
-                                               DeviceCore(ctx), timeout_ms,
+                                               DeviceCore(ctx), wait.wait(),
                                                num_outputs(), allocate));
     return tensorflow::OkStatus();
   }
@@ -113,8 +113,8 @@ class SplitGradientsOp : public EngineKernel {
     std::vector<const float*> grads;
     std::vector<std::vector<int64_t>> shapes;
     TF_RETURN_IF_ERROR(ReadGradients(ctx, "gradients", &grads, &shapes));
-    int64_t timeout_ms = 0;
-    TF_RETURN_IF_ERROR(RecvTimeoutMs(&timeout_ms));
+    const StepWait wait(ctx);
+    TF_RETURN_IF_ERROR(wait.status());
     const int owners = num_owners_;
     const auto allocate = [ctx, owners](int owner, int64_t n, int64_t floats,
                                         int64_t** ids, float** rows) {
@@ -128,7 +128,7 @@ class SplitGradientsOp : public EngineKernel {
     };
     TF_RETURN_IF_ERROR(Engine::Get().SplitGradients(
                             Task(ctx), DeviceCore(ctx), grads, shapes,
-                            num_owners_, timeout_ms, allocate));
+                            num_owners_, wait.wait(), allocate));
     return tensorflow::OkStatus();
   }
 

@@ -21,6 +21,8 @@ int64_t DeviceCore(tensorflow::OpKernelContext* ctx) {
 // that behaviour while a program that never enqueues still gets an error.
 // Parsed strictly: atoll's silent 0 for "abc" or 1 for "1e9" would turn a
 // typo into a Recv that fails at once or waits for ages.
+namespace {
+
 tensorflow::Status RecvTimeoutMs(int64_t* timeout_ms) {
   constexpr int64_t kMaxRecvTimeoutMs = 86400000;  // one day
   static constexpr char kVar[] = "TPU_EMBED_ADAM_RECV_TIMEOUT_MS";
@@ -43,6 +45,29 @@ tensorflow::Status RecvTimeoutMs(int64_t* timeout_ms) {
   }
   *timeout_ms = value;
   return tensorflow::OkStatus();
+}
+
+}  // namespace
+
+StepWait::StepWait(tensorflow::OpKernelContext* ctx) {
+  status_ = RecvTimeoutMs(&wait_.timeout_ms);
+  wait_.cancelled = &cancelled_;
+  manager_ = ctx->cancellation_manager();
+  if (!status_.ok() || manager_ == nullptr) return;
+  token_ = manager_->get_cancellation_token();
+  registered_ = manager_->RegisterCallback(token_, [this] {
+    cancelled_ = true;
+    engine::Engine::Get().WakeWaiters();
+  });
+  if (!registered_) {
+    status_ = tensorflow::errors::Cancelled(
+        ctx->op_kernel().name(), ": the step was cancelled before it ran");
+  }
+}
+
+StepWait::~StepWait() {
+  // Waits for a callback that is running: it must not outlive `this`.
+  if (registered_) manager_->DeregisterCallback(token_);
 }
 
 engine::Engine::AllocateOutput ActivationAllocator(

@@ -8,9 +8,11 @@
 #ifndef TPU_EMBED_ADAM_CC_KERNELS_STEP_CONTEXT_H_
 #define TPU_EMBED_ADAM_CC_KERNELS_STEP_CONTEXT_H_
 
+#include <atomic>
 #include <cstdint>
 #include <vector>
 
+#include "tensorflow/core/framework/cancellation.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tpu_embed_adam/cc/engine/engine.h"
 
@@ -19,9 +21,31 @@ namespace tpu_embed_adam {
 int64_t Task(tensorflow::OpKernelContext* ctx);
 int64_t DeviceCore(tensorflow::OpKernelContext* ctx);
 
-// How long Recv (and a Send whose Recv TF pruned) waits for its core's
-// batch: TPU_EMBED_ADAM_RECV_TIMEOUT_MS, default 60 s.
-tensorflow::Status RecvTimeoutMs(int64_t* timeout_ms);
+// How an op of a core's step waits for its batch (Recv, and a Send whose
+// Recv TF pruned): at most TPU_EMBED_ADAM_RECV_TIMEOUT_MS (default 60 s),
+// and no longer than its step lives: a RunOptions timeout, a closed session
+// or a failed peer cancels the step, and the wait ends with Cancelled. Lives
+// for the op's engine call (the callback is removed when it is destroyed).
+class StepWait {
+ public:
+  explicit StepWait(tensorflow::OpKernelContext* ctx);
+  ~StepWait();
+  StepWait(const StepWait&) = delete;
+  StepWait& operator=(const StepWait&) = delete;
+
+  // The timeout variable's parse error, or Cancelled if the step was
+  // cancelled before the wait began.
+  const tensorflow::Status& status() const { return status_; }
+  const engine::Wait& wait() const { return wait_; }
+
+ private:
+  tensorflow::CancellationManager* manager_ = nullptr;
+  tensorflow::CancellationToken token_ = 0;
+  bool registered_ = false;
+  std::atomic<bool> cancelled_{false};
+  engine::Wait wait_;
+  tensorflow::Status status_;
+};
 
 // Allocates the op's activation outputs (Recv's, and the multi-process
 // combine's) for the engine.
