@@ -255,3 +255,16 @@ def test_bad_gradients_raise_and_write_nothing(change, error, match):
         embedding.apply_gradients(change(gradients))
     _assert_unchanged(embedding, before)
     embedding.apply_gradients(gradients)  # the batch is still there to train on
+
+
+def test_slots_of_the_wrong_dtype_are_refused_before_any_step():
+    def int_slots(table_variable, names, initializers):
+        # TF's slot initializers give int32 zeros unless asked for a dtype.
+        pairs = zip(names, initializers, strict=True)
+        return {name: tf.Variable(init(table_variable.shape)) for name, init in pairs}
+
+    embedding = tpu_embed_adam.TPUEmbedding(
+        _config(), E.Adam(0.1, slot_variable_creation_fn=int_slots)
+    )
+    with pytest.raises(TypeError, match="Table '\\w+': `momenta` must be a float32 tf.Variable"):
+        embedding.enqueue(_features(), training=True)

@@ -312,3 +312,26 @@ def test_evaluation_loop_reads_without_training():
     )
     with pytest.raises(ValueError, match="has no optimizer"):
         embedding.enqueue(features, weights, training=True)
+
+
+def test_slot_variable_creation_fn_slots_are_stepped():
+    made = {}
+
+    def create_slots(table_variable, names, initializers):
+        slots = {
+            name: tf.Variable(
+                init(table_variable.shape, tf.float32), name=f"custom_{name}", trainable=False
+            )
+            for name, init in zip(names, initializers, strict=True)
+        }
+        made[table_variable.name] = slots
+        return slots
+
+    optimizer = E.Adam(0.05, slot_variable_creation_fn=create_slots)
+    embedding = tpu_embed_adam.TPUEmbedding(_config(), optimizer)
+    rng = np.random.default_rng(9)
+    batches = [_batch(rng)]
+    states = {name: numpy_state(embedding, name) for name in ("users", "items")}
+    _eager_steps(embedding, batches)
+    _assert_states(embedding, _expected(states, batches, E.Adam(0.05), E.Adam(0.05)))
+    assert embedding._variables["users"]["momenta"] is made["users:0"]["momenta"]

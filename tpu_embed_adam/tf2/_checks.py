@@ -8,7 +8,13 @@ import tensorflow as tf
 from tensorflow.python.distribute import distribute_lib, one_device_strategy
 from tensorflow.python.util import nest
 
-__all__ = ["check_gradient", "check_strategy", "check_structure", "check_tables"]
+__all__ = [
+    "check_gradient",
+    "check_slots",
+    "check_strategy",
+    "check_structure",
+    "check_tables",
+]
 
 
 def check_strategy(strategy: Any) -> None:
@@ -86,3 +92,34 @@ def check_gradient(path: str, gradient: Any, shape: list[int]) -> None:
         raise ValueError(
             f"{where} must have the shape of its activations {shape}; received {gradient.shape}."
         )
+
+
+def check_slots(tables: list[Any], variables: dict[str, dict[str, Any]]) -> None:
+    """Checks each table's variable and Adam slots before the first update.
+
+    TF creates the slots, with a `slot_variable_creation_fn` if the optimizer
+    has one; checked here, a bad one is refused before any table steps.
+
+    Raises:
+      TypeError: a table, `momenta` or `velocities` that is not a float32
+        `tf.Variable` of the table's shape.
+    """
+    for table in tables:
+        shape = [table.vocabulary_size, table.dim]
+        for slot in ("parameters", "momenta", "velocities"):
+            variable = variables[table.name].get(slot)
+            if not (
+                isinstance(variable, tf.Variable)
+                and variable.dtype == tf.float32
+                and variable.shape == shape
+            ):
+                described = (
+                    f"{variable.dtype.name} variable of shape {variable.shape}"
+                    if isinstance(variable, tf.Variable)
+                    else type(variable).__name__
+                )
+                raise TypeError(
+                    f"Table {table.name!r}: `{slot}` must be a float32 tf.Variable of shape "
+                    f"{shape} to train with Adam (a slot_variable_creation_fn makes the "
+                    f"slots); received {described}."
+                )

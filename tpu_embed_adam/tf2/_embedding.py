@@ -26,6 +26,7 @@ from tensorflow.python.util import nest
 from tpu_embed_adam.ops.apply import apply_adam
 from tpu_embed_adam.tf2._checks import (
     check_gradient,
+    check_slots,
     check_strategy,
     check_structure,
     check_tables,
@@ -53,12 +54,19 @@ class _CpuState:
         self.queue = BatchQueue()
         self._tables = tables
         self._optimizers: dict[str, TableOptimizer | None] | None = None
+        self._slots_checked = False
 
     def optimizers(self) -> dict[str, TableOptimizer | None]:
         """Each table's optimizer by name; read once, on the first training use."""
         if self._optimizers is None:
             self._optimizers = {table.name: table_optimizer(table) for table in self._tables}
         return self._optimizers
+
+    def check_slots_once(self, variables: dict[str, dict[str, Any]]) -> None:
+        """`check_slots` of the built variables, at the first training enqueue."""
+        if not self._slots_checked:
+            check_slots(self._tables, variables)
+            self._slots_checked = True
 
     def trainers(self) -> dict[str, TableOptimizer]:
         """As `optimizers`, for training: every table must have one.
@@ -196,7 +204,8 @@ class TPUEmbedding(tpu_embedding_v2.TPUEmbedding):
           ValueError: features or weights not of `feature_config`'s structure,
             a weight for a dense or sequence feature, shapes against the
             output shapes (TF's checks), or training without an Adam per table.
-          TypeError: inputs of another type or dtype, or a non-bool `training`.
+          TypeError: inputs of another type or dtype, a non-bool `training`, or
+            (training) slots that are not float32 variables of the table's shape.
           tf.errors.InvalidArgumentError: eagerly, an id outside its table (in
             a tf.function, when the step runs, before any table is touched).
         """
@@ -225,6 +234,8 @@ class TPUEmbedding(tpu_embedding_v2.TPUEmbedding):
         else:
             self._check_output_shapes_fully_defined()
         self._maybe_build()
+        if training:
+            state.check_slots_once(self._variables)
         with tf.name_scope(name or "tpu_embedding_enqueue"):
             batches = [
                 feature_batch(path, feature, inp, weight, shape)
