@@ -11,7 +11,7 @@ OBJS := $(patsubst tpu_embed_adam/cc/%.cc,build/obj/%.o,$(CC_SRCS))
 CXXFLAGS_EXTRA ?= -Wall -Wno-sign-compare -Wno-unused-function -Wno-deprecated-declarations
 TF_FLAGS := build/tf_flags.mk
 
-.PHONY: venv lib demo demo-graph demo-tf2 test test-all lint bench bazel-test clean proto fuzz
+.PHONY: venv lib demo demo-graph demo-tf2 demo-tf2-embedding test test-all lint bench bazel-test clean proto fuzz
 
 venv: $(STAMP)
 
@@ -52,6 +52,10 @@ demo-graph: lib
 # A TF2 custom loop: apply_adam on IndexedSlices gradients, Keras for the rest.
 demo-tf2: lib
 	$(PY) examples/custom_loop_tf2.py
+
+# TF2's TPUEmbedding docstring loop on CPU, a checkpoint, a serving SavedModel.
+demo-tf2-embedding: lib
+	$(PY) examples/tf2_tpu_embedding.py
 
 test: lib
 	$(PY) -m pytest -q -m "not slow" tests
