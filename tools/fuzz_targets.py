@@ -750,7 +750,9 @@ def _engine_worker_main() -> None:  # pragma: no cover - runs in the child
         lambda options, _enable: set_op_as_function(options, False))
 
     from tpu_embed_adam import engine
+    from tpu_embed_adam.engine._state import library
 
+    parse_library = library()
     seeds = seed_engine_configs()
     stdin, stdout = sys.stdin.buffer, sys.stdout
 
@@ -782,12 +784,21 @@ def _engine_worker_main() -> None:  # pragma: no cover - runs in the child
             installed = base
         current, installed = installed, None
         before = base_infos[current]
+        # The parser alone (no engine state) must give the verdict that
+        # configuring gives.
+        try:
+            parse_library.tpu_embed_adam_parse_config(config=data)
+            parsed = None
+        except tf.errors.OpError as e:
+            parsed = type(e).__name__
         try:
             tf.raw_ops.ConfigureTPUEmbedding(config=data)
         except tf.errors.OpError as e:
             name = type(e).__name__
             after = engine.info()
-            if name not in ENGINE_ERRORS:
+            if parsed != name:
+                answer(f"BAD the parser says {parsed}, configuring {name}: {e.message[:200]!r}")
+            elif name not in ENGINE_ERRORS:
                 answer(f"BAD {name}: {str(e.message)[:300]!r}")
             elif after != before:
                 answer(f"BAD rejected ({name}) but the engine changed: {before} -> {after}")
@@ -799,6 +810,9 @@ def _engine_worker_main() -> None:  # pragma: no cover - runs in the child
             answer(f"BAD {type(e).__name__}: {str(e)[:300]!r}")
             continue
         after = engine.info()
+        if parsed is not None:
+            answer(f"BAD the parser refuses ({parsed}) what configuring accepts")
+            continue
         if not after.get("configured"):
             answer(f"BAD accepted but not configured: {after}")
             continue

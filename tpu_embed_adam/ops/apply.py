@@ -17,6 +17,7 @@ from tpu_embed_adam.ops import fused, loader, options
 from tpu_embed_adam.ops._rate import learning_rate_tensor
 from tpu_embed_adam.ops.tf_path import tf_apply_adam
 from tpu_embed_adam.params import as_adam_parameters
+from tpu_embed_adam.slots import APPLY_VARIABLES
 
 __all__ = ["apply_adam"]
 
@@ -37,7 +38,6 @@ def _split_gradient(ids: Any, grads: Any) -> tuple[Any, Any]:
     return grads.indices, grads.values
 
 
-_VARIABLES = ("var", "m", "v")
 
 
 def _check_variables(var: Any, m: Any, v: Any) -> None:
@@ -46,7 +46,7 @@ def _check_variables(var: Any, m: Any, v: Any) -> None:
     Aliases would make the step read values it has just written; the fused
     kernel refuses them at run time, so every path refuses them here.
     """
-    variables = dict(zip(_VARIABLES, (var, m, v), strict=True))
+    variables = dict(zip(APPLY_VARIABLES, (var, m, v), strict=True))
     for name, x in variables.items():
         if not isinstance(x, tf.Variable):
             hint = (
@@ -62,8 +62,8 @@ def _check_variables(var: Any, m: Any, v: Any) -> None:
             raise TypeError(
                 f"Argument `{name}` must be float32; received {x.dtype.base_dtype.name}."
             )
-    for i, first in enumerate(_VARIABLES):
-        for second in _VARIABLES[i + 1 :]:
+    for i, first in enumerate(APPLY_VARIABLES):
+        for second in APPLY_VARIABLES[i + 1 :]:
             a, b = variables[first], variables[second]
             if a is b or getattr(a, "handle", a) is getattr(b, "handle", b):
                 raise ValueError(

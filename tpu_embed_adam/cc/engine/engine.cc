@@ -16,6 +16,7 @@
 #include "tpu_embed_adam/cc/engine/activations.h"
 #include "tpu_embed_adam/cc/engine/config.h"
 #include "tpu_embed_adam/cc/core/shape_util.h"
+#include "tpu_embed_adam/cc/core/slots.h"
 
 namespace tpu_embed_adam {
 namespace engine {
@@ -243,8 +244,6 @@ Status Engine::Load(const std::string& config, const LoadRequest& req,
 }
 
 Status Engine::CheckLoadLocked(const LoadRequest& req, ShardRef* ref) {
-  static constexpr const char* kNames[3] = {"parameters", "momenta",
-                                            "velocities"};
   TF_RETURN_IF_ERROR(ResolveShardLocked(req.optimizer, req.table_id,
                                         req.table_name, req.num_shards,
                                         req.shard_id, ref));
@@ -254,7 +253,7 @@ Status Engine::CheckLoadLocked(const LoadRequest& req, ShardRef* ref) {
     if (req.shapes[i] != expected) {
       return InvalidArgument(LoadOpName(req.optimizer), ": table '", t.name,
                              "' shard ", ref->shard, " is ",
-                             ShapeString(expected), " but ", kNames[i], " is ",
+                             ShapeString(expected), " but ", kLoadArrayNames[i], " is ",
                              ShapeString(req.shapes[i]));
     }
   }
@@ -271,7 +270,7 @@ Status Engine::CheckLoadLocked(const LoadRequest& req, ShardRef* ref) {
     }
     if (at >= 0) {
       return InvalidArgument(LoadOpName(req.optimizer), ": table '", t.name,
-                             "' shard ", ref->shard, ": ", kNames[i], "[",
+                             "' shard ", ref->shard, ": ", kLoadArrayNames[i], "[",
                              at / t.dim, ", ", at % t.dim, "] = ", data[at],
                              i == 2 ? " must be finite and >= 0"
                                     : " must be finite");

@@ -3,6 +3,7 @@
 #include <algorithm>
 
 #include "absl/strings/str_cat.h"
+#include "tpu_embed_adam/cc/core/slots.h"
 
 namespace tpu_embed_adam {
 namespace engine {
@@ -17,7 +18,7 @@ const char* OpInfix(Optimizer optimizer) {
 }  // namespace
 
 int NumArrays(Optimizer optimizer) {
-  return optimizer == Optimizer::kAdam ? 3 : 1;
+  return optimizer == Optimizer::kAdam ? kAdamArrays : 1;
 }
 
 std::string LoadOpName(Optimizer optimizer) {

@@ -22,6 +22,7 @@
 #include "tpu_embed_adam/cc/core/adam_config.h"
 #include "tpu_embed_adam/cc/core/huge_pages.h"
 #include "tpu_embed_adam/cc/core/parallel_for.h"
+#include "tpu_embed_adam/cc/core/slots.h"
 #include "tpu_embed_adam/cc/core/sparse_adam.h"
 #include "tpu_embed_adam/cc/kernels/engine_kernel.h"
 
@@ -37,7 +38,6 @@ using ::tensorflow::errors::InvalidArgument;
 using CPUDevice = Eigen::ThreadPoolDevice;
 
 constexpr int kVar = 0, kM = 1, kV = 2, kIds = 3, kGrads = 4, kLr = 5;
-constexpr const char* kVarNames[] = {"var", "m", "v"};
 
 // Position of the first non-finite value, searched in parallel slices.
 int64_t FindNonFiniteParallel(const float* values, int64_t n,
@@ -82,17 +82,17 @@ class TpuEmbedAdamApplyOp : public EngineKernel {
       const tensorflow::Status found = tensorflow::LookupResource(
           ctx, tensorflow::HandleFromInput(ctx, i), &var);
       if (!(found.ok())) {
-      return FailedPrecondition(kVarNames[i],
+      return FailedPrecondition(kApplyVariableNames[i],
                                      " not found: uninitialized or deleted (",
                                      found.message(), ")");
     }
       if (!(var->is_initialized)) {
-      return FailedPrecondition(kVarNames[i],
+      return FailedPrecondition(kApplyVariableNames[i],
                                      " is not initialized: variable ",
                                      tensorflow::HandleFromInput(ctx, i).name());
     }
       if (!(var->tensor()->dtype() == tensorflow::DT_FLOAT)) {
-      return InvalidArgument(kVarNames[i], " must be float32; got ",
+      return InvalidArgument(kApplyVariableNames[i], " must be float32; got ",
                                   tensorflow::DataTypeString(
                                       var->tensor()->dtype()));
     }
@@ -122,7 +122,7 @@ class TpuEmbedAdamApplyOp : public EngineKernel {
     }
     for (int i : {kM, kV}) {
       if (!(tables[i].shape() == var.shape())) {
-      return InvalidArgument(kVarNames[i], " must have the shape of var ",
+      return InvalidArgument(kApplyVariableNames[i], " must have the shape of var ",
                                   var.shape().DebugString(), "; got ",
                                   tables[i].shape().DebugString());
     }

@@ -5,6 +5,7 @@
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/tensor.h"
 #include "tensorflow/core/protobuf/tpu/topology.pb.h"
+#include "tpu_embed_adam/cc/engine/config.h"
 #include "tpu_embed_adam/cc/engine/engine.h"
 #include "tpu_embed_adam/cc/core/parallel_for.h"
 #include "tpu_embed_adam/cc/kernels/engine_kernel.h"
@@ -94,6 +95,26 @@ class ResetOp : public EngineKernel {
   using EngineKernel::EngineKernel;
   Status Run(OpKernelContext*) override {
     Engine::Get().Reset();
+    return tensorflow::OkStatus();
+  }
+};
+
+class ParseConfigOp : public EngineKernel {
+ public:
+  using EngineKernel::EngineKernel;
+  Status Run(OpKernelContext* ctx) override {
+    const Tensor& config = ctx->input(0);
+    if (config.NumElements() != 1) {
+      return tensorflow::errors::InvalidArgument(
+          "Argument `config` must be a scalar; received shape ",
+          config.shape().DebugString(), ".");
+    }
+    std::shared_ptr<const engine::EngineConfig> parsed;
+    TF_RETURN_IF_ERROR(engine::ParseEngineConfig(
+        std::string(config.flat<tensorflow::tstring>()(0)), &parsed));
+    Tensor* out = nullptr;
+    TF_RETURN_IF_ERROR(ctx->allocate_output(0, TensorShape({}), &out));
+    out->scalar<tensorflow::tstring>()() = parsed->canonical;
     return tensorflow::OkStatus();
   }
 };
@@ -218,6 +239,8 @@ REGISTER_KERNEL_BUILDER(
     Name("RetrieveTPUEmbeddingADAMParameters").Device(DEVICE_CPU),
     RetrieveOp<Optimizer::kAdam>);
 // What TF's TPUEmbedding emits in INFERENCE mode: the table, no slots.
+REGISTER_KERNEL_BUILDER(Name("TpuEmbedAdamParseConfig").Device(DEVICE_CPU),
+                        ParseConfigOp);
 REGISTER_KERNEL_BUILDER(Name("TpuEmbedAdamRetrieveTouched").Device(DEVICE_CPU),
                         RetrieveTouchedOp);
 REGISTER_KERNEL_BUILDER(

@@ -1,6 +1,7 @@
 // Our own ops (prefix TpuEmbedAdam). Kernels live in cc/kernels/.
 #include "tensorflow/core/framework/common_shape_fns.h"
 #include "tensorflow/core/framework/op.h"
+#include "tpu_embed_adam/cc/core/slots.h"
 #include "tensorflow/core/framework/shape_inference.h"
 
 namespace tpu_embed_adam {
@@ -16,7 +17,6 @@ using ::tensorflow::shape_inference::ShapeHandle;
 Status ApplyShapeFn(InferenceContext* c) {
   // The variables' shapes come from the handles' data where the graph has it
   // (resource inputs themselves are scalars).
-  static constexpr const char* kVarNames[] = {"var", "m", "v"};
   ShapeHandle table = c->UnknownShape();
   for (int i = 0; i < 3; ++i) {
     const auto* handle_data = c->input_handle_shapes_and_types(i);
@@ -25,12 +25,12 @@ Status ApplyShapeFn(InferenceContext* c) {
     if (!c->RankKnown(shape)) continue;
     if (c->Rank(shape) != 2) {
       return tensorflow::errors::InvalidArgument(
-          kVarNames[i], " must be a matrix [rows, dim]; got shape ",
+          kApplyVariableNames[i], " must be a matrix [rows, dim]; got shape ",
           c->DebugString(shape));
     }
     if (!c->Merge(table, shape, &table).ok()) {
       return tensorflow::errors::InvalidArgument(
-          kVarNames[i], " must have the shape of var ", c->DebugString(table),
+          kApplyVariableNames[i], " must have the shape of var ", c->DebugString(table),
           "; got ", c->DebugString(shape));
     }
   }

@@ -25,6 +25,17 @@ whether loaded here, steps applied since the shard's last load or retrieve,
 bytes).
 )doc");
 
+REGISTER_OP("TpuEmbedAdamParseConfig")
+    .Input("config: string")
+    .Output("canonical: string")
+    .SetShapeFn(tensorflow::shape_inference::ScalarShape)
+    .Doc(R"doc(
+Parses and checks a serialized TPUEmbeddingConfiguration as the engine's
+configure does (cc/engine/config.h), without touching the engine: the
+configuration's canonical serialization, or the error configuring it would
+give. For the fuzzer and for tools that check a configuration ahead of time.
+)doc");
+
 REGISTER_OP("TpuEmbedAdamRetrieveTouched")
     .Output("ids: int64")
     .Output("parameters: float32")
