@@ -300,14 +300,14 @@ class TPUEmbedding(tpu_embedding_v2.TPUEmbedding):
         for batch, gradient in zip(pending.batches, flat_gradients, strict=True):
             check_gradient(batch.path, gradient, batch.shape)
         with tf.name_scope(name or "tpu_embedding_apply_gradients"):
+            # Every rate is read before any table steps: one that raises
+            # (eagerly) leaves all tables as they were.
             rates: dict[Any, tf.Tensor] = {}
+            for trainer in trainers.values():
+                if trainer.learning_rate is not None and trainer.learning_rate not in rates:
+                    rates[trainer.learning_rate] = tf.cast(trainer.learning_rate(), tf.float32)
             for table in self._table_config:
                 trainer = trainers[table.name]
-                rate = None
-                if trainer.learning_rate is not None:
-                    if trainer.learning_rate not in rates:
-                        rates[trainer.learning_rate] = tf.cast(trainer.learning_rate(), tf.float32)
-                    rate = rates[trainer.learning_rate]
                 mine = [
                     (batch, gradient)
                     for batch, gradient in zip(pending.batches, flat_gradients, strict=True)
@@ -323,7 +323,7 @@ class TPUEmbedding(tpu_embedding_v2.TPUEmbedding):
                     tf.concat(ids, axis=0),
                     tf.concat([id_gradients(b, g) for b, g in mine], axis=0),
                     trainer.params,
-                    learning_rate=rate,
+                    learning_rate=rates.get(trainer.learning_rate),
                 )
         pending.applied = True
         return None
