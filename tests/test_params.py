@@ -273,6 +273,12 @@ def test_layout_hints_are_kept_by_replace_and_shown_by_repr():
         ({"learning_rate": {"tag": 1}}, ValueError, "dynamic_tag"),
         ({"learning_rate": {"dynamic_tag": -1}}, ValueError, "`tag`"),
         ([("learning_rate", 0.1)], TypeError, "`config` must be a dict"),
+        # Keys of several types: named, not a comparison error from sorting them.
+        ({1: 0.1, "beta1": 0.9}, TypeError,
+         r"`config` must have argument names \(strings\) as keys; received: 1 \(int\)\.$"),
+        ({1: 0.1, (2,): 0.9, "x": 1}, TypeError, r"received: 1 \(int\), \(2,\) \(tuple\)\.$"),
+        ({"learning_rate": [0.1]}, TypeError,
+         r"`learning_rate` must be a single value.*not a list; received: \[0\.1\]\.$"),
     ],
 )
 def test_from_dict_errors(config, error, pattern):
@@ -280,9 +286,71 @@ def test_from_dict_errors(config, error, pattern):
         AdamParameters.from_dict(config)
 
 
+def _nested(depth, inner=0.5):
+    for _ in range(depth):
+        inner = [inner]
+    return inner
+
+
+@pytest.mark.parametrize(
+    "config, name",
+    [
+        ({"learning_rate": _nested(100_000)}, "learning_rate"),
+        ({"learning_rate": 0.1, "beta1": _nested(100_000)}, "beta1"),
+        ({"learning_rate": 0.1, "lazy_adam": _nested(100_000)}, "lazy_adam"),
+        ({"learning_rate": 0.1, "hot_id_replication_status": _nested(100_000)},
+         "hot_id_replication_status"),
+        ({"learning_rate": 0.1, "beta2": {"x": _nested(100_000)}}, "beta2"),
+        ({"learning_rate": {"dynamic_tag": _nested(100_000)}},
+         r"config\['learning_rate'\]\['dynamic_tag'\]"),
+    ],
+)
+def test_from_dict_refuses_deep_nesting_naming_the_argument(config, name):
+    with pytest.raises(TypeError, match=rf"^Argument `{name}` must be a single value") as error:
+        AdamParameters.from_dict(config)
+    assert len(str(error.value)) < 300
+
+
+def test_deep_nesting_in_messages_is_shortened():
+    deep = {"learning_rate": {"dynamic_tag": 1, "x": _nested(100_000)}}
+    with pytest.raises(ValueError, match=r"as a dict must be .*; received: \{'dynamic_tag': 1, "):
+        AdamParameters.from_dict(deep)
+    # Within json's own depth limit, but deep enough to fail a repr.
+    text = '{"learning_rate": 0.1, "beta1": ' + "[" * 900 + "]" * 900 + "}"
+    with pytest.raises(TypeError, match="`beta1` must be a single value"):
+        AdamParameters.from_json(text)
+
+
+def test_false_multiply_flag_is_none_and_round_trips_every_form():
+    # The proto holds only True: False and None both read back as None.
+    for decay in (0.25, None):
+        params = AdamParameters(0.1, weight_decay_factor=decay,
+                                multiply_weight_decay_factor_by_learning_rate=False)
+        assert params.multiply_weight_decay_factor_by_learning_rate is None
+        assert params == AdamParameters(0.1, weight_decay_factor=decay)
+        assert params.to_dict()["multiply_weight_decay_factor_by_learning_rate"] is None
+        assert AdamParameters.from_proto(params.to_proto()) == params
+        assert AdamParameters.from_tf_proto(params.to_tf_proto()) == params
+        assert AdamParameters.from_json(params.to_json()) == params
+        assert AdamParameters.from_dict(params.to_dict()) == params
+        assert AdamParameters.from_tpu_embedding_v2(params.to_tpu_embedding_v2()) == params
+        assert params.replace(beta1=0.5).multiply_weight_decay_factor_by_learning_rate is None
+    flagged = AdamParameters(0.1, weight_decay_factor=0.25,
+                             multiply_weight_decay_factor_by_learning_rate=np.bool_(False))
+    assert flagged.multiply_weight_decay_factor_by_learning_rate is None
+    assert AdamParameters.from_json(
+        '{"learning_rate": 0.1, "weight_decay_factor": 0.25, '
+        '"multiply_weight_decay_factor_by_learning_rate": false}'
+    ) == AdamParameters(0.1, weight_decay_factor=0.25)
+
+
 @pytest.mark.parametrize(
     "text, error, pattern",
-    [("{not json", ValueError, "not valid JSON"), ("[1, 2]", TypeError, "must be a dict"),
+    [("{not json", ValueError, "not valid JSON"),
+     ("[1, 2]", TypeError,
+      r"`text` must be a JSON object of argument names; received: \[1, 2\] \(a JSON array\)\.$"),
+     ("null", TypeError, r"received: None \(a JSON null\)"),
+     ('"0.1"', TypeError, r"received: '0\.1' \(a JSON string\)"),
      ('{"learning_rate": 0.1, "lazy_adam": "yes"}', TypeError, "`lazy_adam`"),
      # Numbers and nesting that json or float() cannot hold.
      ('{"learning_rate": 1' + "0" * 400 + "}", ValueError, "`learning_rate` must be finite"),

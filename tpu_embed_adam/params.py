@@ -10,7 +10,9 @@ behaves as a value: immutable, comparable, hashable, picklable, serializable.
 
 import functools
 import json
+import reprlib
 import typing
+from collections.abc import Collection
 from typing import Any, Literal
 
 import numpy as np
@@ -57,6 +59,11 @@ _HINTS: dict[str, Any] = {
     "low_dimensional_packing_status": LowDimensionalPackingStatus,
 }
 _ARGUMENTS = (*_FIELDS, *_HINTS)
+# What `json.loads` returns, by the JSON type's name, for messages.
+_JSON_TYPES = {
+    dict: "object", list: "array", str: "string", int: "number", float: "number",
+    bool: "boolean", type(None): "null",
+}
 
 
 def _flag(name: str, value: Any, optional: bool = False) -> bool | None:
@@ -138,7 +145,9 @@ def _validated(kwargs: dict[str, Any]) -> dict[str, Any]:
         # stored as None and reads back from the proto equal.
         out["weight_decay_factor"] = None
     multiply = "multiply_weight_decay_factor_by_learning_rate"
-    out[multiply] = _flag(multiply, kwargs[multiply], optional=True)
+    # False is stored as None, as 0 decay is: the proto holds only True, and
+    # both mean no scaling, so the two would not read back equal otherwise.
+    out[multiply] = _flag(multiply, kwargs[multiply], optional=True) or None
     if out[multiply] and out["weight_decay_factor"] is None:
         raise ValueError(
             f"Argument `{multiply}` is True but `weight_decay_factor` is None (or 0); "
@@ -229,7 +238,8 @@ class AdamParameters(_tf_tpu_embedding.AdamParameters):
           weight_decay_factor: decoupled weight decay, >= 0; None (or 0, stored
             as None): no decay.
           multiply_weight_decay_factor_by_learning_rate: scale the decay by the
-            learning rate; needs `weight_decay_factor`.
+            learning rate; needs `weight_decay_factor`. None or False (stored
+            as None, which the proto and TF treat alike): no scaling.
           clip_gradient_min: lower bound of the accumulated gradient; None: none.
           clip_gradient_max: upper bound of the accumulated gradient; None: none.
           hot_id_replication_status: the proto's TPU layout hint for rows that
@@ -334,12 +344,21 @@ class AdamParameters(_tf_tpu_embedding.AdamParameters):
           A new `AdamParameters`.
 
         Raises:
-          TypeError: `config` is not a mapping, has unknown keys or bad types.
+          TypeError: `config` is not a dict, has keys that are not strings,
+            unknown keys, a list or dict where a value belongs (however deep),
+            or bad types.
           ValueError: a value out of range, or no learning rate.
         """
         if not isinstance(config, dict):
             raise TypeError(
                 f"Argument `config` must be a dict; received: {type(config).__name__}."
+            )
+        not_names = [key for key in config if not isinstance(key, str)]
+        if not_names:
+            shown = ", ".join(f"{reprlib.repr(key)} ({type(key).__name__})" for key in not_names)
+            raise TypeError(
+                f"Argument `config` must have argument names (strings) as keys; received: "
+                f"{shown}."
             )
         _check_names(config, "from_dict")
         if "learning_rate" not in config:
@@ -350,9 +369,12 @@ class AdamParameters(_tf_tpu_embedding.AdamParameters):
             if set(lr) != {"dynamic_tag"}:
                 raise ValueError(
                     "Argument `config['learning_rate']` as a dict must be "
-                    f'{{"dynamic_tag": int}}; received: {lr!r}.'
+                    f'{{"dynamic_tag": int}}; received: {reprlib.repr(lr)}.'
                 )
+            _check_single("config['learning_rate']['dynamic_tag']", lr["dynamic_tag"])
             kwargs["learning_rate"] = DynamicLearningRate(lr["dynamic_tag"])
+        for name, value in kwargs.items():
+            _check_single(name, value)
         return cls(**kwargs)
 
     def to_json(self, **json_kwargs: Any) -> str:
@@ -379,6 +401,11 @@ class AdamParameters(_tf_tpu_embedding.AdamParameters):
             # ValueError covers decode errors, bad UTF-8 and integers past
             # Python's digit limit; RecursionError, nesting deeper than the stack.
             raise ValueError(f"Argument `text` is not valid JSON: {type(e).__name__}: {e}") from e
+        if not isinstance(config, dict):
+            raise TypeError(
+                "Argument `text` must be a JSON object of argument names; received: "
+                f"{reprlib.repr(config)} (a JSON {_JSON_TYPES[type(config)]})."
+            )
         return cls.from_dict(config)
 
     def to_proto(self) -> Any:
@@ -463,6 +490,16 @@ def as_adam_parameters(params: Any) -> AdamParameters:
             f"tf.compat.v1.tpu.experimental's); received: {type(params).__name__}."
         )
     return AdamParameters(**{name: getattr(params, name) for name in _FIELDS})
+
+
+def _check_single(name: str, value: Any) -> None:
+    # No argument takes a container. Refused here, a deeply nested one never
+    # reaches the validators, whose messages would repr it past the stack.
+    if isinstance(value, Collection) and not isinstance(value, str):
+        raise TypeError(
+            f"Argument `{name}` must be a single value (a number, bool, string or None), not "
+            f"a {type(value).__name__}; received: {reprlib.repr(value)}."
+        )
 
 
 def _check_names(names: dict[str, Any], where: str) -> None:
