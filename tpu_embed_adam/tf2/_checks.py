@@ -68,7 +68,7 @@ def check_structure(caller: str, argument: str, value: Any, feature_config: Any)
         ) from e
 
 
-def check_gradient(path: str, gradient: Any, shape: list[int]) -> None:
+def check_gradient(path: str, gradient: Any, shape: list[int | None]) -> None:
     """Checks one feature's gradient: None, or a float32 tensor of the activations' shape.
 
     Raises:
@@ -88,7 +88,7 @@ def check_gradient(path: str, gradient: Any, shape: list[int]) -> None:
         )
     if gradient.dtype != tf.float32:
         raise TypeError(f"{where} must be float32; received {gradient.dtype.name}.")
-    if gradient.shape != shape:
+    if not gradient.shape.is_compatible_with(shape):
         raise ValueError(
             f"{where} must have the shape of its activations {shape}; received {gradient.shape}."
         )

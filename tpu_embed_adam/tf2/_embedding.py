@@ -36,7 +36,7 @@ from tpu_embed_adam.tf2._lookup import activations, id_gradients
 from tpu_embed_adam.tf2._optimizers import TableOptimizer, as_tf2_optimizer, table_optimizer
 from tpu_embed_adam.tf2._queue import BatchQueue, Pending
 
-__all__ = ["CPU_METHODS", "TF_TPU_EMBEDDING", "TPUEmbedding"]
+__all__ = ["CPU_METHODS", "TF_TPU_EMBEDDING", "WARN_UNAPPLIED_ATTR", "TPUEmbedding"]
 
 TF_TPU_EMBEDDING = tpu_embedding_v2.TPUEmbedding
 # The methods install() puts on TF's class; TF's originals, taken before.
@@ -45,13 +45,16 @@ _TF_METHODS = {name: TF_TPU_EMBEDDING.__dict__[name] for name in CPU_METHODS}
 # The attribute that holds the CPU state: a plain object, which the
 # checkpoint's object graph (AutoTrackable tracks dicts and lists) ignores.
 _STATE_ATTR = "_tpu_embed_adam_cpu"
+# A class attribute: False where training batches that get no
+# apply_gradients are expected (BatchQueue's warning is then noise).
+WARN_UNAPPLIED_ATTR = "_tpu_embed_adam_warn_unapplied"
 
 
 class _CpuState:
     """What the CPU methods keep on an embedding object."""
 
-    def __init__(self, tables: list[Any]) -> None:
-        self.queue = BatchQueue()
+    def __init__(self, tables: list[Any], warn_unapplied: bool) -> None:
+        self.queue = BatchQueue(warn_unapplied)
         self._tables = tables
         self._optimizers: dict[str, TableOptimizer | None] | None = None
         self._slots_checked = False
@@ -91,7 +94,7 @@ def _state(embedding: Any) -> _CpuState:
     if state is None:
         check_strategy(embedding._strategy)
         check_tables(embedding._table_config)
-        state = _CpuState(embedding._table_config)
+        state = _CpuState(embedding._table_config, getattr(embedding, WARN_UNAPPLIED_ATTR, True))
         setattr(embedding, _STATE_ATTR, state)
     return state
 

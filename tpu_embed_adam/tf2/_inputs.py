@@ -50,7 +50,9 @@ class FeatureBatch:
         None for DENSE (id i is row i).
       weights: [n] float32 weights, or None (all 1).
       num_rows: scalar int32, the rows of the flat [num_rows, dim] result.
-      shape: the activation shape, the feature's output shape + [dim].
+      shape: the activation shape, the feature's output shape + [dim]; fully
+        defined (TF's rule), but for the batch dimension where a subclass
+        lets shapes follow each batch (None: any).
     """
 
     path: str
@@ -60,7 +62,7 @@ class FeatureBatch:
     rows: Any  # a tf.Tensor, or None for DENSE
     weights: tf.Tensor | None
     num_rows: tf.Tensor
-    shape: list[int]
+    shape: list[int | None]
 
 
 def _where(feature_path: str, argument: str) -> str:

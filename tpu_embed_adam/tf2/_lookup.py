@@ -88,7 +88,7 @@ def activations(batch: FeatureBatch, table: Any) -> tf.Tensor:
         sums = _weight_sums(batch)
         if sums is not None:
             flat = tf.math.divide_no_nan(flat, sums)
-    return tf.reshape(flat, batch.shape)
+    return tf.reshape(flat, [-1 if d is None else d for d in batch.shape])
 
 
 def id_gradients(batch: FeatureBatch, gradient: tf.Tensor | None) -> tf.Tensor:

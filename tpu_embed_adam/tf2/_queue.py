@@ -53,16 +53,23 @@ def _where() -> str:
 
 
 class BatchQueue:
-    """The pending batch of each graph (and of eager execution)."""
+    """The pending batch of each graph (and of eager execution).
 
-    def __init__(self) -> None:
+    Args:
+      warn_unapplied: log a warning when a training batch is replaced before
+        its `apply_gradients` (off where training batches are enqueued for
+        evaluation too, as TF Recommenders' layer does).
+    """
+
+    def __init__(self, warn_unapplied: bool = True) -> None:
         self._by_graph: weakref.WeakKeyDictionary[Any, Pending] = weakref.WeakKeyDictionary()
         self._eager: Pending | None = None
+        self._warn_unapplied = warn_unapplied
 
     def put(self, pending: Pending) -> None:
         """Makes `pending` the batch of the current graph (or of eager execution)."""
         previous = self._find()
-        if previous is not None and previous.training and not previous.applied:
+        if self._warn_unapplied and previous and previous.training and not previous.applied:
             logging.warning(
                 "TPUEmbedding.enqueue: the batch enqueued before with training=True got no "
                 "apply_gradients; on a TPU the embedding engine would still wait for its "
