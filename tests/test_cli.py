@@ -169,6 +169,54 @@ def test_bad_input_exits_1_with_one_line_naming_it(tmp_path, capsys):
     assert (code, err) == (1, f"tpu-embed-adam convert: error: {empty}: the input is empty\n")
 
 
+@pytest.mark.parametrize("fmt", ["json", "pbtxt"])
+@pytest.mark.parametrize("codec", ["utf-8-sig", "utf-16", "utf-16-le", "utf-16-be", "utf-32"])
+def test_convert_reads_text_after_a_byte_order_mark(fmt, codec, tmp_path, capsys):
+    from tpu_embed_adam import _params_formats
+
+    path = tmp_path / f"in.{fmt}"
+    text = _params_formats.write(PARAMS, fmt).decode()
+    # Python's utf-16-le/-be write no mark: added by hand (what Windows editors write).
+    mark = "\ufeff" if codec in ("utf-16-le", "utf-16-be") else ""
+    path.write_bytes((mark + text).encode(codec))
+    for forced in ([], [f"--from={fmt}"]):
+        code, out, err = _main(capsys, "convert", str(path), "--to=json", *forced)
+        assert (code, err) == (0, "") and AdamParameters.from_json(out) == PARAMS
+
+
+_ARRAY = "Argument `text` must be a JSON object of argument names; received: "
+
+
+@pytest.mark.parametrize(
+    "content, forced, message",
+    [
+        (b"[1, 2]", None, _ARRAY + "[1, 2] (a JSON array)."),
+        (b"[1, 2]", "json", _ARRAY + "[1, 2] (a JSON array)."),
+        (b' [{"learning_rate": 0.1}]\n', None,
+         _ARRAY + "[{'learning_rate': 0.1}] (a JSON array)."),
+        *[(b"", forced, "the input is empty") for forced in (None, "json", "pbtxt", "binary")],
+        (b" \n\t", None, "the input is empty"),
+        (b" \n\t", "binary", "the input is empty"),
+        (b"\xef\xbb\xbf\n", None, "the input is empty"),
+        (b"\xff\xfe", None, "the input is empty"),
+    ],
+)
+def test_convert_names_a_json_array_and_an_empty_file(content, forced, message, tmp_path, capsys):
+    path = tmp_path / "in"
+    path.write_bytes(content)
+    code, out, err = _main(
+        capsys, "convert", str(path), "--to=json", *([f"--from={forced}"] if forced else [])
+    )
+    assert (code, out, err) == (1, "", f"tpu-embed-adam convert: error: {path}: {message}\n")
+
+
+def test_decode_names_an_empty_file(tmp_path, capsys):
+    path = tmp_path / "empty.pb"
+    path.write_bytes(b"")
+    assert _main(capsys, "decode", str(path)) == (
+        1, "", f"tpu-embed-adam decode: error: {path}: the input is empty\n")
+
+
 def test_wrong_to_exits_2(tmp_path, capsys):
     code, _, err = _main(capsys, "convert", "x.json", "--to=yaml")
     assert code == 2

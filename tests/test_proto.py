@@ -139,6 +139,16 @@ def test_from_proto_rejects_invalid_values(mutate, pattern, ours):
         read(msg)
 
 
+def test_from_proto_names_an_empty_message():
+    for read, message_class in (
+        (AdamParameters.from_proto, optimization_parameters_pb2.OptimizationParameters),
+        (AdamParameters.from_tf_proto, tf_pb2.OptimizationParameters),
+    ):
+        for empty in (b"", message_class()):
+            with pytest.raises(ValueError, match=r"^Argument `message` is empty \(no field"):
+                read(empty)
+
+
 def test_from_proto_rejects_other_optimizers_and_types():
     other = _other_optimizer_bytes()
     with pytest.raises(ValueError, match="'stochastic_gradient_descent'"):

@@ -4,6 +4,7 @@ Parsing is the package's own (`AdamParameters.from_json`, `from_proto`,
 `from_tf_proto`) and protobuf's text format; this module only chooses which.
 """
 
+import codecs
 from collections.abc import Callable
 from typing import Any
 
@@ -13,14 +14,24 @@ from tpu_embed_adam import proto
 from tpu_embed_adam.params import AdamParameters
 
 FORMATS = ("json", "pbtxt", "binary")
+_EMPTY = "the input is empty"
+_BOMS = (
+    (codecs.BOM_UTF32_LE, "utf-32-le"),
+    (codecs.BOM_UTF32_BE, "utf-32-be"),
+    (codecs.BOM_UTF8, "utf-8"),
+    (codecs.BOM_UTF16_LE, "utf-16-le"),
+    (codecs.BOM_UTF16_BE, "utf-16-be"),
+)
 
 
 def detect(data: bytes) -> str:
     """Guesses the format of `data` from its content.
 
-    JSON is an object, so it starts with `{`; a text proto is printable UTF-8
-    (never starting with `{`); a binary proto holds field tags and lengths
-    below 0x20 and float bytes, so it is never both.
+    JSON starts with `{` (or `[`: an array, which reading then refuses by
+    name); a text proto is printable text (never starting with either); a
+    binary proto holds field tags and lengths below 0x20 and float bytes, so
+    it is never both. Text is UTF-8, or UTF-8, UTF-16 or UTF-32 after a
+    byte-order mark (what Windows editors and PowerShell's `>` write).
 
     Args:
       data: the file's bytes.
@@ -29,17 +40,34 @@ def detect(data: bytes) -> str:
       One of `FORMATS`.
 
     Raises:
-      ValueError: `data` is empty.
+      ValueError: `data` is empty, or holds only white space (after any
+        byte-order mark).
     """
     if not data.strip():
-        raise ValueError("the input is empty")
+        raise ValueError(_EMPTY)
     try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
+        text = _text(data)
+    except ValueError:
         return "binary"
-    if text.lstrip().startswith("{"):
+    if not text.strip():
+        raise ValueError(_EMPTY)
+    if text.lstrip().startswith(("{", "[")):
         return "json"
     return "pbtxt" if all(c.isprintable() or c.isspace() for c in text) else "binary"
+
+
+def _text(data: bytes) -> str:
+    """`data` decoded by its byte-order mark, or as UTF-8 without one.
+
+    Raises:
+      ValueError: `data` is not text in that encoding.
+    """
+    # UTF-32's little-endian mark starts with UTF-16's: it is looked for first.
+    bom, codec = next(((m, c) for m, c in _BOMS if data.startswith(m)), (b"", "utf-8"))
+    try:
+        return data[len(bom):].decode(codec)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"not {codec.upper()} text: {e}") from e
 
 
 def _parse_text(text: str) -> Callable[[type], Any]:
@@ -74,18 +102,20 @@ def read(data: bytes, fmt: str | None = None) -> AdamParameters:
       The validated parameters.
 
     Raises:
-      ValueError, TypeError: `data` is not parameters in that format, or holds
-        values that `AdamParameters` rejects.
+      ValueError, TypeError: `data` is empty, is not parameters in that format
+        (JSON that is not an object included), or holds values that
+        `AdamParameters` rejects.
     """
     fmt = fmt or detect(data)
+    if not data.strip():
+        # Named here: as a message it would read as no optimizer at all.
+        raise ValueError(_EMPTY)
     if fmt == "json":
+        # json finds the encoding itself: by a byte-order mark, or UTF-16 and
+        # UTF-32 without one.
         return AdamParameters.from_json(data)
     if fmt == "pbtxt":
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise ValueError(f"not UTF-8 text: {e}") from e
-        return _from_either_message(_parse_text(text))
+        return _from_either_message(_parse_text(_text(data)))
     return _from_either_message(lambda message_class: bytes(data))
 
 

@@ -155,9 +155,10 @@ def from_proto(cls: type, message: Any, message_class: type) -> Any:
 
     Raises:
       TypeError: `message` is of another type.
-      ValueError: corrupt bytes, another optimizer, no learning rate, enabled
-        simulated quantization, fields or enum values that TF's message does
-        not know, or values that fail `AdamParameters`' validation.
+      ValueError: corrupt bytes, an empty message, another optimizer, no
+        learning rate, enabled simulated quantization, fields or enum values
+        that TF's message does not know, or values that fail
+        `AdamParameters`' validation.
     """
     msg = _parsed(message, message_class)
     if message_class is not tf_message_class():
@@ -168,6 +169,12 @@ def from_proto(cls: type, message: Any, message_class: type) -> Any:
         # by its own bytes, which put unknown fields last.
         wire = message if isinstance(message, bytes | bytearray | memoryview) else None
         msg = _parsed(wire if wire is not None else msg.SerializeToString(), tf_message_class())
+    if not msg.ByteSize():
+        # Said as such: "configures the None optimizer" does not say why.
+        raise ValueError(
+            "Argument `message` is empty (no field is set): it configures no optimizer and no "
+            "learning rate."
+        )
     optimizer = msg.WhichOneof("parameters")
     if optimizer != "adam":
         unknown = " (or one this message type does not know)" if optimizer is None else ""
