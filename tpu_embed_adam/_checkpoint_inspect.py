@@ -4,7 +4,8 @@ A table is a 2-D variable; its slots are `{table}/Adam/m` and `{table}/Adam/v`,
 as TF's `TPUEmbedding.create_variables_and_ops()` names them. A checkpoint
 holds each either whole (a `Saver` saves a partitioned variable as slices of
 the full tensor, under the full name) or as separate `{name}/part_i` variables
-(one per TPU host); both read back as one logical variable here.
+(one per TPU host); both read back as one logical variable here. A gap in
+the part numbers is reported (`Table.missing_parts`), not filled.
 """
 
 import dataclasses
@@ -30,6 +31,10 @@ class Table:
         None without an `m` slot.
       row_norms: the L2 norm of every row of the table.
       v: the `v` slot's values; None without one.
+      missing_parts: for the table and each slot saved as `{name}/part_i`
+        variables with a gap in `i`, the missing part numbers (a part past
+        the last one saved cannot be seen); the values above are those of
+        the parts present.
     """
 
     name: str
@@ -39,6 +44,7 @@ class Table:
     rows_touched: int | None
     row_norms: np.ndarray
     v: np.ndarray | None
+    missing_parts: dict[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
 
 
 def _slice_counts(reader: tf.compat.v1.train.NewCheckpointReader, names: list[str]) -> dict:
@@ -59,7 +65,8 @@ def read_tables(path: str) -> list[Table]:
       The tables, by name.
 
     Raises:
-      ValueError: no checkpoint at `path`, or one TF cannot read.
+      ValueError: no checkpoint at `path`, one TF cannot read (a data file
+        missing or truncated included), or a table with no rows.
     """
     try:
         reader = tf.train.load_checkpoint(path)
@@ -75,7 +82,7 @@ def read_tables(path: str) -> list[Table]:
 
     def value(name: str) -> np.ndarray:
         parts = keys[name]
-        return np.concatenate([reader.get_tensor(parts[i]) for i in sorted(parts)], axis=0)
+        return np.concatenate([_tensor(reader, parts[i]) for i in sorted(parts)], axis=0)
 
     tables = []
     for name in sorted(keys):
@@ -83,6 +90,11 @@ def read_tables(path: str) -> list[Table]:
         if name.endswith(tuple(f"/Adam/{slot}" for slot in _SLOTS)) or len(shapes[first_part]) != 2:
             continue
         table = value(name)
+        if not table.shape[0]:
+            # No row to summarize: every statistic (and the share of rows
+            # touched) would be undefined.
+            shape = " x ".join(map(str, table.shape))
+            raise ValueError(f"table `{name}` has no rows (shape {shape})")
         slots = tuple(slot for slot in _SLOTS if f"{name}/Adam/{slot}" in keys)
         m = value(f"{name}/Adam/m") if "m" in slots else None
         tables.append(
@@ -94,9 +106,33 @@ def read_tables(path: str) -> list[Table]:
                 rows_touched=None if m is None else int(np.count_nonzero(np.any(m != 0, axis=1))),
                 row_norms=np.linalg.norm(table.astype(np.float64), axis=1),
                 v=value(f"{name}/Adam/v") if "v" in slots else None,
+                missing_parts={
+                    variable: missing
+                    for variable in (name, *(f"{name}/Adam/{slot}" for slot in slots))
+                    if (missing := _missing(keys[variable]))
+                },
             )
         )
     return tables
+
+
+def _tensor(reader: tf.compat.v1.train.NewCheckpointReader, key: str) -> np.ndarray:
+    try:
+        return reader.get_tensor(key)
+    # The index names the tensor, but its bytes live in the data files; TF's
+    # reader maps a status to OpError, ValueError, IndexError (a file shorter
+    # than the index says) or NotImplementedError.
+    except (tf.errors.OpError, ValueError, IndexError, NotImplementedError) as e:
+        message = e.message if isinstance(e, tf.errors.OpError) else str(e)
+        raise ValueError(
+            f"cannot read `{key}`: {message} (a data file, .data-?????-of-?????, missing or "
+            "truncated?)"
+        ) from e
+
+
+def _missing(parts: dict[int, str]) -> tuple[int, ...]:
+    # A variable saved whole is parts {0}: nothing is missing.
+    return tuple(sorted(set(range(max(parts) + 1)) - set(parts)))
 
 
 def format_tables(tables: list[Table]) -> str:

@@ -78,6 +78,10 @@ def _print_error(prog: str, message: str) -> None:
     print(f"{prog}: error: {' '.join(message.split())}", file=sys.stderr)
 
 
+def _print_warning(prog: str, message: str) -> None:
+    print(f"{prog}: warning: {' '.join(message.split())}", file=sys.stderr)
+
+
 def _read_input(path: str) -> bytes:
     try:
         if path == "-":
@@ -151,6 +155,19 @@ def _inspect(args: argparse.Namespace) -> str:
             raise _UsageError("--plot needs matplotlib: pip install matplotlib") from e
         except OSError as e:
             raise _InputError(f"--plot={args.plot}: {e.strerror}") from e
+        except ValueError as e:
+            raise _InputError(f"--plot={args.plot}: {e}") from e
+    for table in tables:
+        if table.missing_parts:
+            gaps = "; ".join(
+                f"{variable}: {', '.join(map(str, missing))}"
+                for variable, missing in table.missing_parts.items()
+            )
+            _print_warning(
+                f"{_PROG} inspect",
+                f"{args.checkpoint}: table `{table.name}` lacks `/part_i` variables ({gaps}): "
+                "its shape and statistics are those of the parts present",
+            )
     return _checkpoint_inspect.format_tables(tables)
 
 
