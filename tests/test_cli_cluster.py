@@ -154,6 +154,28 @@ def test_worker_serves_in_the_foreground_until_sigterm():
             ["worker", '--cluster_spec={"worker": "localhost:2222"}', "--task=0"],
             "job 'worker' must be a list of 'host:port' addresses",
         ),
+        *[
+            (
+                ["worker", f"--cluster_spec={text}", "--task=0"],
+                "argument --cluster_spec: Argument `cluster_spec` must be a JSON object of job "
+                "names to lists of 'host:port' addresses, e.g. {\"worker\": [\"host0:2222\", "
+                f"\"host1:2222\"]}}; received: {text!r}.",
+            )
+            for text in ('["localhost:2222"]', '"localhost:2222"', "null", "2222")
+        ],
+        (
+            ["worker", '--cluster_spec={"worker": ["grpc://localhost:2222"]}', "--task=0"],
+            "Argument `cluster_spec`: job 'worker' has the address 'grpc://localhost:2222', "
+            "whose host must not hold '/' (no 'grpc://' scheme: that is a session target).",
+        ),
+        (
+            ["worker", '--cluster_spec={"worker": ["localhost:2222", "h/1:2222"]}', "--task=0"],
+            "job 'worker' has the address 'h/1:2222', whose host must not hold '/'",
+        ),
+        (
+            ["worker", '--cluster_spec={"worker": ["localhost:\u0662\u0662"]}', "--task=0"],
+            "job 'worker' has the address 'localhost:\u0662\u0662', not 'host:port'",
+        ),
         (
             ["worker", '--cluster_spec={"worker": ["localhost:2222"]}', "--task=1"],
             "argument --task: must be in [0, 0] (the tasks of the cluster spec's job 'worker'); "
@@ -170,6 +192,19 @@ def test_bad_flags_exit_2_naming_the_flag(capsys, args, message):
     assert (code, out) == (2, "")
     assert err.startswith(f"tpu-embed-adam {args[0]}: error: ") and message in err, err
     assert err.count("\n") == 1
+
+
+@needs_kernels
+def test_worker_exits_1_naming_a_port_in_use_and_the_cause(capsys):
+    with socket.create_server(("", 0)) as taken:
+        port = taken.getsockname()[1]
+        spec = json.dumps({"worker": [f"localhost:{port}"]})
+        code, out, err = _main(capsys, "worker", f"--cluster_spec={spec}", "--task=0")
+    assert (code, out) == (1, "")
+    assert err == (
+        f"tpu-embed-adam worker: error: worker task 0 cannot serve at localhost:{port}: "
+        f"port {port}: Address already in use\n"
+    )
 
 
 def test_worker_exits_1_when_its_parent_is_gone(capsys):

@@ -11,6 +11,7 @@ import ctypes
 import json
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -55,12 +56,18 @@ def parse_cluster_spec(text: str) -> tf.train.ClusterSpec:
       The `tf.train.ClusterSpec`.
 
     Raises:
-      ValueError: `text` is not JSON, or not a cluster spec with a `worker` job.
+      ValueError: `text` is not JSON, not a JSON object (an array, a string),
+        or not a cluster spec with a `worker` job.
     """
     try:
         value = json.loads(text)
     except (ValueError, RecursionError) as e:
         raise ValueError(f"Argument `cluster_spec` is not JSON ({e}); received: {text!r}.") from e
+    if not isinstance(value, dict):
+        raise ValueError(
+            "Argument `cluster_spec` must be a JSON object of job names to lists of 'host:port' "
+            f'addresses, e.g. {{"{JOB}": ["host0:2222", "host1:2222"]}}; received: {text!r}.'
+        )
     return _as_cluster_spec(value)
 
 
@@ -116,10 +123,17 @@ def _as_cluster_spec(
 
 def _check_address(job: str, address: Any) -> None:
     host, _, port = address.rpartition(":") if isinstance(address, str) else ("", "", "")
-    if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+    # str.isdigit() takes other scripts' digits, which TF cannot parse.
+    if not host or not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535:
         raise ValueError(
             f"Argument `cluster_spec`: job {job!r} has the address {address!r}, "
             "not 'host:port' with a port in [1, 65535]."
+        )
+    if "/" in host:
+        # TF's server aborts the process on such an address (any task's).
+        raise ValueError(
+            f"Argument `cluster_spec`: job {job!r} has the address {address!r}, whose host "
+            "must not hold '/' (no 'grpc://' scheme: that is a session target)."
         )
 
 
@@ -167,9 +181,10 @@ def run_worker(
       ValueError: a bad cluster spec, `task` outside the job's tasks, or
         `cores_per_host` outside [1, MAX_CORES_PER_HOST].
       RuntimeError: `parent_pid` is not this process's parent (it has already
-        exited), or the kernel library did not load (the worker would serve
-        no TPU embedding op).
-      tf.errors.OpError: the server did not start (e.g. its port is taken).
+        exited), the kernel library did not load (the worker would serve
+        no TPU embedding op), or the task's port cannot be listened on (in
+        use, or reserved): the message names the port and the cause.
+      tf.errors.OpError: the server did not start for another reason.
     """
     if parent_pid is not None:
         _exit_with_parent(check_int("parent_pid", parent_pid, 1, _MAX_PID))
@@ -181,6 +196,7 @@ def run_worker(
             f"the tpu_embed_adam kernel library did not load ({loader.load_error()}): this "
             "worker would serve no TPU embedding op; build it with `make lib`."
         )
+    _check_port(task, spec.task_address(JOB, task))
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     server = tf.distribute.Server(
@@ -192,6 +208,26 @@ def run_worker(
     )
     print(ready_message(task, spec.task_address(JOB, task), os.getpid()), flush=True)
     server.join()
+
+
+def _check_port(task: int, address: str) -> None:
+    """Raises RuntimeError, naming the port and the cause, if `address`'s port cannot be served.
+
+    TF's server would fail with "Could not start gRPC server" alone (gRPC
+    logs the cause on a line of its own); listening on the port as it does,
+    on every interface and not sharing the port, finds that cause first.
+    """
+    port = int(address.rpartition(":")[2])
+    dualstack = socket.has_dualstack_ipv6()
+    try:
+        family = socket.AF_INET6 if dualstack else socket.AF_INET
+        socket.create_server(("", port), family=family, dualstack_ipv6=dualstack).close()
+    except OSError as e:
+        # create_server's strerror adds the address tuple; the port says it.
+        cause = os.strerror(e.errno) if e.errno else str(e)
+        raise RuntimeError(
+            f"worker task {task} cannot serve at {address}: port {port}: {cause}"
+        ) from e
 
 
 def _exit_with_parent(parent_pid: int) -> None:
