@@ -15,10 +15,11 @@ TF_FLAGS := build/tf_flags.mk
 
 venv: $(STAMP)
 
-$(STAMP): setup.py requirements.txt
+$(STAMP): setup.py requirements.txt requirements-extras.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps -r requirements-extras.txt
 	TPU_EMBED_ADAM_SKIP_BUILD=1 $(PY) -m pip install -q --no-build-isolation -e '.[test]'
 	touch $(STAMP)
 
