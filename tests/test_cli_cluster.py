@@ -136,7 +136,7 @@ def test_worker_serves_in_the_foreground_until_sigterm():
             ["cluster", "--hosts=1", "--cores_per_host=257"],
             "argument --cores_per_host: must be in [1, 256]; received: 257",
         ),
-        (["worker", "--task=0"], "the following arguments are required: --cluster_spec"),
+        (["worker", "--task=0"], "argument --cluster_spec: required with --task; give neither"),
         (
             ["worker", "--cluster_spec={worker", "--task=0"],
             "argument --cluster_spec: Argument `cluster_spec` is not JSON",

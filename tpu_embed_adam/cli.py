@@ -7,6 +7,7 @@
     tpu-embed-adam info                              # version, kernel library, kernels
     tpu-embed-adam cluster --hosts=2 --cores_per_host=2  # worker processes here, until Ctrl-C
     tpu-embed-adam worker --cluster_spec='{"worker": ["h0:2222", "h1:2222"]}' --task=0
+    TF_CONFIG='{"cluster": {...}, "task": {"type": "worker", "index": 0}}' tpu-embed-adam worker
 
 Exit status: 0 success, 1 bad input (a file that is missing or does not parse)
 or a worker that could not start or exited, 2 usage error (unknown command or
@@ -245,6 +246,16 @@ def _worker(args: argparse.Namespace) -> None:
 
     from tpu_embed_adam import cluster
 
+    if args.cluster_spec is None and args.task is None:
+        try:
+            args.cluster_spec, args.task = cluster.worker_task_from_tf_config()
+        except ValueError as e:
+            raise _UsageError(str(e)) from e
+    elif args.cluster_spec is None or args.task is None:
+        missing, given = ("cluster_spec", "task")[:: 1 if args.cluster_spec is None else -1]
+        raise _UsageError(
+            f"argument --{missing}: required with --{given}; give neither to read TF_CONFIG"
+        )
     tasks = args.cluster_spec.num_tasks("worker")
     if args.task >= tasks:
         raise _UsageError(
@@ -379,12 +390,13 @@ def _parser() -> _Parser:
         _worker, common, epilog=_WORKER_EXIT_CODES,
     )
     worker.add_argument(
-        "--cluster_spec", type=_cluster_spec_flag, required=True, metavar="JSON",
+        "--cluster_spec", type=_cluster_spec_flag, metavar="JSON",
         help='the whole cluster, e.g. \'{"worker": ["host0:2222", "host1:2222"]}\' '
-        "(task i serves at the i-th address); the same on every host",
+        "(task i serves at the i-th address); the same on every host; without it and "
+        "--task, TF_CONFIG's cluster and task (a TFJob's worker)",
     )
     worker.add_argument(
-        "--task", type=_int_flag(0), required=True, metavar="I",
+        "--task", type=_int_flag(0), metavar="I",
         help="this host's task index in job 'worker'",
     )
     worker.add_argument(

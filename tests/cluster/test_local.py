@@ -306,9 +306,9 @@ def test_a_worker_that_does_not_serve_in_time_is_named_and_stopped(tmp_path, mon
 _STUBBORN_WORKER = """#!{python}
 import json, os, signal, socket, sys, time
 signal.signal(signal.SIGTERM, signal.SIG_IGN)
-flags = dict(arg[2:].split("=", 1) for arg in sys.argv if arg.startswith("--"))
-task = int(flags["task"])
-address = json.loads(flags["cluster_spec"])["worker"][task]
+config = json.loads(os.environ["TF_CONFIG"])
+task = config["task"]["index"]
+address = config["cluster"]["worker"][task]
 server = socket.create_server(("localhost", int(address.rsplit(":", 1)[1])))
 print(f"worker task {{task}} serving at {{address}} (pid {{os.getpid()}})", flush=True)
 time.sleep(600)

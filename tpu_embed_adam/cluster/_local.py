@@ -19,6 +19,7 @@ import tensorflow as tf
 
 from tpu_embed_adam.cluster import _worker
 from tpu_embed_adam.cluster._checks import check_int, check_seconds
+from tpu_embed_adam.cluster._tf_config import CHIEF, TF_CONFIG, WORKER
 
 __all__ = ["MAX_LOCAL_HOSTS", "LocalCluster"]
 
@@ -30,6 +31,7 @@ MAX_LOCAL_HOSTS = 64
 # the children import the same one, whatever their working directory.
 _PACKAGE_ROOT = str(pathlib.Path(__file__).absolute().parent.parent.parent)
 _POLL_S = 0.05
+_EVALUATOR = "evaluator"
 _STDERR_TAIL_CHARS = 4000
 
 
@@ -37,9 +39,11 @@ class LocalCluster:
     """Starts one worker process per host on this machine; a context manager.
 
     Each host is a process running `tpu-embed-adam worker` (the same code as on
-    a real host): a `tf.distribute.Server` for task `h` of job `worker`, with
-    `cores_per_host` logical CPU devices, whose engine holds that host's
-    shards. The constructor returns once every worker serves::
+    a real host), started as a Kubernetes TFJob starts a worker: `TF_CONFIG`
+    holds the cluster and its task. It is a `tf.distribute.Server` for task
+    `h` of job `worker`, with `cores_per_host` logical CPU devices, whose
+    engine holds that host's shards. The constructor returns once every
+    worker serves::
 
         with LocalCluster(num_hosts=2, cores_per_host=2) as cluster:
             config = tf.compat.v1.ConfigProto(operation_timeout_in_ms=60_000)
@@ -58,10 +62,16 @@ class LocalCluster:
     which fires when the *thread* that started the cluster exits: start it
     from a thread that outlives it (the main thread).
 
+    With `chief=True` the cluster also has a job `chief` of one task, whose
+    address is reserved for the training program: a TPUEstimator program run
+    with `TF_CONFIG=cluster.tf_config("chief")` (docs/deploy.md).
+
     Args:
       num_hosts: worker processes, 1 to `MAX_LOCAL_HOSTS`.
       cores_per_host: logical CPU devices per worker, 1 to
         `MAX_CORES_PER_HOST` (the engine's limit).
+      chief: whether the cluster has a `chief` task (started by the caller,
+        not by the cluster).
       startup_timeout_s: how long to wait for every worker to serve.
       grace_period_s: how long `stop()` waits after SIGTERM before SIGKILL.
 
@@ -79,6 +89,7 @@ class LocalCluster:
         num_hosts: int,
         cores_per_host: int = 1,
         *,
+        chief: bool = False,
         startup_timeout_s: float = 120.0,
         grace_period_s: float = 5.0,
     ) -> None:
@@ -88,8 +99,16 @@ class LocalCluster:
         )
         startup_timeout_s = check_seconds("startup_timeout_s", startup_timeout_s)
         self._grace_period_s = check_seconds("grace_period_s", grace_period_s)
-        self._addresses = [f"localhost:{port}" for port in _free_ports(self._num_hosts)]
-        self._cluster_spec = tf.train.ClusterSpec({_worker.JOB: self._addresses})
+        if not isinstance(chief, bool):
+            raise TypeError(
+                f"Argument `chief` must be a bool; received: {chief!r} ({type(chief).__name__})."
+            )
+        ports = [f"localhost:{port}" for port in _free_ports(self._num_hosts + chief)]
+        self._addresses = ports[: self._num_hosts]
+        jobs = {WORKER: self._addresses}
+        if chief:
+            jobs[CHIEF] = ports[self._num_hosts :]
+        self._cluster_spec = tf.train.ClusterSpec(jobs)
         self._procs: list[subprocess.Popen[bytes]] = []
         self._logs: list[tuple[IO[bytes], IO[bytes]]] = []
         self._lock = threading.Lock()
@@ -113,8 +132,43 @@ class LocalCluster:
 
     @property
     def cluster_spec(self) -> tf.train.ClusterSpec:
-        """The cluster: job `worker`, task `h` at `localhost:<port>`."""
+        """The cluster: job `worker`, task `h` at `localhost:<port>` (and `chief`, if asked)."""
         return self._cluster_spec
+
+    def tf_config(self, task_type: str = CHIEF, index: int = 0) -> str:
+        """Returns the `TF_CONFIG` of one task of this cluster, as a TFJob sets it.
+
+        Args:
+          task_type: `"chief"` (the training program; the cluster must have
+            been made with `chief=True`), `"worker"` (what each worker of
+            this cluster got) or `"evaluator"` (evaluates checkpoints, outside
+            the cluster, as Estimator has it).
+          index: the task's index in its job.
+
+        Returns:
+          The JSON text: `{"cluster": ..., "task": {"type": ..., "index": ...},
+          "environment": "cloud"}`.
+
+        Raises:
+          ValueError: `task_type` is not one of the three, or names a job
+            this cluster does not have, or `index` is not one of its tasks.
+        """
+        jobs = self._cluster_spec.as_dict()
+        if task_type not in (CHIEF, WORKER, _EVALUATOR):
+            raise ValueError(
+                f"Argument `task_type` must be {CHIEF!r}, {WORKER!r} or {_EVALUATOR!r}; "
+                f"received: {task_type!r}."
+            )
+        tasks = 1 if task_type == _EVALUATOR else len(jobs.get(task_type, ()))
+        if not tasks:
+            raise ValueError(
+                f"Argument `task_type` is {task_type!r}, but this cluster has no such job: "
+                "make it with LocalCluster(..., chief=True)."
+            )
+        index = check_int("index", index, 0, tasks - 1)
+        return json.dumps(
+            {"cluster": jobs, "task": {"type": task_type, "index": index}, "environment": "cloud"}
+        )
 
     @property
     def target(self) -> str:
@@ -150,7 +204,7 @@ class LocalCluster:
         """
         host = check_int("host", host, 0, self._num_hosts - 1)
         core = check_int("core", core, 0, self._cores_per_host - 1)
-        return f"/job:{_worker.JOB}/replica:0/task:{host}/device:CPU:{core}"
+        return f"/job:{WORKER}/replica:0/task:{host}/device:CPU:{core}"
 
     def stop(self) -> None:
         """Stops every worker and waits for it; a no-op once stopped.
@@ -193,12 +247,13 @@ class LocalCluster:
         )
 
     def _spawn(self) -> None:
-        spec = json.dumps(self._cluster_spec.as_dict())
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH")) if p
         )
         for task in range(self._num_hosts):
+            # As a TFJob starts a worker: the cluster and the task in TF_CONFIG.
+            env[TF_CONFIG] = self.tf_config(WORKER, task)
             # Files, not pipes: nobody reads a worker's output after startup,
             # and a full pipe would block its logging.
             logs = (tempfile.TemporaryFile(), tempfile.TemporaryFile())
@@ -207,7 +262,6 @@ class LocalCluster:
                 subprocess.Popen(
                     [
                         sys.executable, "-m", "tpu_embed_adam.cli", "worker",
-                        f"--cluster_spec={spec}", f"--task={task}",
                         f"--cores_per_host={self._cores_per_host}",
                         f"--parent_pid={os.getpid()}",
                     ],
@@ -246,7 +300,7 @@ class LocalCluster:
                 time.sleep(_POLL_S)
 
     def _task_name(self, task: int) -> str:
-        return f"/job:{_worker.JOB}/replica:0/task:{task}"
+        return f"/job:{WORKER}/replica:0/task:{task}"
 
     def _stdout(self, task: int) -> str:
         return _read_all(self._logs[task][0])

@@ -21,6 +21,7 @@ import tensorflow as tf
 from absl import logging
 
 from tpu_embed_adam.cluster._checks import check_int
+from tpu_embed_adam.cluster._tf_config import as_cluster_spec_input
 from tpu_embed_adam.ops import loader
 
 __all__ = [
@@ -88,6 +89,8 @@ def _as_cluster_spec(
       ValueError: a job is not a non-empty list of `host:port` strings, there
         is no `worker` job, or it has more than the engine's 4096 hosts.
     """
+    # A ClusterResolver (TFConfigClusterResolver, SimpleClusterResolver) gives its spec.
+    cluster_spec = as_cluster_spec_input(cluster_spec)
     if isinstance(cluster_spec, tf.train.ClusterSpec):
         jobs: Any = cluster_spec.as_dict()
     elif isinstance(cluster_spec, Mapping):
@@ -152,7 +155,8 @@ def ready_message(task: int, address: str, pid: int) -> str:
 
 
 def run_worker(
-    cluster_spec: tf.train.ClusterSpec | Mapping[str, Sequence[str]],
+    cluster_spec: tf.train.ClusterSpec | Mapping[str, Sequence[str]]
+    | tf.distribute.cluster_resolver.ClusterResolver,
     task: int,
     cores_per_host: int = 1,
     parent_pid: int | None = None,
@@ -167,7 +171,8 @@ def run_worker(
     Call it from the main thread of a process that imported `tpu_embed_adam`.
 
     Args:
-      cluster_spec: the whole cluster (checked as `parse_cluster_spec` checks it); every task
+      cluster_spec: the whole cluster (checked as `parse_cluster_spec` checks it), or a
+        cluster resolver (`TFConfigClusterResolver`, `SimpleClusterResolver`); every task
         of job `worker` must run `run_worker` with the same spec.
       task: this worker's index in job `worker`.
       cores_per_host: logical CPU devices (`/device:CPU:0` ...) of this task.
