@@ -39,15 +39,15 @@ import json
 import os
 import pathlib
 import statistics
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import conditions  # noqa: E402  (benchmarks/, beside this script)
 import numpy as np  # noqa: E402
-import ratio_plot  # noqa: E402  (benchmarks/, beside this script)
+import ratio_plot  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 
@@ -236,25 +236,6 @@ def _median_seconds(step: Callable[[], Any], steps: int, warmup: int) -> float:
     return statistics.median(times)
 
 
-def copy_bandwidth(megabytes: int = 256, repeats: int = 10) -> float:
-    """Returns the copy bandwidth in GB/s (bytes read + written), all cores."""
-    src = np.ones(megabytes * 2**20 // 4, np.float32)
-    dst = np.empty_like(src)
-    chunks = np.array_split(np.arange(src.size), os.cpu_count() or 1)
-    bounds = [(int(c[0]), int(c[-1]) + 1) for c in chunks if c.size]
-
-    def copy() -> None:
-        # numpy releases the GIL while copying, so the threads run in parallel.
-        threads = [threading.Thread(target=np.copyto, args=(dst[b:e], src[b:e])) for b, e in bounds]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-
-    seconds = _median_seconds(copy, repeats, warmup=2)
-    return 2 * src.nbytes / seconds / 1e9
-
-
 def _problem(case: Case, lazy: bool, rng: np.random.Generator) -> Problem:
     ids = ((rng.zipf(1.2, case.ids) - 1) % case.rows).astype(np.int64)
     return Problem(
@@ -291,7 +272,7 @@ def _interleaved_medians(
 
 def run(cases: tuple[Case, ...], steps: int, warmup: int, reference_steps: int) -> dict[str, Any]:
     """Runs every implementation on every case and mode; returns the results."""
-    probe = copy_bandwidth()
+    probe = conditions.copy_bandwidth()
     logging.info("copy bandwidth probe: %.1f GB/s", probe)
     rows: list[dict[str, Any]] = []
     rng = np.random.default_rng(_SEED.value)
@@ -341,7 +322,7 @@ def run(cases: tuple[Case, ...], steps: int, warmup: int, reference_steps: int) 
                 )
                 rows.append(row)
                 logging.info("%s %s %s: %.2f ms", case.name, p.mode, name, ms)
-    probe_after = copy_bandwidth()
+    probe_after = conditions.copy_bandwidth()
     logging.info("copy bandwidth probe after the cases: %.1f GB/s", probe_after)
     best = max(probe, probe_after)
     for row in rows:
