@@ -6,6 +6,7 @@ import atexit
 import json
 import os
 import pathlib
+import signal
 import socket
 import subprocess
 import sys
@@ -16,10 +17,13 @@ from types import TracebackType
 from typing import IO
 
 import tensorflow as tf
+from absl import logging
 
 from tpu_embed_adam.cluster import _worker
 from tpu_embed_adam.cluster._checks import check_int, check_seconds
 from tpu_embed_adam.cluster._tf_config import CHIEF, TF_CONFIG, WORKER
+from tpu_embed_adam.cluster._tombstone import Tombstone
+from tpu_embed_adam.cluster._watchdog import WorkerWatchdog
 
 __all__ = ["MAX_LOCAL_HOSTS", "LocalCluster"]
 
@@ -31,6 +35,8 @@ MAX_LOCAL_HOSTS = 64
 # the children import the same one, whatever their working directory.
 _PACKAGE_ROOT = str(pathlib.Path(__file__).absolute().parent.parent.parent)
 _POLL_S = 0.05
+# How often the watchdog looks for a worker that exited.
+_WATCH_S = 0.1
 _EVALUATOR = "evaluator"
 _STDERR_TAIL_CHARS = 4000
 
@@ -50,10 +56,18 @@ class LocalCluster:
             with tf.compat.v1.Session(cluster.target, config=config) as sess:
                 ...  # ops placed on cluster.core_device(host, core)
 
-    Set `operation_timeout_in_ms` on every session of the cluster: when a
-    worker dies, TF 2.15 fails the next `Session.run` that touches it at once,
-    but creating a session and closing one (also when Python collects it) then
-    wait for the dead worker forever; the timeout bounds both.
+    When a worker dies, TF 2.15 fails the next `Session.run` that touches it
+    at once, but creating a session and closing one (also when Python
+    collects it) would then wait for the dead worker forever. So a watchdog
+    thread polls the workers (every 0.1 s): one that exits is logged as an
+    ERROR naming its task, its status and the end of its stderr, and a
+    tombstone takes its address, failing every call of TF's with
+    `FailedPreconditionError` naming the task. The waits end within about a
+    second (TF's reconnect) and every later session fails at once naming
+    the task, even one written without an operation timeout. The shards of
+    the dead worker are gone: start a new cluster and restore a checkpoint.
+    Still set `operation_timeout_in_ms` where you can: on real hosts no
+    watchdog answers for a dead host (docs/deploy.md).
 
     The children stop (SIGTERM, then SIGKILL after `grace_period_s`; always
     reaped) when the `with` block exits, also on an exception or
@@ -112,10 +126,13 @@ class LocalCluster:
         self._procs: list[subprocess.Popen[bytes]] = []
         self._logs: list[tuple[IO[bytes], IO[bytes]]] = []
         self._lock = threading.Lock()
+        self._watchdog: WorkerWatchdog | None = None
+        self._tombstones: list[Tombstone] = []
         atexit.register(self.stop)
         try:
             self._spawn()
             self._wait_until_serving(startup_timeout_s)
+            self._watchdog = WorkerWatchdog(self._procs, self._on_worker_exit, _WATCH_S)
         except BaseException:
             self.stop()
             raise
@@ -209,9 +226,13 @@ class LocalCluster:
     def stop(self) -> None:
         """Stops every worker and waits for it; a no-op once stopped.
 
-        SIGTERM first, SIGKILL to those still running after the grace period.
+        SIGTERM first, SIGKILL to those still running after the grace period;
+        then the tombstones of workers that died stop answering.
         """
         with self._lock:
+            # First: the exits that stop() causes are no deaths to report.
+            if self._watchdog is not None:
+                self._watchdog.stop()
             for proc in self._procs:
                 if proc.poll() is None:
                     proc.terminate()
@@ -222,6 +243,8 @@ class LocalCluster:
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
+            for tombstone in self._tombstones:
+                tombstone.stop()
             for stdout, stderr in self._logs:
                 stdout.close()
                 stderr.close()
@@ -299,6 +322,23 @@ class LocalCluster:
             if waiting:
                 time.sleep(_POLL_S)
 
+    def _on_worker_exit(self, task: int, status: int) -> None:
+        """The watchdog's report of a worker that exited: log it, answer for it."""
+        if status < 0:
+            how = f"was killed by {_signal_name(-status)}"
+        else:
+            how = f"exited with status {status}"
+        death = f"worker {self._task_name(task)} (pid {self._procs[task].pid}) {how}"
+        logging.error("%s; its stderr ends:\n%s", death, self._stderr_tail(task))
+        self._tombstones.append(
+            Tombstone(
+                self._addresses[task],
+                f"{death}: its engine and its shards of every table are gone. LocalCluster's "
+                "watchdog answers at its address so that no session waits for it; start a new "
+                "cluster and restore the tables from a checkpoint.",
+            )
+        )
+
     def _task_name(self, task: int) -> str:
         return f"/job:{WORKER}/replica:0/task:{task}"
 
@@ -307,6 +347,13 @@ class LocalCluster:
 
     def _stderr_tail(self, task: int) -> str:
         return _read_all(self._logs[task][1])[-_STDERR_TAIL_CHARS:] or "(empty)"
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
 
 
 def _read_all(log: IO[bytes]) -> str:
