@@ -15,10 +15,11 @@ from tpu_embed_adam import _checkpoint_inspect, cli, engine
 
 # The engine tests' harness builds TF's TPUEmbedding graph as a TPU user would.
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "engine"))
-import tpu_embedding_harness as harness  # noqa: E402
+from harness_graph import EmbeddingGraph  # noqa: E402
+from harness_numpy_model import Slots  # noqa: E402
 
 
-def _tpu_embedding_checkpoint(directory: str) -> tuple[str, dict[str, harness.Slots]]:
+def _tpu_embedding_checkpoint(directory: str) -> tuple[str, dict[str, Slots]]:
     """`users` (10 x 4, 2 hosts: 2 slices) with rows 0, 3, 7 touched; `tiny` (1 x 2, 1 slice)."""
     tables = {
         "users": te.TableConfig(vocabulary_size=10, dimension=4, combiner="sum"),
@@ -26,7 +27,7 @@ def _tpu_embedding_checkpoint(directory: str) -> tuple[str, dict[str, harness.Sl
     }
     features = {"user": te.FeatureConfig("users"), "flag": te.FeatureConfig("tiny")}
     engine.reset()
-    graph = harness.EmbeddingGraph(
+    graph = EmbeddingGraph(
         tables, features, optimization_parameters=te.AdamParameters(0.05), num_hosts=2
     )
     rng = np.random.default_rng(0)
@@ -38,7 +39,7 @@ def _tpu_embedding_checkpoint(directory: str) -> tuple[str, dict[str, harness.Sl
         touched = [0, 3, 7] if name == "users" else [0]
         m[touched] = rng.normal(size=(len(touched), shape[1]))
         v[touched] = rng.uniform(0.5, 1.0, size=(len(touched), shape[1]))
-        state[name] = harness.Slots(rng.normal(size=shape).astype(np.float32), m, v)
+        state[name] = Slots(rng.normal(size=shape).astype(np.float32), m, v)
     try:
         graph.run_init()
         graph.write(state)

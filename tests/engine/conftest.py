@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from tpu_embedding_harness import adam_params, embedding_config, load_all, random_slots
+from harness_raw_ops import adam_params, embedding_config, load_all, random_slots
 
 from tpu_embed_adam import engine
 from tpu_embed_adam.ops import loader

@@ -16,7 +16,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tensorflow as tf
-import tpu_embedding_harness as harness
+from harness_graph import EmbeddingGraph, assert_trains_like_numpy
+from harness_numpy_model import assert_state_equal, random_state, random_targets
 from tensorflow.python.tpu import tpu_embedding as te
 
 import tpu_embed_adam  # noqa: F401  (loads the kernel library: registers the engine's kernels)
@@ -33,7 +34,7 @@ def fresh_engine():
     engine.reset()
 
 
-def make_graph(strategy: str, num_hosts: int = HOSTS) -> harness.EmbeddingGraph:
+def make_graph(strategy: str, num_hosts: int = HOSTS) -> EmbeddingGraph:
     tables = {
         "users": te.TableConfig(vocabulary_size=13, dimension=4, combiner="sum"),
         "items": te.TableConfig(vocabulary_size=8, dimension=3, combiner="mean"),
@@ -44,7 +45,7 @@ def make_graph(strategy: str, num_hosts: int = HOSTS) -> harness.EmbeddingGraph:
         "item": te.FeatureConfig("items"),
         "flag": te.FeatureConfig("tiny"),
     }
-    return harness.EmbeddingGraph(
+    return EmbeddingGraph(
         tables, features, optimization_parameters=ADAM, num_hosts=num_hosts,
         partition_strategy=strategy, weighted=("item",),
     )
@@ -72,7 +73,7 @@ def test_variables_are_named_and_partitioned_as_tf_makes_them():
 def test_checkpoint_after_retrieve_restores_into_tf_variables(strategy, tmp_path):
     trained = make_graph(strategy)
     try:
-        model = harness.train_and_compare(trained, steps=2)
+        model = assert_trains_like_numpy(trained, steps=2)
         saved = trained.read()
         path = trained.save(str(tmp_path / "ckpt"))
     finally:
@@ -92,7 +93,7 @@ def test_checkpoint_after_retrieve_restores_into_tf_variables(strategy, tmp_path
         restored = fresh.read()
     finally:
         fresh.close()
-    harness.assert_state_equal(restored, saved)
+    assert_state_equal(restored, saved)
     for table, state in model.state.items():
         np.testing.assert_allclose(restored[table].w, state.w, rtol=2e-5, atol=2e-6)
 
@@ -102,7 +103,7 @@ def test_tf_checkpoint_loads_into_engine_and_retrieves_unchanged(strategy, tmp_p
     writer = make_graph(strategy)
     try:
         writer.run_init()
-        want = harness.random_state(writer.emb, seed=7)
+        want = random_state(writer.emb, seed=7)
         writer.write(want)
         path = writer.save(str(tmp_path / "ckpt"))
     finally:
@@ -116,7 +117,7 @@ def test_tf_checkpoint_loads_into_engine_and_retrieves_unchanged(strategy, tmp_p
         reader.load()
         # Scramble TF's copies so that only the engine still holds the checkpoint.
         reader.run_init()
-        harness.assert_state_equal(reader.retrieve(), want)
+        assert_state_equal(reader.retrieve(), want)
     finally:
         reader.close()
 
@@ -125,7 +126,7 @@ def test_tf_checkpoint_then_training_matches_the_reference(tmp_path):
     writer = make_graph("mod")
     try:
         writer.run_init()
-        writer.write(harness.random_state(writer.emb, seed=3))
+        writer.write(random_state(writer.emb, seed=3))
         path = writer.save(str(tmp_path / "ckpt"))
     finally:
         writer.close()
@@ -133,12 +134,12 @@ def test_tf_checkpoint_then_training_matches_the_reference(tmp_path):
     engine.reset()
     reader = make_graph("mod")
 
-    def restore(graph: harness.EmbeddingGraph) -> None:
+    def restore(graph: EmbeddingGraph) -> None:
         graph.run_init()
         graph.restore(path)
 
     try:
-        harness.train_and_compare(reader, steps=2, initialize=restore)
+        assert_trains_like_numpy(reader, steps=2, initialize=restore)
     finally:
         reader.close()
 
@@ -147,7 +148,7 @@ def test_div_checkpoint_from_three_hosts_restores_into_one_host(tmp_path):
     """`div` parts are contiguous id ranges, so TF re-slices them for another host count."""
     trained = make_graph("div")
     try:
-        harness.train_and_compare(trained, steps=1)
+        assert_trains_like_numpy(trained, steps=1)
         saved = trained.read()
         path = trained.save(str(tmp_path / "ckpt"))
     finally:
@@ -160,7 +161,7 @@ def test_div_checkpoint_from_three_hosts_restores_into_one_host(tmp_path):
         single.restore(path)
         single.load()
         single.run_init()
-        harness.assert_state_equal(single.retrieve(), saved)
+        assert_state_equal(single.retrieve(), saved)
     finally:
         single.close()
 
@@ -175,7 +176,7 @@ def test_retrieving_saver_saves_trained_tables(tmp_path):
     rng = np.random.default_rng(0)
     for step in range(1, 3):
         batch = graph.random_batch(rng)
-        graph.train_step(batch, harness.random_targets(rng, graph.emb), step)
+        graph.train_step(batch, random_targets(rng, graph.emb), step)
     with graph.graph.as_default():
         path = saver.save(graph.session, str(tmp_path / "ckpt"))
     trained = graph.retrieve()

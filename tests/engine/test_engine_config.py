@@ -14,8 +14,7 @@ import sys
 import numpy as np
 import pytest
 import tensorflow as tf
-from tensorflow.core.protobuf.tpu import tpu_embedding_configuration_pb2 as cfg_pb2
-from tpu_embedding_harness import (
+from harness_raw_ops import (
     adam_params,
     assert_engine_unchanged,
     embedding_config,
@@ -26,6 +25,7 @@ from tpu_embedding_harness import (
     retrieve_all,
     system_config,
 )
+from tensorflow.core.protobuf.tpu import tpu_embedding_configuration_pb2 as cfg_pb2
 
 from tpu_embed_adam import engine
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tensorflow as tf
-from tpu_embedding_harness import (
+from harness_raw_ops import (
     adam_params,
     assert_engine_unchanged,
     dense_ids,

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tensorflow as tf
-from tpu_embedding_harness import (
+from harness_raw_ops import (
     adam_params,
     assert_engine_unchanged,
     embedding_config,
@@ -16,8 +16,8 @@ from tpu_embedding_harness import (
     random_slots,
     raw,
     retrieve_all,
-    shard_rows,
 )
+from harness_sharding import shard_rows
 
 from tpu_embed_adam import engine
 

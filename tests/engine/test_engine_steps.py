@@ -12,7 +12,7 @@ import zlib
 import numpy as np
 import pytest
 import tensorflow as tf
-from tpu_embedding_harness import (
+from harness_raw_ops import (
     ENQUEUE_CASES,
     adam_params,
     assert_engine_unchanged,

@@ -1,6 +1,6 @@
 """The harness's numpy model against TF's CPU embedding ops (no engine needed).
 
-The graph tests trust `tpu_embedding_harness.NumpyModel` as their oracle; here
+The graph tests trust `harness_numpy_model.NumpyModel` as their oracle; here
 its lookup is checked against `tf.nn.embedding_lookup_sparse` and its
 per-id gradient rows against TF's autodiff of that lookup, for every
 combiner, with and without weights and sample indices.
@@ -11,7 +11,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tensorflow as tf
-import tpu_embedding_harness as harness
+from harness_cluster import JOB
+from harness_numpy_model import FeatureInput, NumpyModel, Slots, random_batch, random_targets
+from harness_sharding import join_table, split_table
 from tensorflow.python.tpu import tpu_embedding as te
 
 
@@ -22,11 +24,11 @@ def make_embedding(combiner: str) -> te.TPUEmbedding:
         batch_size=10,
         mode=te.TRAINING,
         optimization_parameters=te.AdamParameters(0.1),
-        device_config=te.DeviceConfig(1, 2, harness.JOB),
+        device_config=te.DeviceConfig(1, 2, JOB),
     )
 
 
-def tf_lookup(table: tf.Variable, x: harness.FeatureInput, batch: int, combiner: str) -> tf.Tensor:
+def tf_lookup(table: tf.Variable, x: FeatureInput, batch: int, combiner: str) -> tf.Tensor:
     indices = x.sample_indices
     if indices is None:
         indices = np.stack([np.arange(len(x.ids)), np.zeros(len(x.ids), np.int64)], 1)
@@ -40,10 +42,10 @@ def test_lookup_and_gradient_rows_match_tf(combiner):
     emb = make_embedding(combiner)
     rng = np.random.default_rng(1)
     w0 = rng.normal(size=(9, 3)).astype(np.float32)
-    state = {"t": harness.Slots(w0, np.zeros_like(w0), np.zeros_like(w0))}
-    model = harness.NumpyModel(emb, state)
-    batch = harness.random_batch(rng, emb, weighted=("b",), one_id_per_sample=("c",))
-    targets = harness.random_targets(rng, emb)
+    state = {"t": Slots(w0, np.zeros_like(w0), np.zeros_like(w0))}
+    model = NumpyModel(emb, state)
+    batch = random_batch(rng, emb, weighted=("b",), one_id_per_sample=("c",))
+    targets = random_targets(rng, emb)
     acts, loss, ids, grads = model.forward_backward(batch, targets)
 
     table = tf.Variable(w0)
@@ -65,10 +67,10 @@ def test_lookup_and_gradient_rows_match_tf(combiner):
 @pytest.mark.parametrize("vocab, hosts", [(13, 5), (13, 1), (2, 3), (6, 3)])
 def test_split_and_join_invert_and_match_tf_part_sizes(strategy, vocab, hosts):
     full = np.arange(vocab * 2, dtype=np.float32).reshape(vocab, 2)
-    parts = harness.split_table(full, hosts, strategy)
+    parts = split_table(full, hosts, strategy)
     n = min(vocab, hosts)
     assert [len(p) for p in parts] == [vocab // n + (i < vocab % n) for i in range(n)]
-    np.testing.assert_array_equal(harness.join_table(parts, vocab, strategy), full)
+    np.testing.assert_array_equal(join_table(parts, vocab, strategy), full)
     if strategy == "mod":
         assert all(p[0, 0] == 2 * i for i, p in enumerate(parts))
 
@@ -81,8 +83,8 @@ def test_mean_of_weights_summing_below_zero_divides_as_tf():
     """
     emb = make_embedding("mean")
     w0 = np.random.default_rng(2).normal(size=(9, 3)).astype(np.float32)
-    model = harness.NumpyModel(emb, {"t": harness.Slots(w0, w0 * 0, w0 * 0)})
-    x = harness.FeatureInput(
+    model = NumpyModel(emb, {"t": Slots(w0, w0 * 0, w0 * 0)})
+    x = FeatureInput(
         np.array([1, 2, 3, 4], np.int64),
         np.array([[0, 0], [0, 1], [1, 0], [1, 1]], np.int64),
         np.array([-1.0, -2.0, 0.5, -0.5], np.float32),

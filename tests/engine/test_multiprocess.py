@@ -2,7 +2,7 @@
 
 Each process's engine holds its own host's shards; the routing pass sends ids,
 rows and gradients between the processes through TF's runtime. Every test
-trains through `tpu_embedding_harness` (activations, loss, tables and slots
+trains through `harness_graph` (activations, loss, tables and slots
 checked against the numpy model every step) and compares the final tables and
 slots with the same training on an in-process cluster, where every shard is in
 one engine: equal bit for bit, since both add the cores' gradients per row in
@@ -19,7 +19,8 @@ import time
 import numpy as np
 import pytest
 import tensorflow as tf
-import tpu_embedding_harness as harness
+from harness_graph import EmbeddingGraph, assert_trains_like_numpy
+from harness_numpy_model import Slots, four_features, random_state, random_targets
 from tensorflow.python.tpu import tpu_embedding as te
 
 from tpu_embed_adam import engine
@@ -41,30 +42,33 @@ def tables() -> dict[str, te.TableConfig]:
     }
 
 
-def initial_state(graph: harness.EmbeddingGraph) -> None:
-    graph.write(harness.random_state(graph.emb, seed=7))
+def initial_state(graph: EmbeddingGraph) -> None:
+    graph.write(random_state(graph.emb, seed=7))
 
 
-def build(target: str | None = None, **kwargs) -> harness.EmbeddingGraph:
-    return harness.EmbeddingGraph(
-        tables(), harness.four_features(), optimization_parameters=ADAM,
+def build(target: str | None = None, **kwargs) -> EmbeddingGraph:
+    return EmbeddingGraph(
+        tables(), four_features(), optimization_parameters=ADAM,
         weighted=("friends", "item"), target=target, **kwargs,
     )
 
 
-def train(steps: int, target: str | None = None, **kwargs) -> dict[str, harness.Slots]:
-    """Trains `steps` steps (checked against numpy); returns the retrieved state."""
+def assert_trains_like_numpy_and_read(
+    steps: int, target: str | None = None, **kwargs
+) -> dict[str, Slots]:
+    """Asserts `steps` steps train like numpy (`assert_trains_like_numpy`); returns the
+    retrieved state."""
     engine.reset()
     graph = build(target, **kwargs)
     try:
-        harness.train_and_compare(graph, steps, initialize=initial_state)
+        assert_trains_like_numpy(graph, steps, initialize=initial_state)
         return graph.read()
     finally:
         graph.close()
         engine.reset()
 
 
-def assert_equal_states(got: dict[str, harness.Slots], want: dict[str, harness.Slots]) -> None:
+def assert_equal_states(got: dict[str, Slots], want: dict[str, Slots]) -> None:
     for t in want:
         for slot in ("w", "m", "v"):
             np.testing.assert_array_equal(
@@ -79,10 +83,10 @@ def assert_equal_states(got: dict[str, harness.Slots], want: dict[str, harness.S
 def test_three_processes_train_as_one(cores, strategy):
     kwargs = dict(num_hosts=3, cores_per_host=cores, partition_strategy=strategy)
     with LocalCluster(3, cores_per_host=cores) as cluster:
-        got = train(4, cluster.target, **kwargs)
+        got = assert_trains_like_numpy_and_read(4, cluster.target, **kwargs)
         infos = [engine.info(cluster.target, task) for task in range(3)]
         pids = cluster.pids
-    assert_equal_states(got, train(4, **kwargs))
+    assert_equal_states(got, assert_trains_like_numpy_and_read(4, **kwargs))
     assert [info["pid"] for info in infos] == list(pids) and os.getpid() not in pids
     for task, info in enumerate(infos):
         for table in info["tables"]:
@@ -94,7 +98,7 @@ def test_checkpoint_of_three_processes_restores_into_one_and_two_hosts(tmp_path)
     with LocalCluster(3) as cluster:
         graph = build(cluster.target, num_hosts=3)
         try:
-            harness.train_and_compare(graph, 3, initialize=initial_state)
+            assert_trains_like_numpy(graph, 3, initialize=initial_state)
             want = graph.read()
             path = graph.save(str(tmp_path / "ckpt"))
         finally:
@@ -116,8 +120,8 @@ def test_dead_worker_fails_the_next_step_and_a_restarted_cluster_resumes(tmp_pat
     rng_seed, steps_before, steps_after = 3, 2, 2
     kwargs = dict(num_hosts=3)
 
-    def step(graph: harness.EmbeddingGraph, rng: np.random.Generator, at: int) -> None:
-        graph.train_step(graph.random_batch(rng), harness.random_targets(rng, graph.emb), at)
+    def step(graph: EmbeddingGraph, rng: np.random.Generator, at: int) -> None:
+        graph.train_step(graph.random_batch(rng), random_targets(rng, graph.emb), at)
 
     # The uninterrupted run.
     engine.reset()
@@ -149,8 +153,10 @@ def test_dead_worker_fails_the_next_step_and_a_restarted_cluster_resumes(tmp_pat
         with pytest.raises(tf.errors.OpError, match="task:2|task 2"):
             step(graph, rng, steps_before + 1)
         assert time.monotonic() - start < 10
+        # Only the session: Session.reset(target) would wait for the dead
+        # worker without a bound (TF's), and the cluster goes away anyway.
         with contextlib.suppress(tf.errors.DeadlineExceededError):
-            graph.close()
+            graph.session.close()
     rng.bit_generator.state = state
     with LocalCluster(3) as cluster:
         graph = build(cluster.target, **kwargs)

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 import tensorflow as tf
-import tpu_embedding_harness as harness
+from harness_graph import EmbeddingGraph
+from harness_numpy_model import random_targets
 from tensorflow.python.tpu import tpu_embedding as te
 from tensorflow.python.training import saver as tf_saver
 
@@ -33,7 +35,7 @@ def fresh_engine():
 @pytest.fixture
 def graph():
     """TF's TPUEmbedding graph (one host), initialised and loaded."""
-    graph = harness.EmbeddingGraph(
+    graph = EmbeddingGraph(
         TABLES, FEATURES, optimization_parameters=te.AdamParameters(0.05), local=True
     )
     graph.run_init()
@@ -42,10 +44,10 @@ def graph():
     graph.close()
 
 
-def _train(graph: harness.EmbeddingGraph, steps: int = 1) -> None:
+def _train(graph: EmbeddingGraph, steps: int = 1) -> None:
     rng = np.random.default_rng(0)
     for step in range(1, steps + 1):
-        graph.train_step(graph.random_batch(rng), harness.random_targets(rng, graph.emb), step)
+        graph.train_step(graph.random_batch(rng), random_targets(rng, graph.emb), step)
 
 
 def _warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
@@ -138,16 +140,18 @@ def test_works_with_eager_execution_disabled(tmp_path):
     code = f"""
 import numpy as np, tensorflow as tf
 tf.compat.v1.disable_eager_execution()
-import sys; sys.path.insert(0, {str(harness.__file__.rsplit("/", 1)[0])!r})
-import tpu_embedding_harness as harness, tpu_embed_adam
+import sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
+import tpu_embed_adam
+from harness_graph import EmbeddingGraph
+from harness_numpy_model import random_targets
 from absl import logging
 from tensorflow.python.tpu import tpu_embedding as te
 tables = {{"users": te.TableConfig(vocabulary_size=13, dimension=4)}}
-graph = harness.EmbeddingGraph(tables, {{"user": te.FeatureConfig("users")}},
+graph = EmbeddingGraph(tables, {{"user": te.FeatureConfig("users")}},
     optimization_parameters=te.AdamParameters(0.05), local=True)
 graph.run_init(); graph.load()
 rng = np.random.default_rng(0)
-graph.train_step(graph.random_batch(rng), harness.random_targets(rng, graph.emb), 1)
+graph.train_step(graph.random_batch(rng), random_targets(rng, graph.emb), 1)
 graph.save({str(tmp_path / "ckpt")!r})
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tensorflow as tf
-import tpu_embedding_harness as harness
+from harness_graph import EmbeddingGraph
+from harness_numpy_model import assert_state_equal, random_targets
 from tensorflow.python.tpu import tpu_embedding as te
 
 from tpu_embed_adam import engine
@@ -25,8 +26,8 @@ def fresh_engine():
     engine.reset()
 
 
-def _graph(num_hosts: int = 1, **adam) -> harness.EmbeddingGraph:
-    graph = harness.EmbeddingGraph(
+def _graph(num_hosts: int = 1, **adam) -> EmbeddingGraph:
+    graph = EmbeddingGraph(
         TABLES,
         FEATURES,
         optimization_parameters=te.AdamParameters(0.05, **adam),
@@ -40,10 +41,10 @@ def _graph(num_hosts: int = 1, **adam) -> harness.EmbeddingGraph:
     return graph
 
 
-def _train(graph: harness.EmbeddingGraph, steps: int, seed: int = 0) -> None:
+def _train(graph: EmbeddingGraph, steps: int, seed: int = 0) -> None:
     rng = np.random.default_rng(seed)
     for step in range(1, steps + 1):
-        graph.train_step(graph.random_batch(rng), harness.random_targets(rng, graph.emb), step)
+        graph.train_step(graph.random_batch(rng), random_targets(rng, graph.emb), step)
 
 
 @pytest.mark.parametrize("num_hosts", [1, 2])
@@ -56,7 +57,7 @@ def test_touched_rows_bring_the_variables_to_what_a_full_retrieve_gives(num_host
             assert engine.unretrieved_tables() == {}
             got = graph.read()
             want = graph.retrieve()
-            harness.assert_state_equal(got, want)
+            assert_state_equal(got, want)
     finally:
         graph.close()
 
@@ -73,12 +74,12 @@ def test_only_the_rows_trained_since_the_last_retrieve_are_copied():
     try:
         rng = np.random.default_rng(3)
         batch = graph.random_batch(rng)
-        graph.train_step(batch, harness.random_targets(rng, graph.emb), 1)
+        graph.train_step(batch, random_targets(rng, graph.emb), 1)
         trained = np.unique(np.concatenate([core["user"].ids for core in batch]))
         np.testing.assert_array_equal(_touched_ids("users"), trained)
         # Copied: nothing is left until the next step.
         assert _touched_ids("users").size == 0
-        graph.train_step(batch, harness.random_targets(rng, graph.emb), 2)
+        graph.train_step(batch, random_targets(rng, graph.emb), 2)
         graph.retrieve()  # a full retrieve also leaves nothing to copy
         assert _touched_ids("users").size == 0
     finally:

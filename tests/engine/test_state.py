@@ -13,7 +13,7 @@ import sys
 
 import pytest
 import tensorflow as tf
-from tpu_embedding_harness import adam_params, embedding_config
+from harness_raw_ops import adam_params, embedding_config
 
 from tpu_embed_adam import engine
 from tpu_embed_adam.ops import loader

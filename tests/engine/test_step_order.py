@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tensorflow as tf
-import tpu_embedding_harness as harness
+from harness_cluster import cluster, core_device
 from tensorflow.python.tpu import tpu
 from tensorflow.python.tpu import tpu_embedding as te
 
@@ -35,7 +35,7 @@ class LinearLossGraph:
     """One table, one feature; every core's loss is SLOPE * sum(activations)."""
 
     def __init__(self, cores: int):
-        servers = harness.cluster(1, cores)
+        servers = cluster(1, cores)
         self.graph = tf.Graph()
         with self.graph.as_default():
             emb = te.TPUEmbedding(
@@ -49,12 +49,12 @@ class LinearLossGraph:
             variables = emb.create_variables_and_ops()
             self.ids = []
             for _ in range(cores):
-                with tf.device(harness.core_device(0, 0)):  # the host's enqueue device
+                with tf.device(core_device(0, 0)):  # the host's enqueue device
                     self.ids.append(tf.compat.v1.placeholder(tf.int64, [PER_CORE]))
             self.enqueue = emb.generate_enqueue_ops([{"f": te.EnqueueData(i)} for i in self.ids])
             self.losses, sends = [], []
             for c in range(cores):
-                with tf.device(harness.core_device(0, c)):
+                with tf.device(core_device(0, c)):
                     acts = emb.get_activations()["f"]
                     loss = tf.reduce_sum(acts * SLOPE)
                     (grad,) = tf.compat.v1.gradients(loss, [acts])
@@ -74,7 +74,9 @@ class LinearLossGraph:
         self.initial = self.session.run(self.table)
 
 
-def _train(cores: int, steps: int, fetch_loss_every: int) -> None:
+def _assert_trains_like_reference(cores: int, steps: int, fetch_loss_every: int) -> None:
+    """Trains `steps` steps on `cores` cores; asserts each fetched loss (the lookup before the
+    step's update) and the final table equal `reference.adam_update`'s."""
     g = LinearLossGraph(cores)
     table = g.initial.copy()
     m = np.zeros_like(table)
@@ -103,8 +105,8 @@ def _train(cores: int, steps: int, fetch_loss_every: int) -> None:
 
 @pytest.mark.parametrize("cores", [1, 2])
 def test_linear_loss_steps_never_lose_their_batch(cores):
-    _train(cores, steps=300, fetch_loss_every=1)
+    _assert_trains_like_reference(cores, steps=300, fetch_loss_every=1)
 
 
 def test_a_send_whose_lookup_is_pruned_still_pairs_with_its_batch():
-    _train(1, steps=40, fetch_loss_every=3)
+    _assert_trains_like_reference(1, steps=40, fetch_loss_every=3)

@@ -4,7 +4,7 @@ Each test builds `tensorflow.python.tpu.tpu_embedding.TPUEmbedding` unchanged,
 runs it on a local cluster of `tf.distribute.Server` workers (one per host,
 one logical CPU device per core), and compares activations and the loss every
 step, then every table and slot after `retrieve_ops()`, with
-`tpu_embedding_harness.NumpyModel` (numpy lookup + `reference.adam_update`).
+`harness_numpy_model.NumpyModel` (numpy lookup + `reference.adam_update`).
 """
 
 from __future__ import annotations
@@ -12,7 +12,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tensorflow as tf
-import tpu_embedding_harness as harness
+from harness_graph import EmbeddingGraph, assert_trains_like_numpy
+from harness_numpy_model import NumpyModel, four_features, random_targets
+from harness_sharding import shard_ids
 from tensorflow.python.tpu import tpu_embedding as te
 
 import tpu_embed_adam  # noqa: F401  (loads the kernel library: registers the engine's kernels)
@@ -40,62 +42,68 @@ def three_tables() -> dict[str, te.TableConfig]:
 WEIGHTED = ("friends", "item", "tag")
 
 
-def train(steps: int = 3, **kwargs) -> harness.NumpyModel:
-    graph = harness.EmbeddingGraph(
+def assert_graph_trains_like_numpy(steps: int = 3, **kwargs) -> NumpyModel:
+    """Builds an `EmbeddingGraph` (three tables, four features unless given) and
+    asserts it trains like numpy (`assert_trains_like_numpy`); returns the model."""
+    graph = EmbeddingGraph(
         kwargs.pop("tables", None) or three_tables(),
-        kwargs.pop("features", None) or harness.four_features(),
+        kwargs.pop("features", None) or four_features(),
         optimization_parameters=kwargs.pop("optimization_parameters", ADAM),
         weighted=kwargs.pop("weighted", WEIGHTED),
         **kwargs,
     )
     try:
-        return harness.train_and_compare(graph, steps)
+        return assert_trains_like_numpy(graph, steps)
     finally:
         graph.close()
 
 
 def test_one_host_three_tables_shared_table_all_combiners():
-    train(num_hosts=1)
+    assert_graph_trains_like_numpy(num_hosts=1)
 
 
 @pytest.mark.parametrize("strategy", ["div", "mod"])
 def test_three_hosts(strategy):
-    train(num_hosts=3, partition_strategy=strategy)
+    assert_graph_trains_like_numpy(num_hosts=3, partition_strategy=strategy)
 
 
 def test_one_host_two_cores():
-    train(num_hosts=1, cores_per_host=2)
+    assert_graph_trains_like_numpy(num_hosts=1, cores_per_host=2)
 
 
 @pytest.mark.parametrize("cores", [1, 2])
 def test_one_host_in_a_plain_session_without_cluster(cores):
-    train(num_hosts=1, cores_per_host=cores, local=True)
+    assert_graph_trains_like_numpy(num_hosts=1, cores_per_host=cores, local=True)
 
 
 @pytest.mark.parametrize("strategy", ["div", "mod"])
 def test_vocabulary_smaller_than_hosts_uses_dummy_partitions(strategy):
     tables = three_tables()
     tables["tiny"] = te.TableConfig(vocabulary_size=2, dimension=2, combiner="sum")
-    features = {**harness.four_features(), "flag": te.FeatureConfig("tiny")}
-    train(num_hosts=3, partition_strategy=strategy, tables=tables, features=features)
+    features = {**four_features(), "flag": te.FeatureConfig("tiny")}
+    assert_graph_trains_like_numpy(
+        num_hosts=3, partition_strategy=strategy, tables=tables, features=features
+    )
 
 
 @pytest.mark.parametrize("ragged", [False, True])
 def test_sequence_features_truncate_past_max_sequence_length(ragged):
     features = {
-        **harness.four_features(),
+        **four_features(),
         "history": te.FeatureConfig("items", max_sequence_length=3),
         "clicks": te.FeatureConfig("tags", max_sequence_length=2, weight_key="w"),
     }
-    train(num_hosts=3, features=features, ragged=ragged, weighted=(*WEIGHTED, "clicks"))
+    assert_graph_trains_like_numpy(
+        num_hosts=3, features=features, ragged=ragged, weighted=(*WEIGHTED, "clicks")
+    )
 
 
 def test_ragged_enqueue_with_empty_samples():
-    train(num_hosts=3, cores_per_host=2, ragged=True, min_ids_per_sample=0)
+    assert_graph_trains_like_numpy(num_hosts=3, cores_per_host=2, ragged=True, min_ids_per_sample=0)
 
 
 def test_sparse_enqueue_with_empty_samples():
-    train(num_hosts=1, min_ids_per_sample=0)
+    assert_graph_trains_like_numpy(num_hosts=1, min_ids_per_sample=0)
 
 
 @pytest.mark.parametrize("num_hosts", [1, 3])
@@ -104,7 +112,7 @@ def test_load_ops_alone_configure_the_engine(num_hosts):
     load ops of one `Session.run` run in any order."""
     for _ in range(3):  # the order varies from run to run
         engine.reset()
-        train(steps=1, num_hosts=num_hosts, initialize_system=False)
+        assert_graph_trains_like_numpy(steps=1, num_hosts=num_hosts, initialize_system=False)
 
 
 def test_one_id_per_sample_without_sample_indices():
@@ -113,7 +121,7 @@ def test_one_id_per_sample_without_sample_indices():
     tables = three_tables()
     tables["items"] = tables["items"]._replace(combiner=None)
     tables["tags"] = tables["tags"]._replace(combiner=None)
-    train(
+    assert_graph_trains_like_numpy(
         num_hosts=1, tables=tables, one_id_per_sample=("item", "tag"),
         weighted=("friends", "tag"),
     )
@@ -136,8 +144,8 @@ def test_dynamic_learning_rates_by_tag_and_per_table_parameters():
         "tags": te.TableConfig(11, 5, combiner="sqrtn", optimization_parameters=non_lazy),
         "zones": te.TableConfig(7, 2, combiner="sum", learning_rate=0.2),
     }
-    features = {**harness.four_features(), "zone": te.FeatureConfig("zones")}
-    train(steps=4, num_hosts=3, tables=tables, features=features)
+    features = {**four_features(), "zone": te.FeatureConfig("zones")}
+    assert_graph_trains_like_numpy(steps=4, num_hosts=3, tables=tables, features=features)
 
 
 @pytest.mark.parametrize("mode", ["unspecified", "train", "training"])
@@ -145,7 +153,7 @@ def test_mode_override_as_tf_documents_it(mode):
     """TF 2.15 spells the training override both ways: 'training' in the op
     definitions (`gen_tpu_ops`) and `TPUEmbedding.generate_enqueue_ops`, 'train' in
     the `tpu_ops` wrappers."""
-    train(steps=2, num_hosts=1, mode_override=mode)
+    assert_graph_trains_like_numpy(steps=2, num_hosts=1, mode_override=mode)
 
 
 def test_clipping_and_weight_decay_per_table():
@@ -161,7 +169,7 @@ def test_clipping_and_weight_decay_per_table():
     tables["tags"] = tables["tags"]._replace(optimization_parameters=te.AdamParameters(
         learning_rate=0.1, weight_decay_factor=0.01, lazy_adam=False,
     ))
-    train(steps=3, num_hosts=3, tables=tables)
+    assert_graph_trains_like_numpy(steps=3, num_hosts=3, tables=tables)
 
 
 def test_gradient_accumulation_disabled_one_core():
@@ -171,13 +179,15 @@ def test_gradient_accumulation_disabled_one_core():
     features = {"user": te.FeatureConfig("users"), "item": te.FeatureConfig("items")}
     tables = three_tables()
     del tables["tags"]
-    train(steps=3, num_hosts=1, tables=tables, features=features, weighted=("item",),
-          optimization_parameters=params)
+    assert_graph_trains_like_numpy(
+        steps=3, num_hosts=1, tables=tables, features=features, weighted=("item",),
+        optimization_parameters=params,
+    )
 
 
 def test_info_reports_tables_and_shards():
-    graph = harness.EmbeddingGraph(
-        three_tables(), harness.four_features(), optimization_parameters=ADAM, num_hosts=3
+    graph = EmbeddingGraph(
+        three_tables(), four_features(), optimization_parameters=ADAM, num_hosts=3
     )
     try:
         graph.run_init()
@@ -192,7 +202,7 @@ def test_info_reports_tables_and_shards():
         table = by_name[name]
         assert table["dimension"] == config.dimension
         assert table["num_shards"] == 3
-        rows = [len(ids) for ids in harness.shard_ids(config.vocabulary_size, 3, "div")]
+        rows = [len(ids) for ids in shard_ids(config.vocabulary_size, 3, "div")]
         assert [s["rows"] for s in table["shards"]] == rows
         assert all(s["loaded"] for s in table["shards"])
         # parameters, m and v: 3 float32 arrays of the whole table, at least.
@@ -201,8 +211,8 @@ def test_info_reports_tables_and_shards():
 
 def test_info_counts_the_steps_since_each_shards_last_load_or_retrieve():
     # Non-lazy Adam steps every row of every loaded shard each step.
-    graph = harness.EmbeddingGraph(
-        three_tables(), harness.four_features(), num_hosts=3, weighted=WEIGHTED,
+    graph = EmbeddingGraph(
+        three_tables(), four_features(), num_hosts=3, weighted=WEIGHTED,
         optimization_parameters=te.AdamParameters(learning_rate=0.05, lazy_adam=False),
     )
 
@@ -213,7 +223,7 @@ def test_info_counts_the_steps_since_each_shards_last_load_or_retrieve():
 
     def train(n: int) -> None:
         for step in range(n):
-            graph.train_step(graph.random_batch(rng), harness.random_targets(rng, graph.emb), step)
+            graph.train_step(graph.random_batch(rng), random_targets(rng, graph.emb), step)
 
     try:
         graph.run_init()
@@ -232,12 +242,12 @@ def test_info_counts_the_steps_since_each_shards_last_load_or_retrieve():
 
 
 def test_second_session_retrieves_what_the_first_trained():
-    graph = harness.EmbeddingGraph(
-        three_tables(), harness.four_features(), optimization_parameters=ADAM, num_hosts=3,
+    graph = EmbeddingGraph(
+        three_tables(), four_features(), optimization_parameters=ADAM, num_hosts=3,
         weighted=WEIGHTED,
     )
     try:
-        model = harness.train_and_compare(graph, steps=2)
+        model = assert_trains_like_numpy(graph, steps=2)
         graph.session.close()
         graph.session = tf.compat.v1.Session(graph.target, graph=graph.graph)
         graph.run_init()  # only the engine still holds the trained tables
@@ -250,11 +260,13 @@ def test_second_session_retrieves_what_the_first_trained():
 
 
 def test_reset_then_another_config_in_the_same_process():
-    train(steps=2, num_hosts=1)
+    assert_graph_trains_like_numpy(steps=2, num_hosts=1)
     engine.reset()
     tables = {"users": te.TableConfig(vocabulary_size=9, dimension=6, combiner="mean")}
-    train(steps=2, num_hosts=3, tables=tables, features={"user": te.FeatureConfig("users")},
-          weighted=())
+    assert_graph_trains_like_numpy(
+        steps=2, num_hosts=3, tables=tables, features={"user": te.FeatureConfig("users")},
+        weighted=(),
+    )
 
 
 @pytest.mark.slow
@@ -283,7 +295,7 @@ def test_long_run_three_hosts_two_cores_mod():
         "friends": te.FeatureConfig("users"),
         "item": te.FeatureConfig("items"),
     }
-    train(
+    assert_graph_trains_like_numpy(
         steps=150, num_hosts=3, cores_per_host=2, partition_strategy="mod", tables=tables,
         features=features, weighted=("friends",), batch_size_per_core=64,
     )

@@ -14,7 +14,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tensorflow as tf
-import tpu_embedding_harness as harness
+from harness_cluster import LOCAL_JOB, core_device
+from harness_graph import EmbeddingGraph, assert_trains_like_numpy
+from harness_numpy_model import (
+    NumpyModel,
+    Slots,
+    assert_state_equal,
+    constant_learning_rate,
+    random_state,
+    random_targets,
+)
 from tensorflow.core.protobuf.tpu import tpu_embedding_configuration_pb2 as cfg_pb2
 from tensorflow.python.tpu import tpu, tpu_function, tpu_optimizer
 from tensorflow.python.tpu import tpu_embedding as te
@@ -52,12 +61,12 @@ def features() -> dict[str, te.FeatureConfig]:
     }
 
 
-def graph(**kwargs) -> harness.EmbeddingGraph:
+def graph(**kwargs) -> EmbeddingGraph:
     kwargs.setdefault("optimization_parameters", ADAM)
-    return harness.EmbeddingGraph(tables(), features(), local=True, **kwargs)
+    return EmbeddingGraph(tables(), features(), local=True, **kwargs)
 
 
-def op_types(g: harness.EmbeddingGraph) -> set[str]:
+def op_types(g: EmbeddingGraph) -> set[str]:
     return {op.type for op in g.graph.get_operations()}
 
 
@@ -72,19 +81,19 @@ def test_dummy_table_variables_train_as_tf_gradients_do():
         g = graph(dummy_table_variables=dummy)
         try:
             assert ("TPUEmbeddingActivations" in op_types(g)) == dummy
-            start = harness.random_state(g.emb, seed=5)
+            start = random_state(g.emb, seed=5)
 
-            def initialize(g: harness.EmbeddingGraph, start=start) -> None:
+            def initialize(g: EmbeddingGraph, start=start) -> None:
                 g.run_init()  # the dummy variables too
                 g.write(start)
 
-            harness.train_and_compare(g, steps=3, seed=9, initialize=initialize)
+            assert_trains_like_numpy(g, steps=3, seed=9, initialize=initialize)
             results.append(g.retrieve())
         finally:
             g.close()
     plain, captured = results
     # The same steps, bit for bit: the captured gradients are tf.gradients'.
-    harness.assert_state_equal(captured, plain)
+    assert_state_equal(captured, plain)
     assert not np.array_equal(captured["users"].w, start["users"].w)
 
 
@@ -167,7 +176,7 @@ def test_cross_replica_sum_bad_group_assignment(groups):
 def test_inference_graph_restores_a_trained_checkpoint_and_looks_it_up(tmp_path):
     trainer = graph()
     try:
-        harness.train_and_compare(trainer, steps=2, seed=3)
+        assert_trains_like_numpy(trainer, steps=2, seed=3)
         trained = trainer.retrieve()
         path = trainer.save(str(tmp_path / "model"))
     finally:
@@ -183,8 +192,8 @@ def test_inference_graph_restores_a_trained_checkpoint_and_looks_it_up(tmp_path)
         # the INFERENCE configuration replaces the TRAINING one.
         server.load()
         rng = np.random.default_rng(4)
-        model = harness.NumpyModel(
-            server.emb, {t: harness.Slots(s.w, s.m, s.v) for t, s in trained.items()}
+        model = NumpyModel(
+            server.emb, {t: Slots(s.w, s.m, s.v) for t, s in trained.items()}
         )
         for _ in range(2):
             batch = server.random_batch(rng)
@@ -196,7 +205,7 @@ def test_inference_graph_restores_a_trained_checkpoint_and_looks_it_up(tmp_path)
         for t, table in server.read_tables().items():
             np.testing.assert_array_equal(table, trained[t].w)
 
-        with server.graph.as_default(), tf.device(harness.core_device(0, 0, harness.LOCAL_JOB)):
+        with server.graph.as_default(), tf.device(core_device(0, 0, LOCAL_JOB)):
             zeros = [tf.zeros(a.shape) for a in server.activations[0].values()]
             send = tpu_ops.send_tpu_embedding_gradients(inputs=zeros, config="")
         server.enqueue(server.random_batch(rng))
@@ -218,7 +227,7 @@ def test_inference_graph_restores_a_trained_checkpoint_and_looks_it_up(tmp_path)
     trainer = graph()
     try:
         trainer.restore(path)
-        harness.train_and_compare(trainer, steps=1, seed=6, initialize=lambda g: None)
+        assert_trains_like_numpy(trainer, steps=1, seed=6, initialize=lambda g: None)
     finally:
         trainer.close()
 
@@ -275,7 +284,7 @@ def test_initialize_system_load_train_retrieve_shutdown():
         topology = Topology(serialized=g.session.run(init))
         assert (topology.num_tasks, topology.num_tpus_per_task) == (1, 1)
         assert engine.info()["configured"]
-        harness.train_and_compare(g, steps=2, seed=1)
+        assert_trains_like_numpy(g, steps=2, seed=1)
         g.session.run(shutdown)
         assert not engine.info()["configured"]
     finally:
@@ -320,18 +329,18 @@ def test_send_trains_when_tf_prunes_recv_from_a_linear_loss():
         ops_needed = {n.op for n in needed.node}
         assert "SendTPUEmbeddingGradients" in ops_needed
         assert "RecvTPUEmbeddingActivations" not in ops_needed
-        start = harness.random_state(g.emb, seed=2)
+        start = random_state(g.emb, seed=2)
         g.write(start)
         g.load()
-        model = harness.NumpyModel(g.emb, start, linear_loss=True)
-        rates = {t: harness.constant_learning_rate(g.emb, t) for t in g.tables}
+        model = NumpyModel(g.emb, start, linear_loss=True)
+        rates = {t: constant_learning_rate(g.emb, t) for t in g.tables}
         rng = np.random.default_rng(8)
         for step in range(1, 4):
             batch = g.random_batch(rng)
-            targets = harness.random_targets(rng, g.emb)
+            targets = random_targets(rng, g.emb)
             g.send_step(batch, targets, step)
             assert engine.info()["queued_batches"] == 0
             model.step(batch, targets, rates)
-        harness.assert_state_equal(g.retrieve(), model.state)
+        assert_state_equal(g.retrieve(), model.state)
     finally:
         g.close()

@@ -1,7 +1,7 @@
 r"""A deterministic training process for the kill-and-resume and soak tests.
 
 TF's v1 `TPUEmbedding` graph on CPU (one host, one core, `/job:localhost`,
-`tpu_embedding_harness.EmbeddingGraph(local=True)`), trained through the
+`harness_graph.EmbeddingGraph(local=True)`), trained through the
 software engine. The data of step `s` (ids, sample indices, targets) depend
 only on `s`, so any run that reaches step `s` from the same state holds the
 same tables.
@@ -38,7 +38,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
-import tpu_embedding_harness as harness  # noqa: E402
+from harness_graph import EmbeddingGraph  # noqa: E402
+from harness_numpy_model import Batch, random_targets  # noqa: E402
 from tensorflow.python.checkpoint import checkpoint_management  # noqa: E402
 from tensorflow.python.tpu import tpu_embedding as te  # noqa: E402
 
@@ -56,17 +57,17 @@ PARAMS = te.AdamParameters(learning_rate=0.05, clip_gradient_max=5.0,
                            clip_gradient_min=-5.0, weight_decay_factor=1e-3)
 
 
-def make_graph(batch_size_per_core: int = 16) -> harness.EmbeddingGraph:
-    return harness.EmbeddingGraph(
+def make_graph(batch_size_per_core: int = 16) -> EmbeddingGraph:
+    return EmbeddingGraph(
         TABLES, FEATURES, batch_size_per_core=batch_size_per_core,
         optimization_parameters=PARAMS, local=True, weighted=("item",),
     )
 
 
-def step_data(graph: harness.EmbeddingGraph, step: int) -> tuple[harness.Batch, list]:
+def step_data(graph: EmbeddingGraph, step: int) -> tuple[Batch, list]:
     """The batch and targets of `step`: a function of the step index only."""
     rng = np.random.default_rng([7, step])
-    return graph.random_batch(rng), harness.random_targets(rng, graph.emb)
+    return graph.random_batch(rng), random_targets(rng, graph.emb)
 
 
 def latest_step(ckpt_dir: str) -> tuple[str | None, int]:
@@ -78,7 +79,7 @@ def latest_step(ckpt_dir: str) -> tuple[str | None, int]:
     return path, int(match.group(1))
 
 
-def dump(graph: harness.EmbeddingGraph, path: str) -> None:
+def dump(graph: EmbeddingGraph, path: str) -> None:
     state = graph.retrieve()
     arrays = {f"{t}/{k}": getattr(s, k) for t, s in state.items() for k in "wmv"}
     tmp = path + ".tmp.npz"

@@ -1,7 +1,7 @@
 """Shared helpers of the TPUEstimator tests: models, inputs and the numpy oracle.
 
 A model here regresses every embedding activation onto a target
-(loss 0.5*|act - target|^2, as `tests/engine/tpu_embedding_harness.NumpyModel`
+(loss 0.5*|act - target|^2, as `tests/engine/harness_numpy_model.NumpyModel`
 computes it) plus a dense bias trained by the model_fn's own optimizer, so a
 test can replay each step in numpy: the activations TF backpropagated from
 are fetched by a hook in the same `Session.run` as the step.
@@ -23,7 +23,7 @@ import tpu_embed_adam
 from tpu_embed_adam.estimator import TPUEstimator
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "engine"))
-from tpu_embedding_harness import (  # noqa: E402
+from harness_numpy_model import (  # noqa: E402
     Batch,
     FeatureInput,
     NumpyModel,

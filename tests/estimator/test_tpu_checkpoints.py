@@ -21,9 +21,9 @@ from estimator_harness import (
     replay,
     spec_of,
 )
+from harness_cluster import cluster
 from tensorflow.python.tpu import tpu_embedding, tpu_function
 from tensorflow_estimator.python.estimator.tpu import _tpu_estimator_embedding as tf_tpu_est_emb
-from tpu_embedding_harness import cluster
 
 NUM_HOSTS = 2
 
