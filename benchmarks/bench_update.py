@@ -51,8 +51,10 @@ import ratio_plot  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 
-from tpu_embed_adam import reference  # noqa: E402
-from tpu_embed_adam.ops import loader  # noqa: E402
+from tpu_embed_adam import (
+    _library,  # noqa: E402
+    reference,  # noqa: E402
+)
 from tpu_embed_adam.ops.fused import fused_apply_adam  # noqa: E402
 from tpu_embed_adam.params import AdamParameters  # noqa: E402
 
@@ -141,8 +143,8 @@ def _variables(p: Problem) -> tuple[tf.Variable, tf.Variable, tf.Variable]:
 
 
 def _fused(p: Problem) -> Callable[[], Any]:
-    if loader.load_library() is None:
-        raise Skip(f"kernel library not loaded: {loader.load_error()}")
+    if _library.load_library() is None:
+        raise Skip(f"kernel library not loaded: {_library.load_error()}")
     var, m, v = _variables(p)
     ids, grads = tf.constant(p.ids), tf.constant(p.grads)
     return _in_function(lambda: fused_apply_adam(var, m, v, ids, grads, p.params))

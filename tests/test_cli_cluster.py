@@ -14,15 +14,14 @@ import threading
 import pytest
 import tensorflow as tf
 
-from tpu_embed_adam import cli, engine
+from tpu_embed_adam import _library, cli, engine
 from tpu_embed_adam.cluster import MAX_LOCAL_HOSTS
-from tpu_embed_adam.ops import loader
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "cluster"))
 from processes import alive, wait_until_gone  # noqa: E402
 
 needs_kernels = pytest.mark.skipif(
-    loader.load_library() is None, reason="kernel library not built: workers refuse to start"
+    _library.load_library() is None, reason="kernel library not built: workers refuse to start"
 )
 
 

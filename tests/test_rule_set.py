@@ -21,14 +21,13 @@ import tensorflow as tf
 from tensorflow.core.protobuf.tpu import optimization_parameters_pb2 as opt_pb2
 from tensorflow.core.protobuf.tpu import tpu_embedding_configuration_pb2 as cfg_pb2
 
-from tpu_embed_adam import AdamParameters, engine, estimator, reference
-from tpu_embed_adam.ops import loader
+from tpu_embed_adam import AdamParameters, _library, engine, estimator, reference
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 import fuzz_targets  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
-    loader.load_library() is None, reason="kernel library not built"
+    _library.load_library() is None, reason="kernel library not built"
 )
 
 _ARGUMENT = re.compile(r"Arguments? `([^`]+)`")
@@ -74,7 +73,7 @@ def _fused_verdict(data: bytes) -> str | None:
     """The same for the fused op's `optimization_parameters` attribute."""
     variables = [tf.Variable(tf.zeros([4, 2])) for _ in range(3)]
     try:
-        loader.load_library().tpu_embed_adam_apply(
+        _library.load_library().tpu_embed_adam_apply(
             var=variables[0].handle, m=variables[1].handle, v=variables[2].handle,
             ids=np.array([1], np.int64), grads=np.ones([1, 2], np.float32),
             learning_rate=np.float32(0.1), optimization_parameters=data,

@@ -41,18 +41,15 @@ def _check_bazel_package() -> None:
         elif "/bazel-out/" not in os.path.realpath(path):
             errors.append(f"{label} is not Bazel's output: {os.path.realpath(path)}")
     # The loader must pick the runfiles library, not a `make lib` one in the source
-    # tree (e.g. if it resolved the symlinked loader.py to the source tree).
-    try:
-        from tpu_embed_adam.ops import loader
-    except ImportError:
-        loader = None
-    if loader is not None and hasattr(loader, "library_candidates"):
-        candidates = [str(p) for p in loader.library_candidates()]
-        if not candidates or os.path.abspath(candidates[0]) != so:
-            errors.append(
-                f"ops/loader.py would load {candidates[:1] or 'nothing'}, not {so}"
-                " (does it resolve() its own symlinked path into the source tree?)"
-            )
+    # tree (e.g. if it resolved the symlinked _library.py to the source tree).
+    from tpu_embed_adam import _library
+
+    candidates = [str(p) for p in _library.library_candidates()]
+    if not candidates or os.path.abspath(candidates[0]) != so:
+        errors.append(
+            f"_library.py would load {candidates[:1] or 'nothing'}, not {so}"
+            " (does it resolve() its own symlinked path into the source tree?)"
+        )
     print(f"pytest_main: tpu_embed_adam from {tpu_embed_adam.__file__}")
     print(f"pytest_main: optimization_parameters_pb2 -> {os.path.realpath(pb2.__file__)}")
     print(f"pytest_main: kernel library -> {os.path.realpath(so)}")

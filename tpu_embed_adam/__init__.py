@@ -15,8 +15,7 @@ the why, and how to turn it off); that is the one change it makes to TF's
 Python API. `install()` makes the others.
 """
 
-from tpu_embed_adam import cluster, engine, optimization_parameters_pb2, tf2
-from tpu_embed_adam.ops import loader
+from tpu_embed_adam import _library, cluster, engine, optimization_parameters_pb2, tf2
 from tpu_embed_adam.ops.apply import apply_adam
 from tpu_embed_adam.params import AdamParameters, DynamicLearningRate
 from tpu_embed_adam.patch import install, installed, uninstall
@@ -40,5 +39,5 @@ __all__ = [
 
 __version__ = "0.1.0"
 
-if loader.load_library() is not None:
+if _library.load_library() is not None:
     engine.warn_unretrieved_saves()

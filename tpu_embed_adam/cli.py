@@ -174,14 +174,14 @@ def _inspect(args: argparse.Namespace) -> str:
 
 def _info(args: argparse.Namespace) -> str:
     import tpu_embed_adam
-    from tpu_embed_adam.ops import loader
+    from tpu_embed_adam import _library
 
     lines = [f"tpu_embed_adam {tpu_embed_adam.__version__}"]
-    library = loader.load_library()
+    library = _library.load_library()
     lines.append(
         "kernel library: loaded"
         if library is not None
-        else f"kernel library: not loaded ({loader.load_error()}); pure-TF path only"
+        else f"kernel library: not loaded ({_library.load_error()}); pure-TF path only"
     )
     if library is not None:
         tpu_ops, own_ops = _registered_cpu_kernels()

@@ -20,16 +20,15 @@ import pytest
 import tensorflow as tf
 from processes import wait_until_gone
 
-from tpu_embed_adam import engine
+from tpu_embed_adam import _library, engine
 from tpu_embed_adam.cluster import LocalCluster
-from tpu_embed_adam.ops import loader
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # The program must end this soon after the kill (measured: ~2 s; TF's
 # reconnect to the address is the larger part).
 END_WITHIN_S = 15.0
 needs_kernels = pytest.mark.skipif(
-    loader.load_library() is None, reason="kernel library not built: workers refuse to start"
+    _library.load_library() is None, reason="kernel library not built: workers refuse to start"
 )
 
 

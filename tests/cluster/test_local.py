@@ -22,9 +22,8 @@ import pytest
 import tensorflow as tf
 from processes import alive, wait_until_gone
 
-from tpu_embed_adam import engine
+from tpu_embed_adam import _library, engine
 from tpu_embed_adam.cluster import MAX_CORES_PER_HOST, MAX_LOCAL_HOSTS, LocalCluster
-from tpu_embed_adam.ops import loader
 
 HOSTS, CORES = 3, 2
 # Every session on a cluster bounds its blocking calls (LocalCluster's docstring).
@@ -33,7 +32,7 @@ TIMEOUT_MS = 30_000
 DEAD_WORKER_ERROR_S = 5.0
 # A worker without the kernel library refuses to start.
 needs_kernels = pytest.mark.skipif(
-    loader.load_library() is None, reason="kernel library not built"
+    _library.load_library() is None, reason="kernel library not built"
 )
 
 

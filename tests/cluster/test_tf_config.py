@@ -19,12 +19,11 @@ import threading
 import pytest
 import tensorflow as tf
 
-from tpu_embed_adam import cli, engine
+from tpu_embed_adam import _library, cli, engine
 from tpu_embed_adam.cluster import LocalCluster, run_worker, worker_task_from_tf_config
-from tpu_embed_adam.ops import loader
 
 needs_kernels = pytest.mark.skipif(
-    loader.load_library() is None, reason="kernel library not built: workers refuse to start"
+    _library.load_library() is None, reason="kernel library not built: workers refuse to start"
 )
 
 CLUSTER = {"chief": ["chief-0:2222"], "worker": ["worker-0:2222", "worker-1:2222"]}

@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 from harness_raw_ops import adam_params, embedding_config, load_all, random_slots
 
-from tpu_embed_adam import engine
-from tpu_embed_adam.ops import loader
+from tpu_embed_adam import _library, engine
 
 
 def _raw_op_test(path) -> bool:
@@ -19,7 +18,7 @@ def _raw_op_test(path) -> bool:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    if loader.load_library() is None:
+    if _library.load_library() is None:
         for item in items:
             if _raw_op_test(item.path):
                 item.add_marker(pytest.mark.skip(reason="kernel library not built"))

@@ -14,11 +14,11 @@ import sys
 
 import pytest
 
-from tpu_embed_adam.ops import loader
+from tpu_embed_adam import _library
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-pytestmark = pytest.mark.skipif(loader.load_library() is None, reason="kernel library not built")
+pytestmark = pytest.mark.skipif(_library.load_library() is None, reason="kernel library not built")
 
 
 @pytest.fixture(scope="module")

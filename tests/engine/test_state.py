@@ -15,10 +15,9 @@ import pytest
 import tensorflow as tf
 from harness_raw_ops import adam_params, embedding_config
 
-from tpu_embed_adam import engine
-from tpu_embed_adam.ops import loader
+from tpu_embed_adam import _library, engine
 
-pytestmark = pytest.mark.skipif(loader.load_library() is None, reason="kernel library not built")
+pytestmark = pytest.mark.skipif(_library.load_library() is None, reason="kernel library not built")
 
 CONFIG = embedding_config([("a", 10, 4, adam_params())], [(0, [2])])
 

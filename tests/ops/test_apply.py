@@ -6,7 +6,8 @@ import tensorflow as tf
 from _ops_helpers import assert_state_close, assert_state_equal, random_state
 from tensorflow.python.ops import variables as variables_lib
 
-from tpu_embed_adam.ops import apply, loader, options
+from tpu_embed_adam import _library
+from tpu_embed_adam.ops import apply, options
 from tpu_embed_adam.ops.apply import apply_adam
 from tpu_embed_adam.params import AdamParameters, DynamicLearningRate
 from tpu_embed_adam.reference import adam_update
@@ -25,8 +26,8 @@ def _fresh_options(monkeypatch):
 @pytest.fixture(params=["tf", "fused"])
 def implementation(request):
     """Runs a test on both implementations; the fused one only where it is built."""
-    if request.param == "fused" and loader.load_library() is None:
-        pytest.skip(f"fused kernel library not loaded: {loader.load_error()}")
+    if request.param == "fused" and _library.load_library() is None:
+        pytest.skip(f"fused kernel library not loaded: {_library.load_error()}")
     return request.param
 
 
@@ -179,13 +180,13 @@ def spies(monkeypatch):
 
 @pytest.fixture
 def no_library(monkeypatch):
-    monkeypatch.setattr(loader, "load_library", lambda: None)
-    monkeypatch.setattr(loader, "load_error", lambda: "no .so in the test")
+    monkeypatch.setattr(_library, "load_library", lambda: None)
+    monkeypatch.setattr(_library, "load_error", lambda: "no .so in the test")
 
 
 @pytest.fixture
 def fake_library(monkeypatch):
-    monkeypatch.setattr(loader, "load_library", lambda: object())
+    monkeypatch.setattr(_library, "load_library", lambda: object())
 
 
 def _call(implementation="auto", variables=None, **kwargs):
@@ -391,8 +392,8 @@ _BAD_INPUTS = {
 @pytest.mark.parametrize("implementation", ["auto", "fused", "tf"])
 @pytest.mark.parametrize("case", list(_BAD_INPUTS), ids=list(_BAD_INPUTS))
 def test_bad_input_same_error_on_every_implementation(implementation, case):
-    if implementation == "fused" and loader.load_library() is None:
-        pytest.skip(f"fused kernel library not loaded: {loader.load_error()}")
+    if implementation == "fused" and _library.load_library() is None:
+        pytest.skip(f"fused kernel library not loaded: {_library.load_error()}")
     build, error, pattern = _BAD_INPUTS[case]
     state = _state(9)
     variables = _variables(state)

@@ -19,14 +19,14 @@ from _ops_helpers import (
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tpu_embed_adam.ops import loader
+from tpu_embed_adam import _library
 from tpu_embed_adam.ops.apply import apply_adam
 from tpu_embed_adam.ops.fused import fused_apply_adam
 from tpu_embed_adam.params import AdamParameters
 from tpu_embed_adam.reference import adam_update, bias_corrected_learning_rate
 
 pytestmark = pytest.mark.skipif(
-    loader.load_library() is None, reason=f"kernel library not built: {loader.load_error()}"
+    _library.load_library() is None, reason=f"kernel library not built: {_library.load_error()}"
 )
 
 
@@ -336,7 +336,7 @@ def test_static_shape_errors_in_tf_function():
 
 
 def _raw_apply(variables, optimization_parameters: bytes):
-    return loader.load_library().tpu_embed_adam_apply(
+    return _library.load_library().tpu_embed_adam_apply(
         var=variables[0].handle, m=variables[1].handle, v=variables[2].handle,
         ids=np.array([1], np.int64), grads=np.ones([1, _DIM], np.float32),
         learning_rate=np.float32(0.1), optimization_parameters=optimization_parameters,

@@ -20,9 +20,9 @@ from typing import Any
 import tensorflow as tf
 from absl import logging
 
+from tpu_embed_adam import _library
 from tpu_embed_adam.cluster._checks import check_int
 from tpu_embed_adam.cluster._tf_config import as_cluster_spec_input
-from tpu_embed_adam.ops import loader
 
 __all__ = [
     "JOB",
@@ -196,9 +196,9 @@ def run_worker(
     spec = _as_cluster_spec(cluster_spec)
     task = check_int("task", task, 0, spec.num_tasks(JOB) - 1)
     cores_per_host = check_int("cores_per_host", cores_per_host, 1, MAX_CORES_PER_HOST)
-    if loader.load_library() is None:
+    if _library.load_library() is None:
         raise RuntimeError(
-            f"the tpu_embed_adam kernel library did not load ({loader.load_error()}): this "
+            f"the tpu_embed_adam kernel library did not load ({_library.load_error()}): this "
             "worker would serve no TPU embedding op; build it with `make lib`."
         )
     _check_port(task, spec.task_address(JOB, task))

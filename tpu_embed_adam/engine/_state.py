@@ -17,7 +17,7 @@ from typing import Any
 
 import tensorflow as tf
 
-from tpu_embed_adam.ops import loader
+from tpu_embed_adam import _library
 
 __all__ = ["info", "reset", "tables"]
 
@@ -33,11 +33,11 @@ def library() -> Any:
     Raises:
       RuntimeError: it did not load.
     """
-    module = loader.load_library()
+    module = _library.load_library()
     if module is None:
         raise RuntimeError(
             "the tpu_embed_adam kernel library did not load "
-            f"({loader.load_error()}); build it with `make lib`."
+            f"({_library.load_error()}); build it with `make lib`."
         )
     return module
 

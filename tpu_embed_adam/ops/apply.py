@@ -13,7 +13,8 @@ import tensorflow as tf
 from tensorflow.python.ops import control_flow_util, resource_variable_ops
 from tensorflow.python.ops import variables as variables_lib
 
-from tpu_embed_adam.ops import fused, loader, options
+from tpu_embed_adam import _library
+from tpu_embed_adam.ops import fused, options
 from tpu_embed_adam.ops._rate import learning_rate_tensor
 from tpu_embed_adam.ops.tf_path import tf_apply_adam
 from tpu_embed_adam.params import as_adam_parameters
@@ -113,8 +114,8 @@ def _fallback_reason(var: Any, m: Any, v: Any) -> str | None:
         return (
             f"the custom kernel is disabled ({options.DISABLE_ENV_VAR} or disable_custom_kernel())"
         )
-    if loader.load_library() is None:
-        return f"the kernel library did not load: {loader.load_error()}"
+    if _library.load_library() is None:
+        return f"the kernel library did not load: {_library.load_error()}"
     if control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()):
         return "inside an XLA-compiled function (the fused op has no XLA kernel)"
     # The kernel updates all three in place on the CPU: one that is a ref
@@ -207,10 +208,10 @@ def apply_adam(
     params = as_adam_parameters(params)
     learning_rate = learning_rate_tensor(params, learning_rate)
     ids, grads = _validated(var, m, v, *_split_gradient(ids, grads))
-    if implementation == "fused" and loader.load_library() is None:
+    if implementation == "fused" and _library.load_library() is None:
         raise RuntimeError(
             "implementation='fused' needs the kernel library, which did not load: "
-            f"{loader.load_error()}. Build it with `make lib`, or pass "
+            f"{_library.load_error()}. Build it with `make lib`, or pass "
             "implementation='auto' or 'tf'."
         )
     if implementation == "auto":

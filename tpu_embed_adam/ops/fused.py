@@ -16,7 +16,7 @@ from typing import Any
 import tensorflow as tf
 from tensorflow.python.ops import resource_variable_ops
 
-from tpu_embed_adam.ops import loader
+from tpu_embed_adam import _library
 from tpu_embed_adam.ops._rate import resolved_learning_rate
 
 __all__ = ["fused_apply_adam"]
@@ -80,11 +80,11 @@ def fused_apply_adam(
         shape mismatches, ids outside [0, rows), aliased variables, or
         non-finite values with `check_numerics`.
     """
-    library = loader.load_library()
+    library = _library.load_library()
     if library is None:
         raise RuntimeError(
             "The fused TpuEmbedAdamApply kernel is not available: "
-            f"{loader.load_error()}. Build it with `make lib`, or use "
+            f"{_library.load_error()}. Build it with `make lib`, or use "
             "tpu_embed_adam.apply_adam(..., implementation='tf')."
         )
     handles = [_resource(name, x) for name, x in (("var", var), ("m", m), ("v", v))]

@@ -15,7 +15,7 @@ from absl import logging
 
 __all__ = ["library_candidates", "load_error", "load_library"]
 
-_PACKAGE_DIR = pathlib.Path(__file__).absolute().parent.parent
+_PACKAGE_DIR = pathlib.Path(__file__).absolute().parent
 _LIBRARY_NAME = "_tpu_embed_adam_ops"
 
 _lock = threading.Lock()
