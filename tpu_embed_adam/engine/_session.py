@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import tensorflow as tf
+from tensorflow.python.ops import resource_variable_ops
 from tensorflow.python.tpu import tpu_embedding
 from tensorflow.python.tpu.ops import tpu_ops
 
@@ -83,7 +84,9 @@ def retrieve_touched_ops(variables_and_ops: tpu_embedding.VariablesAndOps) -> li
     Where `retrieve_ops()` copies every table whole, each of these ops takes
     from the engine the rows of one shard that steps changed since that
     shard's last load or retrieve (every row once a non-lazy Adam step ran)
-    and scatters them, with both Adam slots, into the shard's variables.
+    and writes them, with both Adam slots, into the shard's variables:
+    straight into the buffers of resource variables, in parallel
+    (`TpuEmbedAdamRetrieveTouchedInto`), through a scatter for reference ones.
     After it the variables equal the engine's tables, as after
     `retrieve_ops()`, at a cost that follows the rows trained: what a
     TPUEstimator train op does after every loop. Tables without Adam slots
@@ -101,7 +104,17 @@ def retrieve_touched_ops(variables_and_ops: tpu_embedding.VariablesAndOps) -> li
         if not isinstance(slots, tpu_embedding.AdamSlotVariables):
             continue
         for shard, (w, m, v) in enumerate(zip(parts, slots.m, slots.v, strict=True)):
+            name = f"tpu_embed_adam_retrieve_touched_{shard}"
             with tf.compat.v1.colocate_with(w):
+                if all(isinstance(var, resource_variable_ops.BaseResourceVariable)
+                       for var in (w, m, v)):
+                    # The engine writes the rows into the variables' buffers:
+                    # no rows in between and no scatter.
+                    ops.append(library().tpu_embed_adam_retrieve_touched_into(
+                        w.handle, m.handle, v.handle, table_name=table,
+                        num_shards=len(parts), shard_id=shard, name=name))
+                    continue
+                # Reference variables (TF1 without resource variables).
                 ids, *rows = library().tpu_embed_adam_retrieve_touched(
                     table_name=table, num_shards=len(parts), shard_id=shard
                 )
@@ -111,7 +124,7 @@ def retrieve_touched_ops(variables_and_ops: tpu_embedding.VariablesAndOps) -> li
                             tf.compat.v1.scatter_update(var, ids, values)
                             for var, values in zip((w, m, v), rows, strict=True)
                         ),
-                        name=f"tpu_embed_adam_retrieve_touched_{shard}",
+                        name=name,
                     )
                 )
     return ops

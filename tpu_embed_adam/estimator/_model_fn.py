@@ -148,7 +148,9 @@ def engine_model_fn(
     emb = embedding_config.get_tpu_embedding(mode)
     embedding_config.tpu_embedding = emb
     features = dict(features)
-    batch = _batch_of(features, emb, "train_batch_size" if training else "eval_batch_size")
+    batch, static_batch = _batch_of(
+        features, emb, "train_batch_size" if training else "eval_batch_size"
+    )
     # The step's learning rates read the global step before this step's
     # update increments it.
     global_step = tf.compat.v1.train.get_or_create_global_step()
@@ -177,8 +179,11 @@ def engine_model_fn(
         )
     # The engine's batch is the configured one; a smaller batch is padded
     # with empty samples, which the model never sees (and whose gradients
-    # are zero).
-    features.update({name: value[:batch] for name, value in activations.items()})
+    # are zero). A batch known to be whole is not sliced: the slice would
+    # copy every activation, and its gradient copy them back.
+    if static_batch != emb.batch_size_per_core:
+        activations = {name: value[:batch] for name, value in activations.items()}
+    features.update(activations)
 
     # The columns read the activations in TPU mode. Every op of the model_fn
     # waits for the step's read of the global step, so that its increment
@@ -242,8 +247,12 @@ def _refresh_after_each_loop(variables_and_ops: Any, step: tf.Tensor, config: An
     return tf.cond(loop_ends, refresh, tf.no_op, name="tpu_embed_adam_refresh_tables")
 
 
-def _batch_of(features: dict[str, Any], emb: Any, argument: str) -> Any:
+def _batch_of(features: dict[str, Any], emb: Any, argument: str) -> tuple[Any, int | None]:
     """The batch size of this step's inputs, from the first embedding feature.
+
+    Returns:
+      The batch size as a scalar int64 tensor, and as an int where the
+      feature's shape gives it statically (else None).
 
     Raises:
       ValueError: an embedding feature is missing or neither a SparseTensor
@@ -270,8 +279,8 @@ def _batch_of(features: dict[str, Any], emb: Any, argument: str) -> Any:
             f"gives batches of {static}."
         )
     if isinstance(feature, tf.sparse.SparseTensor):
-        return feature.dense_shape[0]
-    return tf.shape(feature, out_type=tf.int64)[0]
+        return feature.dense_shape[0], static
+    return tf.shape(feature, out_type=tf.int64)[0], static
 
 
 def _use_retrieving_saver(hook: EngineSessionHook, retrieve_ops: list[Any], config: Any) -> None:

@@ -585,6 +585,22 @@ void ApplySparseAdam(const AdamConfig& cfg, float lr, const TableShard& shard,
   });
 }
 
+void ApplySparseAdamToSums(const AdamConfig& cfg, float lr,
+                           const TableShard& shard, const int64_t* ids,
+                           const float* sums, int64_t n,
+                           const ParallelFor& parallel_for) {
+  const Consts<float> c = MakeConsts(cfg, lr);
+  const int64_t dim = shard.dim;
+  if (dim == 0 || n == 0) return;
+  // About 20 cycles per float: three rows read and written at random.
+  parallel_for(n, 20 * dim, [&](int64_t u0, int64_t u1) {
+    ForEachGroupRow(shard, ids, u0, u1,
+                    [&](int64_t u, float* w, float* m, float* v) {
+                      StepSpan<true>(c, sums + u * dim, w, m, v, dim);
+                    });
+  });
+}
+
 template int64_t FindOutOfRange<int32_t>(const int32_t*, int64_t, int64_t);
 template int64_t FindOutOfRange<int64_t>(const int64_t*, int64_t, int64_t);
 template void ApplySparseAdam<int32_t>(const AdamConfig&, float,

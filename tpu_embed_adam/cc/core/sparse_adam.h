@@ -68,6 +68,18 @@ void ApplySparseAdam(const AdamConfig& cfg, float lr, const TableShard& shard,
                      const Index* ids, const float* grads, int64_t n,
                      const ParallelFor& parallel_for);
 
+// ApplySparseAdam, lazy with gradient accumulation, for `n` distinct ids
+// whose gradient rows are already summed: row i is the sum from +0 of id
+// i's gradients, as the engine's accumulator forms it, so never -0 and
+// never a signalling NaN. ApplySparseAdam's own sum, 0 + row, is then the
+// row itself, and the result is ApplySparseAdam's bit for bit, without its
+// grouping and its one-thread pass over the gradients: the rows are stepped
+// in parallel.
+void ApplySparseAdamToSums(const AdamConfig& cfg, float lr,
+                           const TableShard& shard, const int64_t* ids,
+                           const float* sums, int64_t n,
+                           const ParallelFor& parallel_for);
+
 }  // namespace tpu_embed_adam
 
 #endif  // TPU_EMBED_ADAM_CC_CORE_SPARSE_ADAM_H_

@@ -28,8 +28,8 @@ void Accumulator::GrowIndex(size_t rows) {
   }
 }
 
-void Accumulator::Add(int64_t dim, bool accumulate, int64_t local, float scale,
-                      const float* g) {
+std::pair<int64_t, bool> Accumulator::Place(int64_t dim, bool accumulate,
+                                           int64_t local) {
   if (accumulate) {
     if (2 * (ids.size() + 1) > index.size()) GrowIndex(ids.size() + 1);
     const uint64_t mask = index.size() - 1;
@@ -40,27 +40,62 @@ void Accumulator::Add(int64_t dim, bool accumulate, int64_t local, float scale,
         slot = ids.size() + 1;
         break;
       }
-      if (ids[slot - 1] == local) {
-        float* dst = grads.data() + (slot - 1) * dim;
-        for (int64_t j = 0; j < dim; ++j) dst[j] += scale * g[j];
-        return;
-      }
+      if (ids[slot - 1] == local) return {slot - 1, false};
     }
   }
   ids.push_back(local);
-  // Grow by a whole row, then fill: one size check per row, and a loop the
-  // compiler vectorises. `0.0f +` is the sum's start, not a no-op: it turns
-  // -0 into +0 as ApplySparseAdam's sum from zero does.
-  const size_t offset = grads.size();
-  grads.resize(offset + dim);
-  float* dst = grads.data() + offset;
-  for (int64_t j = 0; j < dim; ++j) dst[j] = 0.0f + scale * g[j];
+  // Grow by a whole row: one size check per row.
+  grads.resize(grads.size() + dim);
+  return {static_cast<int64_t>(ids.size()) - 1, true};
+}
+
+void Accumulator::Add(int64_t dim, bool accumulate, int64_t local, float scale,
+                      const float* g) {
+  const auto [row, first] = Place(dim, accumulate, local);
+  float* dst = grads.data() + row * dim;
+  if (first) {
+    // `0.0f +` is the sum's start, not a no-op: it turns -0 into +0 as
+    // ApplySparseAdam's sum from zero does.
+    for (int64_t j = 0; j < dim; ++j) dst[j] = 0.0f + scale * g[j];
+  } else {
+    for (int64_t j = 0; j < dim; ++j) dst[j] += scale * g[j];
+  }
+}
+
+void Accumulator::Queue(int64_t dim, bool accumulate, int64_t local,
+                        float scale, const float* g) {
+  const auto [row, first] = Place(dim, accumulate, local);
+  pending_.push_back({row, g, scale, first});
+}
+
+void Accumulator::Flush(int64_t dim, const ParallelFor& parallel_for) {
+  const int64_t rows = ids.size();
+  const int64_t adds = pending_.size();
+  if (adds == 0) return;
+  // A few row ranges, each worker reading every queued add and doing its
+  // own: rereading the list costs far less than the rows' arithmetic.
+  const int64_t parts = std::min<int64_t>(8, rows / 512 + 1);
+  parallel_for(parts, 4 * dim * adds / parts + adds, [&](int64_t p0,
+                                                        int64_t p1) {
+    const int64_t begin = rows * p0 / parts, end = rows * p1 / parts;
+    for (const Pending& a : pending_) {
+      if (a.row < begin || a.row >= end) continue;
+      float* dst = grads.data() + a.row * dim;
+      if (a.first) {
+        for (int64_t j = 0; j < dim; ++j) dst[j] = 0.0f + a.scale * a.g[j];
+      } else {
+        for (int64_t j = 0; j < dim; ++j) dst[j] += a.scale * a.g[j];
+      }
+    }
+  });
+  pending_.clear();
 }
 
 void Accumulator::Reserve(int64_t more, int64_t dim, bool accumulate) {
   const size_t rows = ids.size() + more;
   ids.reserve(rows);
   grads.reserve(rows * dim);
+  pending_.reserve(pending_.size() + more);
   if (accumulate && 2 * rows > index.size()) GrowIndex(rows);
 }
 
@@ -72,6 +107,7 @@ void Accumulator::Append(const Accumulator& from) {
 void Accumulator::Clear() {
   ids.clear();
   grads.clear();
+  pending_.clear();
   std::fill(index.begin(), index.end(), 0);
 }
 

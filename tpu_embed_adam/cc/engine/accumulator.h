@@ -13,14 +13,39 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <memory>
+#include <utility>
 #include <vector>
+
+#include "tpu_embed_adam/cc/core/sparse_adam.h"
 
 namespace tpu_embed_adam {
 namespace engine {
 
+// An allocator whose resize leaves new floats uninitialised: every row is
+// written whole before it is read, so zeroing it first would only cost a
+// pass over memory.
+template <typename T>
+struct UninitializedAllocator : std::allocator<T> {
+  template <typename U>
+  struct rebind {
+    using other = UninitializedAllocator<U>;
+  };
+  template <typename U>
+  void construct(U* p) {
+    ::new (static_cast<void*>(p)) U;
+  }
+  template <typename U, typename... Args>
+  void construct(U* p, Args&&... args) {
+    ::new (static_cast<void*>(p)) U(std::forward<Args>(args)...);
+  }
+};
+
+using Floats = std::vector<float, UninitializedAllocator<float>>;
+
 struct Accumulator {
   std::vector<int64_t> ids;
-  std::vector<float> grads;  // ids.size() rows of the table's dimension
+  Floats grads;  // ids.size() rows of the table's dimension
   // Open-addressing index of `ids` (1 + position; 0 is an empty slot), a
   // power of two at least twice ids' size; all zeros when empty. Used only
   // with accumulation.
@@ -31,9 +56,17 @@ struct Accumulator {
   // without, every call appends a row.
   void Add(int64_t dim, bool accumulate, int64_t local, float scale,
            const float* g);
-  // Makes room for `more` Add calls (rows of `dim` floats), so that they
-  // allocate nothing: a failed allocation happens here, before any row is
-  // added.
+  // Add in two phases, for a step's many rows: Queue finds or makes the
+  // row of `local` now, in call order, and notes the add; Flush does the
+  // arithmetic of every queued add on the workers of `parallel_for`, each
+  // worker a range of rows with their adds in call order, so every row is
+  // the float Add would make. `g` must stay valid until Flush.
+  void Queue(int64_t dim, bool accumulate, int64_t local, float scale,
+             const float* g);
+  void Flush(int64_t dim, const ParallelFor& parallel_for);
+  // Makes room for `more` Add or Queue calls (rows of `dim` floats), so that
+  // they and Flush allocate nothing: a failed allocation happens here,
+  // before any row is added.
   void Reserve(int64_t more, int64_t dim, bool accumulate);
   // Appends `from`'s rows as rows of their own (the index is not updated:
   // for a list handed to ApplySparseAdam, not for further Adds).
@@ -45,8 +78,22 @@ struct Accumulator {
   }
 
  private:
+  // A queued add: scale * g into row `row`, which it starts (0 + scale * g)
+  // if `first`.
+  struct Pending {
+    int64_t row;
+    const float* g;
+    float scale;
+    bool first;
+  };
+
+  // The row of `local` (appending it if new, or always without
+  // accumulation, its floats not yet written), and whether it is new.
+  std::pair<int64_t, bool> Place(int64_t dim, bool accumulate, int64_t local);
   // Resizes and refills the index for at least `rows` ids.
   void GrowIndex(size_t rows);
+
+  std::vector<Pending> pending_;
 };
 
 }  // namespace engine

@@ -254,7 +254,8 @@ void Engine::WakeWaiters() {
 
 Status Engine::Recv(const std::string& config, int64_t task, int64_t core,
                     const Wait& wait, int num_outputs,
-                    const AllocateOutput& allocate) {
+                    const AllocateOutput& allocate,
+                    const ParallelFor& parallel_for) {
   std::unique_lock<std::mutex> lock(mu_);
   TF_RETURN_IF_ERROR(CheckConfigLocked(config));
   if (num_outputs != static_cast<int>(config_->features.size())) {
@@ -281,7 +282,7 @@ Status Engine::Recv(const std::string& config, int64_t task, int64_t core,
         }
         // Allocated before the batch is taken, so that a failure takes
         // nothing.
-        written.reserve(max_slots);
+        written.resize(max_slots);
         return tensorflow::OkStatus();
       }));
   const std::shared_ptr<const Batch> batch = cores_[CoreKey{task, core}].received;
@@ -295,8 +296,8 @@ Status Engine::Recv(const std::string& config, int64_t task, int64_t core,
     const auto row_of = [&t](const Entry& e) {
       return t.shards[e.shard].w.data() + e.local * t.dim;
     };
-    WriteActivations(batch->features[i], t.dim, sizes[i] / t.dim, row_of,
-                     written, outputs[i]);
+    WriteActivationsParallel(batch->features[i], t.dim, sizes[i] / t.dim,
+                             row_of, written.data(), outputs[i], parallel_for);
   }
   return tensorflow::OkStatus();
 }
@@ -435,13 +436,23 @@ Status Engine::Send(int64_t task, int64_t core,
       lock, "SendTPUEmbeddingGradients", task, core, shapes, wait,
       /*local_rows=*/true,
       [&](const Batch& b) { ReserveSentLocked(b, position); }, &batch));
+  // Each gradient row finds its accumulator row here, in feature and entry
+  // order; the arithmetic then runs in parallel over those rows.
   for (size_t i = 0; i < config_->features.size(); ++i) {
     Table& t = *tables_[config_->features[i].table_id];
     std::lock_guard<std::mutex> table_lock(t.mu);
     const bool accumulate = t.adam.gradient_accumulation;
     for (const Entry& e : batch->features[i]) {
-      t.shards[e.shard].SentBy(position).Add(t.dim, accumulate, e.local,
-                                             e.scale, grads[i] + e.slot * t.dim);
+      t.shards[e.shard].SentBy(position).Queue(
+          t.dim, accumulate, e.local, e.scale, grads[i] + e.slot * t.dim);
+    }
+  }
+  for (const auto& table : tables_) {
+    std::lock_guard<std::mutex> table_lock(table->mu);
+    for (Shard& s : table->shards) {
+      if (s.sent.size() > position) {
+        s.sent[position].Flush(table->dim, parallel_for);
+      }
     }
   }
   sent_.insert(key);

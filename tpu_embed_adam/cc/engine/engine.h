@@ -121,6 +121,13 @@ class Engine {
   tensorflow::Status RetrieveTouched(const ShardRef& ref,
                                      const AllocateTouched& allocate,
                                      const ParallelFor& parallel_for);
+  // As RetrieveTouched, but writes each of those rows straight into its own
+  // row of `into`: NumArrays(table optimizer) arrays of the shard's shape,
+  // the buffers of the variables that Retrieve fills. No rows in between,
+  // and the copies run on the workers of `parallel_for`.
+  tensorflow::Status RetrieveTouchedInto(const ShardRef& ref,
+                                         float* const into[3],
+                                         const ParallelFor& parallel_for);
 
   // Validates every feature of one enqueue op and queues the batch for the
   // core; nothing is queued if any feature is bad. `combiners` holds one
@@ -138,10 +145,12 @@ class Engine {
   // for one), allocates the `num_outputs` outputs through `allocate` and
   // writes the combined activations into them. Shapes, allocation and the
   // pop happen in one hold of the engine's lock, so a concurrent reset
-  // cannot leave buffers sized for another configuration.
+  // cannot leave buffers sized for another configuration. The combine runs
+  // on the workers of `parallel_for`.
   tensorflow::Status Recv(const std::string& config, int64_t task,
                           int64_t core, const Wait& wait, int num_outputs,
-                          const AllocateOutput& allocate);
+                          const AllocateOutput& allocate,
+                          const ParallelFor& parallel_for);
   // Backpropagates `grads` through the batch the core last received into the
   // tables' accumulators; when no core that has not sent in this step still
   // holds a training batch, applies one ApplySparseAdam per table shard.

@@ -83,9 +83,16 @@ void StepShard(const Table& t, float lr, const ParallelFor& parallel_for,
       for (const Accumulator* a : cores) merged.Append(*a);
     }
     const TableShard shard{s.w.data(), s.m.data(), s.v.data(), s.rows, t.dim};
-    ApplySparseAdam<int64_t>(t.adam, lr, shard, rows->ids.data(),
-                             rows->grads.data(), rows->ids.size(),
-                             parallel_for);
+    if (t.adam.lazy && t.adam.gradient_accumulation && cores.size() == 1) {
+      // One core's rows are distinct sums: no grouping needed.
+      ApplySparseAdamToSums(t.adam, lr, shard, rows->ids.data(),
+                            rows->grads.data(), rows->ids.size(),
+                            parallel_for);
+    } else {
+      ApplySparseAdam<int64_t>(t.adam, lr, shard, rows->ids.data(),
+                               rows->grads.data(), rows->ids.size(),
+                               parallel_for);
+    }
     ++s.steps_since_retrieve;
     if (t.adam.lazy) {
       s.MarkTouched(rows->ids.data(), rows->ids.size());

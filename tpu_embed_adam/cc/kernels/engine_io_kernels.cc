@@ -210,7 +210,8 @@ class RecvOp : public EngineKernel {
     const StepWait wait(ctx);
     TF_RETURN_IF_ERROR(wait.status());
     return Engine::Get().Recv(config(), Task(ctx), DeviceCore(ctx), wait.wait(),
-                              num_outputs(), ActivationAllocator(ctx));
+                              num_outputs(), ActivationAllocator(ctx),
+                              MakeParallelFor(ctx));
   }
 };
 

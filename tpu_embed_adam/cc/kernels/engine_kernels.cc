@@ -2,9 +2,16 @@
 // retrieve, shutdown, and the TPU system's initialization) and our engine
 // ops, all backed by the process's software engine
 // (tpu_embed_adam/cc/engine/engine.h).
+// training_op_helpers.h copies tensors on the CPU device's thread pool.
+#define EIGEN_USE_THREADS
+
 #include "tensorflow/core/framework/op_kernel.h"
+#include "tensorflow/core/framework/resource_mgr.h"
+#include "tensorflow/core/framework/resource_var.h"
 #include "tensorflow/core/framework/tensor.h"
+#include "tensorflow/core/kernels/training_op_helpers.h"
 #include "tensorflow/core/protobuf/tpu/topology.pb.h"
+#include "tpu_embed_adam/cc/core/slots.h"
 #include "tpu_embed_adam/cc/engine/config.h"
 #include "tpu_embed_adam/cc/engine/engine.h"
 #include "tpu_embed_adam/cc/core/parallel_for.h"
@@ -218,6 +225,61 @@ class RetrieveTouchedOp : public ShardOpBase {
   }
 };
 
+// TpuEmbedAdamRetrieveTouchedInto: those rows, written into the variables.
+class RetrieveTouchedIntoOp : public ShardOpBase {
+ public:
+  using ShardOpBase::ShardOpBase;
+  Status Run(OpKernelContext* ctx) override {
+    engine::ShardRef ref;
+    TF_RETURN_IF_ERROR(Resolve(Optimizer::kAdam, &ref));
+    // The copy-on-read helpers below copy a shared buffer as float, which
+    // is only sound for initialised float variables: check those first.
+    for (int i = 0; i < kAdamArrays; ++i) {
+      tensorflow::core::RefCountPtr<tensorflow::Var> var;
+      const Status found = tensorflow::LookupResource(
+          ctx, tensorflow::HandleFromInput(ctx, i), &var);
+      if (!found.ok() || !var->is_initialized) {
+        return tensorflow::errors::FailedPrecondition(
+            kLoadArrayNames[i], " variable ",
+            tensorflow::HandleFromInput(ctx, i).name(),
+            " is not initialized or does not exist");
+      }
+      if (var->tensor()->dtype() != tensorflow::DT_FLOAT) {
+        return tensorflow::errors::InvalidArgument(
+            kLoadArrayNames[i], " must be float32; got ",
+            tensorflow::DataTypeString(var->tensor()->dtype()));
+      }
+    }
+    // Sparse mode, as a scatter: the variables turn copy-on-read, so their
+    // readers copy and the buffers may be written in place.
+    auto locks = tensorflow::MaybeLockVariableInputMutexesInOrder<
+        Eigen::ThreadPoolDevice, float>(ctx, /*do_lock=*/true,
+                                        /*sparse=*/true, {0, 1, 2});
+    Tensor vars[kAdamArrays];
+    float* into[kAdamArrays];
+    const TensorShape shape({ref.rows, ref.table->dim});
+    for (int i = 0; i < kAdamArrays; ++i) {
+      TF_RETURN_IF_ERROR(
+          tensorflow::GetInputTensorFromVariable<Eigen::ThreadPoolDevice,
+                                                 float>(
+              ctx, i, /*lock_held=*/true, /*sparse=*/true, &vars[i]));
+      if (vars[i].shape() != shape) {
+        return tensorflow::errors::InvalidArgument(
+            kLoadArrayNames[i], " has shape ", vars[i].shape().DebugString(),
+            "; shard ", shard_id_, " of table '", ref.table->name, "' is ",
+            shape.DebugString());
+      }
+      into[i] = vars[i].flat<float>().data();
+    }
+    if (into[0] == into[1] || into[0] == into[2] || into[1] == into[2]) {
+      return tensorflow::errors::InvalidArgument(
+          "parameters, momenta and velocities must be three different "
+          "variables");
+    }
+    return Engine::Get().RetrieveTouchedInto(ref, into, MakeParallelFor(ctx));
+  }
+};
+
 REGISTER_KERNEL_BUILDER(Name("ConfigureTPUEmbedding").Device(DEVICE_CPU),
                         ConfigureOp);
 REGISTER_KERNEL_BUILDER(Name("ConfigureDistributedTPU").Device(DEVICE_CPU),
@@ -243,6 +305,9 @@ REGISTER_KERNEL_BUILDER(Name("TpuEmbedAdamParseConfig").Device(DEVICE_CPU),
                         ParseConfigOp);
 REGISTER_KERNEL_BUILDER(Name("TpuEmbedAdamRetrieveTouched").Device(DEVICE_CPU),
                         RetrieveTouchedOp);
+REGISTER_KERNEL_BUILDER(
+    Name("TpuEmbedAdamRetrieveTouchedInto").Device(DEVICE_CPU),
+    RetrieveTouchedIntoOp);
 REGISTER_KERNEL_BUILDER(
     Name("LoadTPUEmbeddingStochasticGradientDescentParameters")
         .Device(DEVICE_CPU),

@@ -60,4 +60,24 @@ rows of the parameters and both Adam slots. Scattering them into the
 variables that the full retrieve fills brings those up to date.
 )doc");
 
+REGISTER_OP("TpuEmbedAdamRetrieveTouchedInto")
+    .Input("parameters: resource")
+    .Input("momenta: resource")
+    .Input("velocities: resource")
+    .Attr("table_id: int = -1")
+    .Attr("table_name: string = \"\"")
+    .Attr("num_shards: int")
+    .Attr("shard_id: int")
+    .Attr("config: string = \"\"")
+    .SetIsStateful()
+    .SetShapeFn(tensorflow::shape_inference::NoOutputs)
+    .Doc(R"doc(
+TpuEmbedAdamRetrieveTouched followed by a scatter of its rows into the
+shard's three float32 variables (resource handles, each of the shard's
+shape), in one op: the engine writes each trained row straight into the
+variables' buffers, in parallel. The variables then equal what
+RetrieveTPUEmbeddingADAMParameters would give, if they did at the shard's
+last load or retrieve.
+)doc");
+
 }  // namespace tpu_embed_adam
