@@ -165,21 +165,30 @@ def _loss(labels: tf.Tensor, logits: tf.Tensor) -> tf.Tensor:
 
 
 class StepTimer(tf.compat.v1.train.SessionRunHook):
-    """Wall times of steps `warmup + 1 .. warmup + steps` (each from the previous step's end)."""
+    """Wall times of steps `warmup + 1 .. warmup + steps`, each from the previous step's end.
+
+    Args:
+      warmup: untimed steps first (at least 1: the first timed step starts
+        when the last of them ends).
+      steps: timed steps.
+    """
 
     def __init__(self, warmup: int, steps: int):
+        if warmup < 1:
+            raise ValueError(f"warmup is {warmup}; at least 1 step must come before the timed ones")
         self._warmup, self._steps = warmup, steps
+        # ends[i]: when step i + 1 ended.
         self.ends: list[float] = []
 
     def after_run(self, run_context: Any, run_values: Any) -> None:
         del run_context, run_values
-        if len(self.ends) <= self._warmup + self._steps:
+        if len(self.ends) < self._warmup + self._steps:
             self.ends.append(time.perf_counter())
 
     def result(self, batch: int) -> dict[str, float]:
         """examples/s over the timed steps and their median step time (ms)."""
-        timed = self.ends[self._warmup : self._warmup + self._steps + 1]
-        if len(timed) < 2:
+        timed = self.ends[self._warmup - 1 : self._warmup + self._steps]
+        if len(timed) != self._steps + 1:
             raise RuntimeError(f"only {len(self.ends)} steps ran")
         steps = np.diff(timed)
         return {
