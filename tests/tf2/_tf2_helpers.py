@@ -6,7 +6,6 @@ test directory (pytest puts each one on `sys.path`).
 
 from __future__ import annotations
 
-import logging
 import zlib
 from typing import Any
 
@@ -17,9 +16,6 @@ from tpu_embed_adam import AdamParameters, reference
 
 E = tf.tpu.experimental.embedding
 
-# TF warns for every TableConfig and FeatureConfig without a name; these
-# tests name theirs, and TF's other SparseCore notes are noise here.
-logging.getLogger("absl").setLevel(logging.ERROR)
 
 
 def table(name: str, rows: int = 32, dim: int = 4, **kwargs: Any) -> Any:

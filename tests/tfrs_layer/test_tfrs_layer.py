@@ -9,8 +9,6 @@ are `reference.adam_update` exactly.
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -19,8 +17,6 @@ from tpu_embed_adam import AdamParameters, reference
 
 tfrs = pytest.importorskip("tensorflow_recommenders")
 from tpu_embed_adam.tfrs import TPUEmbedding  # noqa: E402
-
-logging.getLogger("absl").setLevel(logging.ERROR)
 
 E = tf.tpu.experimental.embedding
 _B, _STEPS, _DIM = 8, 4, 3
