@@ -6,6 +6,8 @@ implementations below, all alive at once and timed round-robin (one step of
 each in turn), so that load from elsewhere on the machine is shared fairly:
 
 * `fused`: the `TpuEmbedAdamApply` kernel (`ops/fused.py`), in `tf.function`;
+  `fused_loop` (lazy): the same, `--loop_steps` steps per call in a `tf.range`
+  loop, so that Python's call of the function (about 1 ms) is spread thin;
 * `tf_path`: the pure-TF path (`ops/tf_path.py`) in `tf.function`, and
   `tf_path_xla` with `jit_compile=True`;
 * `numpy_reference`: `reference.adam_update`, timed on its own
@@ -20,6 +22,15 @@ before and after the cases; the higher of the two is the reference.
 Effective GB/s = (N + 6 x distinct rows) x D x 4 B / time: the gradients read
 once, and table, m and v each read and written once per distinct row.
 
+The random-row probe (`random_row_probe.cc`, built here with g++ -O3 -mavx)
+is the limit of the lazy update's access pattern: for the same ids, in the
+same process right after the case's steps, it reads and writes back each
+distinct row of three tables of the case's shape and reads every gradient
+row, with no arithmetic, on as many threads as the kernel's pool (one per
+core), prefetching rows 0, 4, 8 or 16 ahead; the fastest counts. Each lazy
+case reports the fused kernel as a fraction of it (probe time / kernel time;
+issue 19's goal: at least 0.85).
+
 No timed step reads a variable densely: after a sparse update TF keeps the
 variable in copy-on-read mode, and a dense read would copy the whole table.
 
@@ -28,17 +39,20 @@ variable in copy-on-read mode, and a dense read would copy the whole table.
   python benchmarks/bench_update.py --png=/tmp/ratios.png
 
 The PNG shows the ratio rows: each peer's time over the fused kernel's per
-case and mode, and the fused lazy update's bandwidth over the probe's.
+case and mode, the random-row probe's time over the kernel's (per call and
+in the loop), and the fused lazy update's bandwidth over the copy probe's.
 """
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import gc
 import json
 import os
 import pathlib
 import statistics
+import subprocess
 import time
 from collections.abc import Callable
 from typing import Any
@@ -88,10 +102,16 @@ _ONLY = flags.DEFINE_list(
 _PNG = flags.DEFINE_string(
     "png", "", "PNG of the ratio rows (matplotlib); empty: bench_update[_quick].png in --out_dir."
 )
+_LOOP_STEPS = flags.DEFINE_integer("loop_steps", 10, "Steps per call of fused_loop.")
+_PROBE_REPEATS = flags.DEFINE_integer("probe_repeats", 10, "Timed passes of the random-row probe.")
 
 LEARNING_RATE = 0.01
 # Issue 11: the fused lazy update at >= 65% of the copy probe's bandwidth.
 LAZY_PROBE_TARGET = 0.65
+# Issue 19: the fused lazy update at >= 85% of the random-row probe's speed.
+RANDOM_ROW_TARGET = 0.85
+_PROBE_SOURCE = pathlib.Path(__file__).resolve().parent / "random_row_probe.cc"
+_PROBE_PREFETCH = (0, 4, 8, 16)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,6 +168,22 @@ def _fused(p: Problem) -> Callable[[], Any]:
     var, m, v = _variables(p)
     ids, grads = tf.constant(p.ids), tf.constant(p.grads)
     return _in_function(lambda: fused_apply_adam(var, m, v, ids, grads, p.params))
+
+
+def _fused_loop(p: Problem) -> Callable[[], Any]:
+    if not p.lazy:
+        raise Skip("lazy only (the random-row probe's peer)")
+    if _library.load_library() is None:
+        raise Skip(f"kernel library not loaded: {_library.load_error()}")
+    var, m, v = _variables(p)
+    ids, grads = tf.constant(p.ids), tf.constant(p.grads)
+
+    @tf.function
+    def steps() -> None:
+        for _ in tf.range(_LOOP_STEPS.value):
+            fused_apply_adam(var, m, v, ids, grads, p.params)
+
+    return steps
 
 
 def _tf_path(p: Problem, jit_compile: bool) -> Callable[[], Any]:
@@ -218,6 +254,7 @@ def _dense_adam_tf1(p: Problem) -> Callable[[], Any]:
 
 IMPLEMENTATIONS: dict[str, Callable[[Problem], Callable[[], Any]]] = {
     "fused": _fused,
+    "fused_loop": _fused_loop,
     "tf_path": lambda p: _tf_path(p, jit_compile=False),
     "tf_path_xla": lambda p: _tf_path(p, jit_compile=True),
     "numpy_reference": _numpy_reference,
@@ -225,6 +262,68 @@ IMPLEMENTATIONS: dict[str, Callable[[Problem], Callable[[], Any]]] = {
     "sparse_adam_torch": _sparse_adam_torch,
     "dense_adam_tf1": _dense_adam_tf1,
 }
+
+
+def _probe_library(out_dir: pathlib.Path) -> ctypes.CDLL:
+    """random_row_probe.cc, compiled into `out_dir` unless up to date there.
+
+    Raises:
+      Skip: no g++, or the build failed.
+    """
+    library = out_dir / "random_row_probe.so"
+    if not library.exists() or library.stat().st_mtime < _PROBE_SOURCE.stat().st_mtime:
+        command = ["g++", "-O3", "-mavx", "-shared", "-fPIC", "-pthread", str(_PROBE_SOURCE),
+                   "-o", str(library)]
+        try:
+            subprocess.run(command, check=True, capture_output=True, text=True)
+        except FileNotFoundError as e:
+            raise Skip("g++ not found: the random-row probe is C++") from e
+        except subprocess.CalledProcessError as e:
+            raise Skip(f"building the random-row probe failed: {e.stderr[-500:]}") from e
+    probe = ctypes.CDLL(str(library))
+    probe.probe_create.restype = ctypes.c_void_p
+    probe.probe_create.argtypes = [ctypes.c_int64, ctypes.c_int64]
+    probe.probe_destroy.argtypes = [ctypes.c_void_p]
+    probe.probe_run.restype = ctypes.c_double
+    probe.probe_run.argtypes = [
+        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
+        ctypes.c_int, ctypes.c_int, ctypes.c_int,
+    ]
+    return probe
+
+
+def random_row_probe(p: Problem, out_dir: pathlib.Path) -> dict[str, Any]:
+    """The random-row probe on `p`'s ids and gradients; its fastest time and all of them.
+
+    Raises:
+      Skip: the probe cannot be built or its tables allocated.
+    """
+    probe = _probe_library(out_dir)
+    # The kernel's distinct rows, in the order they first occur.
+    _, first = np.unique(p.ids, return_index=True)
+    rows = np.ascontiguousarray(p.ids[np.sort(first)], np.int64)
+    grads = np.ascontiguousarray(p.grads, np.float32)
+    handle = probe.probe_create(p.case.rows, p.case.dim)
+    if not handle:
+        raise Skip(f"no memory for the probe's three {p.case.rows} x {p.case.dim} tables")
+    try:
+        threads = os.cpu_count() or 1
+        seconds = {
+            ahead: probe.probe_run(
+                handle, rows.ctypes.data, rows.size, grads.ctypes.data, grads.shape[0],
+                threads, ahead, _PROBE_REPEATS.value,
+            )
+            for ahead in _PROBE_PREFETCH
+        }
+    finally:
+        probe.probe_destroy(handle)
+    best = min(seconds, key=seconds.__getitem__)
+    return {
+        "seconds": seconds[best],
+        "prefetch": best,
+        "threads": threads,
+        "ms_by_prefetch": {str(k): 1e3 * v for k, v in seconds.items()},
+    }
 
 
 def _median_seconds(step: Callable[[], Any], steps: int, warmup: int) -> float:
@@ -272,8 +371,11 @@ def _interleaved_medians(
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def run(cases: tuple[Case, ...], steps: int, warmup: int, reference_steps: int) -> dict[str, Any]:
+def run(
+    cases: tuple[Case, ...], steps: int, warmup: int, reference_steps: int, out_dir: pathlib.Path
+) -> dict[str, Any]:
     """Runs every implementation on every case and mode; returns the results."""
+    before = conditions.describe(probe=False)
     probe = conditions.copy_bandwidth()
     logging.info("copy bandwidth probe: %.1f GB/s", probe)
     rows: list[dict[str, Any]] = []
@@ -300,14 +402,28 @@ def run(cases: tuple[Case, ...], steps: int, warmup: int, reference_steps: int) 
             else:
                 seconds = {name: _median_seconds(f, steps, warmup) for name, f in made.items()}
             counts = dict.fromkeys(made, steps)
+            if "fused_loop" in seconds:
+                seconds["fused_loop"] /= _LOOP_STEPS.value
+                counts["fused_loop"] = steps * _LOOP_STEPS.value
             if reference is not None:
                 seconds["numpy_reference"] = _median_seconds(reference, reference_steps, 1)
                 counts["numpy_reference"] = reference_steps
             # Frees every implementation's copy of the table and slots.
             del made, reference
             gc.collect()
+            probe_extra: dict[str, Any] = {}
+            if lazy:
+                try:
+                    probed = random_row_probe(p, out_dir)
+                    seconds["random_row_probe"] = probed.pop("seconds")
+                    counts["random_row_probe"] = _PROBE_REPEATS.value
+                    probe_extra = probed
+                except Skip as e:
+                    skipped["random_row_probe"] = str(e)
+            else:
+                skipped["random_row_probe"] = "lazy only"
             fused_ms = 1e3 * seconds["fused"] if "fused" in seconds else None
-            for name in IMPLEMENTATIONS:
+            for name in (*IMPLEMENTATIONS, "random_row_probe"):
                 row: dict[str, Any] = {"case": case.name, "mode": p.mode, "impl": name}
                 if name in skipped:
                     row["skipped"] = skipped[name]
@@ -322,6 +438,12 @@ def run(cases: tuple[Case, ...], steps: int, warmup: int, reference_steps: int) 
                     stream_bytes=None if lazy else stream_bytes,
                     x_fused=ms / fused_ms if fused_ms else None,
                 )
+                if name == "random_row_probe":
+                    row.update(probe_extra)
+                    # The kernel as a fraction of the probe: per call, and in a loop.
+                    for impl in ("fused", "fused_loop"):
+                        if impl in seconds:
+                            row[f"{impl}_of_probe"] = seconds[name] / seconds[impl]
                 rows.append(row)
                 logging.info("%s %s %s: %.2f ms", case.name, p.mode, name, ms)
     probe_after = conditions.copy_bandwidth()
@@ -333,6 +455,8 @@ def run(cases: tuple[Case, ...], steps: int, warmup: int, reference_steps: int) 
             stream_bytes = row.pop("stream_bytes")
             row["stream_floor_ms"] = stream_bytes and 1e3 * stream_bytes / (best * 1e9)
     return {
+        "conditions": before,
+        "load_after": conditions.load_average(),
         "schedule": _SCHEDULE.value,
         "probe_gb_per_s": best,
         "probe_runs_gb_per_s": [probe, probe_after],
@@ -343,6 +467,8 @@ def run(cases: tuple[Case, ...], steps: int, warmup: int, reference_steps: int) 
 
 def format_table(results: dict[str, Any]) -> str:
     lines = [
+        f"conditions: {conditions.format_conditions(results['conditions'])}; load after "
+        f"{results['load_after']:.2f}",
         f"copy bandwidth probe: {results['probe_gb_per_s']:.1f} GB/s on {results['cpus']} CPUs; "
         f"{results['schedule']} schedule",
         f"{'case':<10} {'mode':<9} {'implementation':<18} {'ms/step':>9} {'steps':>5} "
@@ -367,6 +493,19 @@ def format_table(results: dict[str, Any]) -> str:
         lines.append(
             f"{case} {mode}: one streaming pass over table, m, v at probe speed {ms:.1f} ms"
         )
+    for r in results["results"]:
+        if r["impl"] != "random_row_probe" or "ms" not in r:
+            continue
+        fractions = ", ".join(
+            f"{impl} {100 * r[f'{impl}_of_probe']:.0f}%"
+            for impl in ("fused", "fused_loop")
+            if f"{impl}_of_probe" in r
+        )
+        lines.append(
+            f"{r['case']} lazy: random-row probe {r['ms']:.2f} ms ({r['threads']} threads, "
+            f"prefetch {r['prefetch']}; {r['pct_probe']:.0f}% of the copy probe); kernel as a "
+            f"fraction of it: {fractions} (target {100 * RANDOM_ROW_TARGET:.0f}%)"
+        )
     return "\n".join(lines)
 
 
@@ -383,13 +522,25 @@ def plot(results: dict[str, Any], path: pathlib.Path) -> bool:
             continue
         if r["impl"] == "fused":
             probe_rows.append(r)
-        else:
+        elif r["impl"] != "random_row_probe":
             groups.setdefault(f"{r['case']} {r['mode']}", []).append(r)
     for title, rows in groups.items():
         panels.append(
             ratio_plot.Panel(
                 title, [r["impl"] for r in rows], [r["x_fused"] for r in rows],
                 "time / fused kernel (log)", line_label="fused", log=True,
+            )
+        )
+    random_rows = [r for r in results["results"] if "fused_of_probe" in r]
+    if random_rows:
+        panels.append(
+            ratio_plot.Panel(
+                "fused, lazy: random-row probe time / kernel time",
+                [f"{r['case']} {impl}" for r in random_rows for impl in ("fused", "fused_loop")
+                 if f"{impl}_of_probe" in r],
+                [r[f"{impl}_of_probe"] for r in random_rows for impl in ("fused", "fused_loop")
+                 if f"{impl}_of_probe" in r],
+                "probe time / kernel time", line=RANDOM_ROW_TARGET, line_label="target",
             )
         )
     lazy = [r for r in probe_rows if r["mode"] == "lazy"]
@@ -418,12 +569,12 @@ def main(argv: list[str]) -> None:
     cases = QUICK_CASES if _QUICK.value else FULL_CASES
     steps = 3 if _QUICK.value else _STEPS.value
     reference_steps = 1 if _QUICK.value else _REFERENCE_STEPS.value
-    results = run(cases, steps, 1 if _QUICK.value else _WARMUP.value, reference_steps)
+    out_dir = pathlib.Path(_OUT_DIR.value)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = run(cases, steps, 1 if _QUICK.value else _WARMUP.value, reference_steps, out_dir)
     results["quick"] = _QUICK.value
     table = format_table(results)
     print(table)
-    out_dir = pathlib.Path(_OUT_DIR.value)
-    out_dir.mkdir(parents=True, exist_ok=True)
     stem = "bench_update_quick" if _QUICK.value else "bench_update"
     (out_dir / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {out_dir / stem}.json")
