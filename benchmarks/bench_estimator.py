@@ -88,6 +88,20 @@ _ROWS = flags.DEFINE_integer("rows", 0, "Internal: the worker's user table rows.
 _BATCH = flags.DEFINE_integer("batch", 0, "Internal: the worker's batch.")
 
 _RESULT = "BENCH_ESTIMATOR_RESULT "
+# Peak RSS per byte of tables and slots, measured here at 1e6 and 1e7 rows
+# (TF keeps the zero constant that initialised each Adam slot, which a
+# slot's first sparse write copies; the engine holds its own copy; dense
+# Adam makes temporaries of the tables' size), and TF's own resident set.
+_PEAK_PER_TABLE_BYTE = {
+    "engine": 2.6,
+    "gather_lazyadam": 1.4,
+    "feature_column_lazyadam": 1.4,
+    "tf_tpu_estimator": 2.1,
+    "keras": 1.6,
+    "tf2_embedding": 1.4,
+}
+_PEAK_BASE_GIB = 1.5
+_MEMORY_MARGIN_GIB = 0.25
 _BASE = "engine"
 # Issue 19: at least this many times the hand-written form at batch 8192, 1e7 rows.
 _TARGET_VS_HANDWRITTEN = 2.0
@@ -135,8 +149,27 @@ def _worker() -> None:
     print(_RESULT + json.dumps(result), flush=True)
 
 
+def _expected_peak_gib(variant: str, rows: int) -> float:
+    """A variant's peak RSS at `rows`, from this box's runs: a multiple of its tables, and TF."""
+    table_gib = 3 * (rows + rows // 10) * 64 * 4 / 2**30
+    return _PEAK_PER_TABLE_BYTE.get(variant, 3.0) * table_gib + _PEAK_BASE_GIB
+
+
 def _run_worker(variant: str, rows: int, batch: int, steps: int, warmup: int) -> dict[str, Any]:
-    """Runs `variant` in a subprocess; its result with the load average around it."""
+    """Runs `variant` in a subprocess; its result with the load average around it.
+
+    A variant whose expected peak memory exceeds what is available is not
+    started (its result says so): at 1e7 rows some need about all of this
+    box's 23 GiB, and running out would take other processes down with it.
+    """
+    needed = _expected_peak_gib(variant, rows)
+    available = conditions.memory_gib()[1]
+    if needed > available - _MEMORY_MARGIN_GIB:
+        return {
+            "skipped": f"needs about {needed:.0f} GiB, {available:.0f} GiB available",
+            "load_before": conditions.load_average(),
+            "load_after": conditions.load_average(),
+        }
     command = [
         sys.executable, __file__, f"--worker={variant}", f"--rows={rows}", f"--batch={batch}",
         f"--steps={steps}", f"--warmup={warmup}", f"--seed={_SEED.value}",
