@@ -30,7 +30,9 @@ from typing import Any
 from tpu_embed_adam.params import AdamParameters
 
 # TPUEstimator's methods that install() replaces (tpu_embed_adam.estimator's).
-ENGINE_METHODS = ("__init__", "_augment_model_fn", "_add_meta_graph_for_mode", "train", "evaluate")
+ENGINE_METHODS = (
+    "__init__", "_augment_model_fn", "_add_meta_graph_for_mode", "train", "evaluate", "predict"
+)
 
 __all__ = ["install", "installed", "uninstall"]
 

@@ -25,7 +25,6 @@ from estimator_harness import (
 from tensorflow.python.tpu import tpu_embedding
 
 import tpu_embed_adam
-from tpu_embed_adam.estimator import TPUEstimator
 
 
 def _model_fn(features, labels, mode, params):
@@ -177,23 +176,6 @@ def test_smaller_last_batch_is_padded(tmp_path):
     reader = tf.train.load_checkpoint(str(tmp_path))
     for table, state in want.state.items():
         np.testing.assert_array_equal(reader.get_tensor(table), state.w)
-
-
-def test_multi_process_run_config_refused(tmp_path, monkeypatch):
-    monkeypatch.setenv(
-        "TF_CONFIG",
-        '{"cluster": {"chief": ["localhost:1"], "worker": ["localhost:2"]}, '
-        '"task": {"type": "chief", "index": 0}}',
-    )
-    config = tf.compat.v1.estimator.tpu.RunConfig(model_dir=str(tmp_path))
-    with pytest.raises(ValueError, match="config: the RunConfig describes a cluster"):
-        TPUEstimator(
-            model_fn=_model_fn,
-            config=config,
-            use_tpu=False,
-            train_batch_size=TABLE_BATCH,
-            embedding_config_spec=spec_of(columns(None)),
-        )
 
 
 def test_scaffold_with_own_saver_refused(tmp_path):

@@ -40,6 +40,7 @@ none), and `reset()` (or `tpu.shutdown_system()`) clears everything.
 from tpu_embed_adam.engine._save_check import unretrieved_tables, warn_unretrieved_saves
 from tpu_embed_adam.engine._session import (
     RetrievingSaver,
+    configure_ops,
     load_tables_at_session_start,
     retrieve_touched_ops,
 )
@@ -47,6 +48,7 @@ from tpu_embed_adam.engine._state import info, reset, tables
 
 __all__ = [
     "RetrievingSaver",
+    "configure_ops",
     "info",
     "load_tables_at_session_start",
     "reset",

@@ -23,7 +23,10 @@ from tpu_embed_adam.engine._state import library
 
 
 def load_tables_at_session_start(
-    config_proto: Any, load_ops_fn: Callable[[], list[Any]], init_ops: Sequence[Any]
+    config_proto: Any,
+    load_ops_fn: Callable[[], list[Any]],
+    init_ops: Sequence[Any],
+    devices: Sequence[str] | None = None,
 ) -> None:
     """Makes every session of the graph configure the engine and load the tables.
 
@@ -40,14 +43,40 @@ def load_tables_at_session_start(
       config_proto: the graph's `TPUEmbeddingConfiguration`.
       load_ops_fn: builds TF's load ops (`VariablesAndOps.load_ops`).
       init_ops: other ops to run once per session (dummy variables).
+      devices: where to configure: one device per process whose engine
+        holds hosts (each worker of a multi-process cluster); default one
+        configuration op, where TF places it.
     """
     # The configuration replaces whatever another graph left in the engine;
     # the loads, built under it, wait for it.
-    configure = tpu_ops.configure_tpu_embedding(config=config_proto.SerializeToString())
-    with tf.control_dependencies([configure]):
+    configure = configure_ops(config_proto, devices)
+    with tf.control_dependencies(configure):
         load_ops = load_ops_fn()
-    loaded = tf.group(configure, *init_ops, *load_ops, name="tpu_embed_adam_load_tables")
+    loaded = tf.group(*configure, *init_ops, *load_ops, name="tpu_embed_adam_load_tables")
     tf.compat.v1.add_to_collection(tf.compat.v1.GraphKeys.TABLE_INITIALIZERS, loaded)
+
+
+def configure_ops(config_proto: Any, devices: Sequence[str] | None = None) -> list[tf.Operation]:
+    """Builds `ConfigureTPUEmbedding` ops: one per device, or one where TF places it.
+
+    Each process of a multi-process cluster has its own engine, and a
+    configuration replaces another only where its op runs.
+
+    Args:
+      config_proto: the `TPUEmbeddingConfiguration`.
+      devices: one device per process to configure; None: one op, unplaced.
+
+    Returns:
+      The ops.
+    """
+    config = config_proto.SerializeToString()
+    if devices is None:
+        return [tpu_ops.configure_tpu_embedding(config=config)]
+    ops = []
+    for device in devices:
+        with tf.device(device):
+            ops.append(tpu_ops.configure_tpu_embedding(config=config))
+    return ops
 
 
 class RetrievingSaver(tf.compat.v1.train.Saver):

@@ -99,20 +99,6 @@ def _check_batch_size(name: str, value: Any, required: bool) -> None:
         )
 
 
-def check_run_config(config: Any) -> None:
-    """Refuses a multi-process `RunConfig`: the engine serves one process.
-
-    Raises:
-      ValueError: `config` describes a cluster of several tasks.
-    """
-    cluster = getattr(config, "cluster_spec", None)
-    if cluster is not None and sum(cluster.num_tasks(job) for job in cluster.jobs) > 1:
-        raise ValueError(
-            f"config: the RunConfig describes a cluster ({cluster.as_dict()}); the CPU TPU "
-            "embedding engine under TPUEstimator trains in one process."
-        )
-
-
 def check_export(export_to_cpu: Any) -> None:
     """Refuses `export_to_cpu=False`: off a TPU, only the CPU serving graph exports.
 

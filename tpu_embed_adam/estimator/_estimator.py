@@ -18,13 +18,16 @@ from tensorflow.python.util import deprecation, tf_decorator
 from tensorflow_estimator.python.estimator import model_fn as model_fn_lib
 from tensorflow_estimator.python.estimator.tpu import tpu_estimator as tf_tpu_estimator
 
-from tpu_embed_adam.estimator._checks import check_export, check_run_config, check_spec
+from tpu_embed_adam.estimator._checks import check_export, check_spec
+from tpu_embed_adam.estimator._cluster import engine_cluster_of
+from tpu_embed_adam.estimator._cluster_session import config_for_cluster, on_cluster
 from tpu_embed_adam.estimator._log import warn_tpu_export_skipped
 from tpu_embed_adam.estimator._model_fn import (
     EngineEmbeddingConfig,
     call_user_model_fn,
     engine_model_fn,
 )
+from tpu_embed_adam.estimator._placement import EnginePlacement
 from tpu_embed_adam.estimator._sessions import ENGINE_CALLS
 from tpu_embed_adam.estimator._spec import spec_with_our_adam
 
@@ -40,6 +43,7 @@ _TF_DEPRECATION_INSTRUCTIONS = "Use tf.keras instead."
 _TF_AUGMENT = TF_TPU_ESTIMATOR._augment_model_fn
 _TF_TRAIN = TF_TPU_ESTIMATOR.train
 _TF_EVALUATE = TF_TPU_ESTIMATOR.evaluate
+_TF_PREDICT = TF_TPU_ESTIMATOR.predict
 _TF_ADD_META_GRAPH = TF_TPU_ESTIMATOR._add_meta_graph_for_mode
 _TF_INIT_SIGNATURE = inspect.signature(_TF_UNDECORATED_INIT)
 # The attribute that marks an estimator whose tables the engine serves.
@@ -58,7 +62,8 @@ def _init(self: Any, *args: Any, **kwargs: Any) -> None:
         return
     if not arguments["use_tpu"]:
         check_spec(spec, arguments["train_batch_size"], arguments["eval_batch_size"])
-        check_run_config(arguments["config"])
+        if arguments["config"] is not None:
+            engine_cluster_of(arguments["config"])  # refusals before TF's constructor runs
         check_export(arguments["export_to_cpu"])
     # TF's own estimator (on a TPU too) names the slots only of parameters
     # that match the alias install() points at ours.
@@ -68,20 +73,25 @@ def _init(self: Any, *args: Any, **kwargs: Any) -> None:
         return
     # TF's constructor calls _augment_model_fn, which needs to know; the
     # RunConfig it completes comes after, so the config is built lazily.
-    setattr(self, _ENGINE_ATTR, (spec, arguments["train_batch_size"], arguments["eval_batch_size"]))
+    engine = (spec, arguments["train_batch_size"], arguments["eval_batch_size"])
+    setattr(self, _ENGINE_ATTR, (*engine, EnginePlacement(None)))
     # TF refuses 'mod' on CPU because its CPU lookups would not match a
     # TPU's checkpoint layout; the engine shards exactly as a TPU does.
     arguments["embedding_config_spec"] = spec._replace(partition_strategy="div")
     _TF_UNDECORATED_INIT(*bound.args, **bound.kwargs)
+    # The RunConfig TF completed (from TF_CONFIG when none was given).
+    cluster = engine_cluster_of(self._config)
+    if cluster is not None:
+        self._config = config_for_cluster(self._config, cluster)
+        self._session_config = self._config.session_config
+    setattr(self, _ENGINE_ATTR, (*engine, EnginePlacement(cluster)))
 
 
 def _augment_model_fn(
     self: Any, model_fn: Callable[..., Any], batch_axis: Any
 ) -> Callable[..., Any]:
-    engine = getattr(self, _ENGINE_ATTR, None)
-    if engine is None:
+    if getattr(self, _ENGINE_ATTR, None) is None:
         return _TF_AUGMENT(self, model_fn, batch_axis)
-    spec, train_batch_size, eval_batch_size = engine
     is_export = [False]
     engine_config: list[EngineEmbeddingConfig] = []
 
@@ -89,8 +99,11 @@ def _augment_model_fn(
         if is_export[0] or mode == model_fn_lib.ModeKeys.PREDICT:
             return call_user_model_fn(model_fn, features, labels, mode, config, params)
         if not engine_config:
+            spec, train_batch_size, eval_batch_size, placement = getattr(self, _ENGINE_ATTR)
             engine_config.append(
-                EngineEmbeddingConfig(spec, train_batch_size, eval_batch_size, self.config)
+                EngineEmbeddingConfig(
+                    spec, train_batch_size, eval_batch_size, self.config, placement
+                )
             )
         return engine_model_fn(model_fn, engine_config[0], features, labels, mode, config, params)
 
@@ -107,20 +120,33 @@ def _augment_model_fn(
 
 @functools.wraps(_TF_TRAIN)
 def _train(self: Any, *args: Any, **kwargs: Any) -> Any:
-    if getattr(self, _ENGINE_ATTR, None) is None:
+    engine = getattr(self, _ENGINE_ATTR, None)
+    if engine is None:
         return _TF_TRAIN(self, *args, **kwargs)
     # The engine serves one session between steps: estimators in other
     # threads wait (_sessions).
-    with ENGINE_CALLS:
+    with ENGINE_CALLS, on_cluster(engine[-1].cluster, self._session_config):
         return _TF_TRAIN(self, *args, **kwargs)
 
 
 @functools.wraps(_TF_EVALUATE)
 def _evaluate(self: Any, *args: Any, **kwargs: Any) -> Any:
-    if getattr(self, _ENGINE_ATTR, None) is None:
+    engine = getattr(self, _ENGINE_ATTR, None)
+    if engine is None:
         return _TF_EVALUATE(self, *args, **kwargs)
-    with ENGINE_CALLS:
+    with ENGINE_CALLS, on_cluster(engine[-1].cluster, self._session_config):
         return _TF_EVALUATE(self, *args, **kwargs)
+
+
+@functools.wraps(_TF_PREDICT)
+def _predict(self: Any, *args: Any, **kwargs: Any) -> Any:
+    engine = getattr(self, _ENGINE_ATTR, None)
+    if engine is None:
+        yield from _TF_PREDICT(self, *args, **kwargs)
+        return
+    # PREDICT reads the tables on CPU, in the chief's sessions (no engine).
+    with on_cluster(engine[-1].cluster, self._session_config):
+        yield from _TF_PREDICT(self, *args, **kwargs)
 
 
 def _add_meta_graph_for_mode(
@@ -182,3 +208,4 @@ class TPUEstimator(tf_tpu_estimator.TPUEstimator):  # type: ignore[misc]
     _add_meta_graph_for_mode = _add_meta_graph_for_mode
     train = _train
     evaluate = _evaluate
+    predict = _predict

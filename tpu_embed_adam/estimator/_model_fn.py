@@ -28,23 +28,27 @@ from tensorflow_estimator.python.estimator.tpu import util as tpu_util
 
 from tpu_embed_adam.engine import load_tables_at_session_start, retrieve_touched_ops
 from tpu_embed_adam.estimator._log import log_training
+from tpu_embed_adam.estimator._placement import EnginePlacement
 from tpu_embed_adam.estimator._sessions import EngineSaver, EngineSessionHook
 
 _ModeKeys = model_fn_lib.ModeKeys
-# The host of the one-host, one-core configuration: the Estimator's own
-# local session.
-_DEVICE_CONFIG = tf_tpu_embedding.DeviceConfig(1, 1, "/job:localhost")
 
 
 class EngineEmbeddingConfig(tf_tpu_est_emb.EmbeddingConfig):
-    """TF's `EmbeddingConfig` for one CPU host and core of the software engine.
+    """TF's `EmbeddingConfig` for the software engine: one CPU host, or a cluster's workers.
 
     TF's builds `TPUEmbedding` with a master to query for TPUs; ours gives it
-    the device configuration instead, everything else unchanged.
+    the device configuration instead (`EnginePlacement`), everything else
+    unchanged.
     """
 
     def __init__(
-        self, spec: Any, train_batch_size: int, eval_batch_size: int | None, run_config: Any
+        self,
+        spec: Any,
+        train_batch_size: int,
+        eval_batch_size: int | None,
+        run_config: Any,
+        placement: EnginePlacement | None = None,
     ):
         """Builds the configuration.
 
@@ -53,8 +57,11 @@ class EngineEmbeddingConfig(tf_tpu_est_emb.EmbeddingConfig):
           train_batch_size: the batch size of TRAIN steps.
           eval_batch_size: the batch size of EVAL steps (None: none).
           run_config: the estimator's `RunConfig`.
+          placement: where the engine runs (default: this process).
         """
-        super().__init__(spec, train_batch_size, eval_batch_size, 1, 1, run_config)
+        self.placement = placement or EnginePlacement(None)
+        cores = self.placement.num_cores
+        super().__init__(spec, train_batch_size, eval_batch_size, cores, cores, run_config)
         self.from_feature_columns = spec.feature_columns is not None
 
     def _create_tpu_embedding(self, mode: str) -> Any:
@@ -70,16 +77,18 @@ class EngineEmbeddingConfig(tf_tpu_est_emb.EmbeddingConfig):
             batch_size, tpu_mode = self._eval_batch_size, tf_tpu_embedding.INFERENCE
             optimization_parameters = None
         spec = self._embedding_config_spec
+        # TPUEmbedding's batch is every core's: the first core takes the
+        # estimator's whole batch (EnginePlacement says why).
         return tf_tpu_embedding.TPUEmbedding(
             self._table_to_config_dict,
             self._feature_to_config_dict,
-            batch_size,
+            batch_size * self.placement.num_cores,
             tpu_mode,
             master=None,
             optimization_parameters=optimization_parameters,
             pipeline_execution_with_tensor_core=spec.pipeline_execution_with_tensor_core,
             partition_strategy=self._partition_strategy,
-            device_config=_DEVICE_CONFIG,
+            device_config=self.placement.device_config,
         )
 
 
@@ -166,9 +175,12 @@ def engine_model_fn(
     features, labels, enqueue_datas_list = tf_tpu_est_emb.split_inputs(
         _SplitContext(embedding_config), features, labels
     )
+    placement = embedding_config.placement
     with tf.control_dependencies([check, step]):
-        enqueue_ops = emb.generate_enqueue_ops(enqueue_datas_list)
-    with tf.control_dependencies(enqueue_ops):
+        enqueue_ops = emb.generate_enqueue_ops(
+            placement.enqueue_datas_on_core(enqueue_datas_list)
+        )
+    with tf.control_dependencies(enqueue_ops), placement.on_core():
         activations = emb.get_activations()
     init_ops = []
     if training:
@@ -197,13 +209,17 @@ def engine_model_fn(
             tf.compat.v1.get_default_graph(), emb.table_to_config_dict, emb.optimization_parameters
         )
     variables_and_ops = emb.create_variables_and_ops(names, slot_names)
-    load_tables_at_session_start(emb.config_proto, variables_and_ops.load_ops, init_ops)
+    devices = placement.configure_devices
+    load_tables_at_session_start(emb.config_proto, variables_and_ops.load_ops, init_ops, devices)
     if not training:
-        hook = EngineSessionHook(emb.config_proto, variables_and_ops.load_ops, [])
+        hook = EngineSessionHook(emb.config_proto, variables_and_ops.load_ops, [], devices)
         return _with_hook(spec, "evaluation_hooks", hook)
     log_training(emb, names)
     hook = EngineSessionHook(
-        emb.config_proto, variables_and_ops.load_ops, retrieve_touched_ops(variables_and_ops)
+        emb.config_proto,
+        variables_and_ops.load_ops,
+        retrieve_touched_ops(variables_and_ops),
+        devices,
     )
 
     gradients = tpu_embedding_gradient.get_gradients_through_dummy_table_variables(emb)
@@ -212,7 +228,7 @@ def engine_model_fn(
         gradients = collections.OrderedDict((k, v * multiplier) for k, v in gradients.items())
     # On a TPU a Send whose activations never reached the loss still follows
     # its enqueue; here the enqueue must run first even if TF prunes the Recv.
-    with tf.control_dependencies(enqueue_ops):
+    with tf.control_dependencies(enqueue_ops), placement.on_core():
         send = emb.generate_send_gradients_op(gradients, step)
     with tf.control_dependencies([send]):
         refresh = _refresh_after_each_loop(variables_and_ops, step, config)

@@ -22,13 +22,12 @@ engine over only between its own steps.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import tensorflow as tf
-from tensorflow.python.tpu.ops import tpu_ops
 
-from tpu_embed_adam.engine import RetrievingSaver
+from tpu_embed_adam.engine import RetrievingSaver, configure_ops
 
 # Held by an engine estimator's train() and evaluate(); reentrant, so a call
 # nested in the same thread (an evaluation inside training) goes ahead.
@@ -49,7 +48,11 @@ class EngineSessionHook(tf.compat.v1.train.SessionRunHook):
     _owner: ClassVar[EngineSessionHook | None] = None
 
     def __init__(
-        self, config_proto: Any, load_ops_fn: Callable[[], list[Any]], save_ops: list[Any]
+        self,
+        config_proto: Any,
+        load_ops_fn: Callable[[], list[Any]],
+        save_ops: list[Any],
+        configure_devices: Sequence[str] | None = None,
     ):
         """Builds the hook's ops (in the session's graph, before it is finalized).
 
@@ -58,9 +61,11 @@ class EngineSessionHook(tf.compat.v1.train.SessionRunHook):
           load_ops_fn: builds TF's load ops (`VariablesAndOps.load_ops`).
           save_ops: ops that copy the tables trained since their last load or
             retrieve into their variables (none for EVAL, which trains nothing).
+          configure_devices: the engines to configure, one device per process
+            (a cluster's workers); None: this process's.
         """
-        configure = tpu_ops.configure_tpu_embedding(config=config_proto.SerializeToString())
-        with tf.control_dependencies([configure]):
+        configure = configure_ops(config_proto, configure_devices)
+        with tf.control_dependencies(configure):
             self._reload = tf.group(*load_ops_fn(), name="tpu_embed_adam_reload_tables")
         self._save = tf.group(*save_ops) if save_ops else None
         self._session: Any = None

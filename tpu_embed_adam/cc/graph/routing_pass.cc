@@ -15,7 +15,8 @@
 //
 // and makes every enqueue, load and retrieve op of such a configuration wait
 // for a TpuEmbedAdamEnsureConfigured on its device, since TF puts the
-// configuration on one load op only. TF's partitioner then inserts its own
+// configuration on one load op only (not those that already follow a
+// ConfigureTPUEmbedding on their device, which installs theirs). TF's partitioner then inserts its own
 // _Send/_Recv pairs wherever an edge crosses processes. Keeping the names
 // keeps fetches, feeds and control edges of the user's graph valid. With
 // in-process workers the same ops run against the one shared engine.
@@ -257,6 +258,31 @@ class Rewriter {
   std::map<std::string, Node*> ensure_by_device_;
 };
 
+// Whether `op` runs after a ConfigureTPUEmbedding on its own device (an
+// ancestor within a few edges: TF puts a load's control dependencies on the
+// reads of its variables): it then runs under the configuration that op
+// installs, and an EnsureConfigured of its own could run before that op and
+// see the configuration it replaces (an evaluation's loads after training).
+bool FollowsConfigureOnItsDevice(const Node* op) {
+  constexpr int kMaxVisited = 64;
+  std::vector<const Node*> frontier{op};
+  std::set<const Node*> seen{op};
+  while (!frontier.empty() && static_cast<int>(seen.size()) < kMaxVisited) {
+    const Node* n = frontier.back();
+    frontier.pop_back();
+    for (const Edge* e : n->in_edges()) {
+      const Node* src = e->src();
+      if (!src->IsOp() || !seen.insert(src).second) continue;
+      if (src->type_string() == "ConfigureTPUEmbedding") {
+        if (src->assigned_device_name() == op->assigned_device_name()) return true;
+        continue;
+      }
+      frontier.push_back(src);
+    }
+  }
+  return false;
+}
+
 class RoutingPass : public tensorflow::GraphOptimizationPass {
  public:
   Status Run(const tensorflow::GraphOptimizationPassOptions& options) override {
@@ -329,7 +355,7 @@ class RoutingPass : public tensorflow::GraphOptimizationPass {
     // one routed configuration is it known.
     if (routed.size() == 1) {
       for (Node* op : host_ops) {
-        if (!ConfigOf(op).empty()) continue;
+        if (!ConfigOf(op).empty() || FollowsConfigureOnItsDevice(op)) continue;
         TF_RETURN_IF_ERROR(rewriter.EnsureConfiguredBefore(op, *routed.begin()));
       }
     }
