@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -27,6 +28,8 @@ import tensorflow as tf
 from tpu_embed_adam import _library, engine
 from tpu_embed_adam.cluster import LocalCluster
 from tpu_embed_adam.estimator import TPUEstimator
+from tpu_embed_adam.estimator._cluster import EngineCluster
+from tpu_embed_adam.estimator._lost_workers import WorkerLostError, raise_when_a_worker_is_lost
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 STEPS = 6
@@ -227,3 +230,81 @@ def test_an_evaluator_evaluates_in_its_own_process(tmp_path, monkeypatch):
     estimator = _estimator(tmp_path)
     assert estimator.config.master == "" and not estimator.config.cluster_spec
     assert not estimator.config.session_config.operation_timeout_in_ms
+
+
+def _free_address() -> str:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return f"localhost:{s.getsockname()[1]}"
+
+
+@needs_kernels
+def test_on_real_hosts_a_dead_worker_ends_the_chief_within_its_operation_timeout(tmp_path):
+    # Workers started as on real hosts, from TF_CONFIG, with no LocalCluster
+    # watchdog: nothing answers for the dead one, and TF alone would wait
+    # for it forever (closing the failed step's session in the chief).
+    spec = {"chief": [_free_address()], "worker": [_free_address(), _free_address()]}
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+
+    def tf_config(task_type: str, index: int) -> str:
+        return json.dumps({"cluster": spec, "task": {"type": task_type, "index": index}})
+
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-m", "tpu_embed_adam.cli", "worker"],
+            env=dict(env, TF_CONFIG=tf_config("worker", task)), stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL, text=True,
+        )
+        for task in range(2)
+    ]
+    chief = None
+    try:
+        for worker in workers:
+            assert worker.stdout.readline().startswith("worker task ")
+        chief = subprocess.Popen(
+            [sys.executable, os.path.join(HERE, "cluster_chief.py"), "train", str(tmp_path),
+             "100000", "3000"],  # a 3 s operation timeout
+            env=dict(env, TF_CONFIG=tf_config("chief", 0)), stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True,
+        )
+        target = f"grpc://{spec['worker'][1]}"
+        deadline = time.monotonic() + 300
+        while not _trained_steps(target, 1):
+            assert chief.poll() is None, chief.stderr.read()[-5000:]
+            assert time.monotonic() < deadline, "the chief trained no step in 300 s"
+            time.sleep(0.2)
+        workers[1].kill()
+        start = time.monotonic()
+        _, err = chief.communicate(timeout=120)
+        elapsed = time.monotonic() - start
+    finally:
+        for proc in [*workers, *([chief] if chief else [])]:
+            proc.kill()
+            proc.wait()
+    assert chief.returncode == 1, err[-5000:]
+    # Measured: 4.6 s (a close bounded by the timeout, then the error).
+    assert elapsed < END_WITHIN_S, elapsed
+    final = err[err.rindex("Traceback") :]
+    assert f"/job:worker/replica:0/task:1 ({spec['worker'][1]})" in final, final
+    assert "the worker is gone, with its shards of every table" in final, final
+
+
+def test_a_worker_away_for_the_deadline_raises_in_the_calling_thread():
+    cluster = EngineCluster(
+        tf.train.ClusterSpec({"chief": ["localhost:1"], "worker": [_free_address()]}),
+        "grpc://localhost:1", None,
+    )
+    start = time.monotonic()
+    with pytest.raises(WorkerLostError) as raised:
+        with raise_when_a_worker_is_lost(cluster, deadline_s=0.5):
+            while time.monotonic() - start < 30:  # Python between TF's calls
+                time.sleep(0.05)
+    assert time.monotonic() - start < 10
+    assert str(raised.value).startswith(
+        f"worker /job:worker/replica:0/task:0 at {cluster.worker_address(0)} has accepted no "
+        "connection for"
+    )
+    # Nothing is raised once the block is over.
+    with raise_when_a_worker_is_lost(cluster, deadline_s=0.2):
+        pass
+    time.sleep(1.5)
