@@ -290,21 +290,26 @@ def test_on_real_hosts_a_dead_worker_ends_the_chief_within_its_operation_timeout
 
 
 def test_a_worker_away_for_the_deadline_raises_in_the_calling_thread():
+    server = socket.create_server(("localhost", 0))
+    address = f"localhost:{server.getsockname()[1]}"
     cluster = EngineCluster(
-        tf.train.ClusterSpec({"chief": ["localhost:1"], "worker": [_free_address()]}),
+        tf.train.ClusterSpec({"chief": ["localhost:1"], "worker": [address]}),
         "grpc://localhost:1", None,
     )
     start = time.monotonic()
     with pytest.raises(WorkerLostError) as raised:
         with raise_when_a_worker_is_lost(cluster, deadline_s=0.5):
+            time.sleep(1.5)  # seen serving
+            server.close()
             while time.monotonic() - start < 30:  # Python between TF's calls
                 time.sleep(0.05)
     assert time.monotonic() - start < 10
     assert str(raised.value).startswith(
-        f"worker /job:worker/replica:0/task:0 at {cluster.worker_address(0)} has accepted no "
+        f"worker /job:worker/replica:0/task:0 at {address} has accepted no "
         "connection for"
     )
-    # Nothing is raised once the block is over.
+    # A worker never seen serving is TF's to wait for; nothing is raised once
+    # the block is over.
     with raise_when_a_worker_is_lost(cluster, deadline_s=0.2):
-        pass
+        time.sleep(1.5)
     time.sleep(1.5)

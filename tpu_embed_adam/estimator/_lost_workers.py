@@ -9,7 +9,8 @@ thread probes each worker's address while the call runs; one that accepts
 no connection is logged as an ERROR at once, and one that stays away for
 the deadline makes the call raise in its own thread (each blocked TF call
 returns within the session's operation timeout, and the exception comes
-then).
+then). A worker that never served during the call is not watched: TF's
+session creation waits for it, within the operation timeout.
 """
 
 from __future__ import annotations
@@ -64,11 +65,17 @@ def raise_when_a_worker_is_lost(cluster: EngineCluster, deadline_s: float) -> It
 
     def watch() -> None:
         away_since: dict[int, float] = {}
+        # Only a worker seen serving can be lost; one still starting is
+        # TF's to wait for (session creation, bounded by its timeout).
+        seen: set[int] = set()
         while not stop.wait(_INTERVAL_S):
             for host in range(cluster.num_hosts):
                 address = cluster.worker_address(host)
                 if accepts(address):
+                    seen.add(host)
                     away_since.pop(host, None)
+                    continue
+                if host not in seen:
                     continue
                 now = time.monotonic()
                 if host not in away_since:
