@@ -9,11 +9,12 @@ constant rate by one rule (`constant_learning_rate`).
 from __future__ import annotations
 
 import dataclasses
-import math
 import numbers
 from typing import Any
 
 import numpy as np
+
+from tpu_embed_adam.rules import real
 
 __all__ = ["DynamicLearningRate", "constant_learning_rate"]
 
@@ -39,21 +40,9 @@ def constant_learning_rate(value: Any) -> float:
       ValueError: `value` is not finite in float32, not > 0, or below the
         smallest normal float32.
     """
-    if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Real):
-        raise TypeError(
-            f"Argument `learning_rate` must be a real number; received: {value!r} "
-            f"({type(value).__name__})."
-        )
-    try:
-        rate = float(value)
-    except OverflowError:  # an int or Fraction beyond any float (10**400)
-        rate = math.inf
+    rate = real("learning_rate", value)
     with np.errstate(over="ignore"):
         rate32 = np.float32(rate)
-    if not (math.isfinite(rate) and np.isfinite(rate32)):
-        raise ValueError(
-            f"Argument `learning_rate` must be finite in float32; received: {value!r}."
-        )
     if rate <= 0:
         raise ValueError(f"Argument `learning_rate` must be > 0; received: {value!r}.")
     if rate32 < _SMALLEST_NORMAL:
