@@ -18,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import cluster_chief
@@ -295,27 +296,49 @@ def test_on_real_hosts_a_dead_worker_ends_the_chief_within_its_operation_timeout
     assert "the worker is gone, with its shards of every table" in final, final
 
 
-def test_a_worker_away_for_the_deadline_raises_in_the_calling_thread():
+def _create_local_session() -> None:
+    with tf.Graph().as_default():
+        tf.compat.v1.train.ChiefSessionCreator().create_session().close()
+
+
+def test_a_worker_away_for_the_deadline_ends_the_next_session_creation():
     server = socket.create_server(("localhost", 0))
     address = f"localhost:{server.getsockname()[1]}"
     cluster = EngineCluster(
         tf.train.ClusterSpec({"chief": ["localhost:1"], "worker": [address]}),
         "grpc://localhost:1", None,
     )
+    other_thread: list[BaseException | None] = []
+
+    def create_in_another_thread() -> None:
+        try:
+            _create_local_session()
+            other_thread.append(None)
+        except BaseException as e:  # noqa: BLE001  (the test reports it)
+            other_thread.append(e)
+
     start = time.monotonic()
     with pytest.raises(WorkerLostError) as raised:
         with raise_when_a_worker_is_lost(cluster, deadline_s=0.5):
             time.sleep(1.5)  # seen serving
             server.close()
-            while time.monotonic() - start < 30:  # Python between TF's calls
-                time.sleep(0.05)
+            time.sleep(2.5)  # away for longer than the deadline
+            # Only this thread's sessions end.
+            thread = threading.Thread(target=create_in_another_thread)
+            thread.start()
+            thread.join()
+            # Raised before TF is asked (nothing serves at this master).
+            with tf.Graph().as_default():
+                tf.compat.v1.train.ChiefSessionCreator(master="grpc://localhost:1").create_session()
     assert time.monotonic() - start < 10
     assert str(raised.value).startswith(
         f"worker /job:worker/replica:0/task:0 at {address} has accepted no "
         "connection for"
     )
-    # A worker never seen serving is TF's to wait for; nothing is raised once
-    # the block is over.
+    assert other_thread == [None]
+    # A worker never seen serving is TF's to wait for; once the block is
+    # over, nothing is raised.
     with raise_when_a_worker_is_lost(cluster, deadline_s=0.2):
         time.sleep(1.5)
-    time.sleep(1.5)
+        _create_local_session()
+    _create_local_session()

@@ -6,47 +6,47 @@ the creation for as long as the task does not answer. That is right while a
 TFJob restarts a worker (the new session restores the last checkpoint and
 loads every worker's tables), and endless when nothing restarts it. So a
 thread probes each worker's address while the call runs; one that accepts
-no connection is logged as an ERROR at once, and one that stays away for
-the deadline makes the call raise in its own thread (each blocked TF call
-returns within the session's operation timeout, and the exception comes
-then). A worker that never served during the call is not watched: TF's
+no connection is logged as an ERROR at once, and once it has stayed away
+for the deadline the call's next session creation raises `WorkerLostError`
+instead of trying again. The raise is synchronous, in the calling thread,
+at a point where TF runs Python: each blocked TF call returns within the
+session's operation timeout, and MonitoredSession then creates its session
+again. A worker that never served during the call is not watched: TF's
 session creation waits for it, within the operation timeout.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from absl import logging
+from tensorflow.python.training import monitored_session
 
 from tpu_embed_adam.estimator._cluster import EngineCluster, accepts
 
 __all__ = ["WorkerLostError", "raise_when_a_worker_is_lost"]
 
 _INTERVAL_S = 1.0
+# What the watch of each calling thread found: the message of a lost worker.
+_LOST: dict[int, list[str]] = {}
+_LOST_LOCK = threading.Lock()
 
 
-class WorkerLostError(BaseException):
+class WorkerLostError(Exception):
     """A worker accepted no connection for longer than the deadline.
 
-    A `BaseException`, as `KeyboardInterrupt` is: raised asynchronously into
-    the estimator's thread, it must pass TF's `except Exception` handlers.
-    Its message is a class attribute (an asynchronous raise takes a class).
+    Not a `tf.errors.OpError`: MonitoredSession retries a session creation
+    that raises `UnavailableError` or `AbortedError`, and this must end it.
     """
-
-    message = "a worker of the cluster is lost"
-
-    def __str__(self) -> str:
-        return self.message
 
 
 @contextlib.contextmanager
 def raise_when_a_worker_is_lost(cluster: EngineCluster, deadline_s: float) -> Iterator[None]:
-    """Raises `WorkerLostError` in this thread once a worker has been away for `deadline_s`.
+    """Makes this thread's session creations raise once a worker has been away for `deadline_s`.
 
     Args:
       cluster: the workers to watch.
@@ -56,11 +56,13 @@ def raise_when_a_worker_is_lost(cluster: EngineCluster, deadline_s: float) -> It
       Nothing; the body runs while the workers are watched.
 
     Raises:
-      WorkerLostError: naming the task, its address and how long it was away.
+      WorkerLostError: from the body's next `ChiefSessionCreator` or
+        `WorkerSessionCreator.create_session` after the deadline, naming
+        the task, its address and how long it was away.
     """
+    _patch_session_creators()
     thread_id = threading.get_ident()
-    lock = threading.Lock()
-    running = [True]
+    found: list[str] = []
     stop = threading.Event()
 
     def watch() -> None:
@@ -87,34 +89,63 @@ def raise_when_a_worker_is_lost(cluster: EngineCluster, deadline_s: float) -> It
                         host, address, deadline_s,
                     )
                 if now - away_since[host] >= deadline_s:
-                    _raise_in(thread_id, host, address, now - away_since[host], lock, running)
+                    message = _lost_message(host, address, now - away_since[host])
+                    logging.error("%s", message)
+                    with _LOST_LOCK:
+                        found.append(message)
                     return
 
+    with _LOST_LOCK:
+        previous = _LOST.get(thread_id)
+        _LOST[thread_id] = found
     watcher = threading.Thread(target=watch, name="lost-worker-watch", daemon=True)
     watcher.start()
     try:
         yield
     finally:
         stop.set()
-        with lock:
-            running[0] = False
         watcher.join()
+        with _LOST_LOCK:
+            if previous is None:
+                del _LOST[thread_id]
+            else:
+                _LOST[thread_id] = previous
 
 
-def _raise_in(
-    thread_id: int, host: int, address: str, away_s: float, lock: threading.Lock, running: list
-) -> None:
-    message = (
+def _lost_message(host: int, address: str, away_s: float) -> str:
+    return (
         f"worker /job:worker/replica:0/task:{host} at {address} has accepted no connection for "
         f"{away_s:.0f} s (the session's operation timeout): it is gone, with its shards of every "
         "table. Start it again (the same TF_CONFIG) and run the chief again: the estimator "
         "restores the last checkpoint."
     )
-    logging.error("%s", message)
-    lost = type("WorkerLostError", (WorkerLostError,), {"message": message})
-    with lock:
-        # Not once the call is over: the exception would land in the caller's code.
-        if running[0]:
-            ctypes.pythonapi.PyThreadState_SetAsyncExc(
-                ctypes.c_ulong(thread_id), ctypes.py_object(lost)
-            )
+
+
+def _raise_if_lost() -> None:
+    with _LOST_LOCK:
+        found = list(_LOST.get(threading.get_ident(), ()))
+    if found:
+        raise WorkerLostError(found[0])
+
+
+_PATCHED = False
+
+
+def _patch_session_creators() -> None:
+    """Once per process: the session creators Estimator uses check the calling thread's watch."""
+    global _PATCHED
+    with _LOST_LOCK:
+        if _PATCHED:
+            return
+        for creator in (monitored_session.ChiefSessionCreator,
+                        monitored_session.WorkerSessionCreator):
+            creator.create_session = _checked(creator.create_session)
+        _PATCHED = True
+
+
+def _checked(create_session: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    def create_session_unless_a_worker_is_lost(self: Any) -> Any:
+        _raise_if_lost()
+        return create_session(self)
+
+    return create_session_unless_a_worker_is_lost
