@@ -324,6 +324,7 @@ void GroupByRow(const Index* ids, int64_t n, int64_t rows,
 // memory bandwidth rather than its latency.
 constexpr int64_t kRowsAhead = 4;
 constexpr int64_t kGradsAhead = 8;
+constexpr int64_t kSumsAhead = 8;
 
 inline void PrefetchRow(const float* row, int64_t dim) {
   constexpr int64_t kFloatsPerLine = 64 / sizeof(float);
@@ -342,10 +343,19 @@ void SumGradients(const float* grads, int64_t dim, Grouping& gr,
   const int64_t n = gr.part_begin.back();
   gr.sums.resize(gr.groups() * dim);
   for (int64_t i = 0; i < n; ++i) {
+    // Sum rows are scattered over the scratch: ask for a later one early.
+    if (i + kSumsAhead < n) {
+      PrefetchRow(&gr.sums[gr.group_of[i + kSumsAhead] * dim], dim);
+    }
     const int64_t u = gr.group_of[i];
     float* sum = &gr.sums[u * dim];
-    if (gr.first_pos[u] == i) std::fill(sum, sum + dim, 0.0f);
-    AddTo(sum, grads + i * dim, dim);
+    const float* g = grads + i * dim;
+    if (gr.first_pos[u] == i) {
+      // 0 + g: what adding to a zeroed row gives, in one pass.
+      for (int64_t j = 0; j < dim; ++j) sum[j] = 0.0f + g[j];
+    } else {
+      AddTo(sum, g, dim);
+    }
     if (gr.last_pos[u] == i) done(u);
   }
 }

@@ -151,15 +151,17 @@ Status BuildEntries(const std::string& what,
   }
 
   // Combiner denominators per slot; a zero one yields a zero activation.
-  std::vector<double> denom(slots, 0.0);
+  // The combiner is read once, not per id.
+  const bool sum = in.combiner == "sum", mean = in.combiner == "mean";
+  std::vector<double> denom(sum ? 0 : slots, 0.0);
   auto weight = [&](int64_t i) { return in.weights.empty() ? 1.0f : in.weights[i]; };
-  if (in.combiner != "sum") {
+  if (!sum) {
     for (int64_t i = 0; i < n; ++i) {
       if (slot_of[i] < 0) continue;
       const double w = weight(i);
-      denom[slot_of[i]] += in.combiner == "mean" ? w : w * w;
+      denom[slot_of[i]] += mean ? w : w * w;
     }
-    if (in.combiner == "sqrtn") {
+    if (!mean) {
       for (double& d : denom) d = std::sqrt(d);
     }
   }
@@ -168,7 +170,7 @@ Status BuildEntries(const std::string& what,
   for (int64_t i = 0; i < n; ++i) {
     if (slot_of[i] < 0) continue;
     float scale = weight(i);
-    if (in.combiner != "sum") {
+    if (!sum) {
       const double d = denom[slot_of[i]];
       scale = d == 0.0 ? 0.0f : static_cast<float>(scale / d);
     }

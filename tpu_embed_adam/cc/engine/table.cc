@@ -32,6 +32,8 @@ std::string RetrieveOpName(Optimizer optimizer) {
 
 RowLocation Locate(const Table& t, int64_t id) {
   const int64_t shards = t.shards.size();
+  // One host (every single-process run): no divisions, once per id.
+  if (shards == 1) return {0, id};
   if (t.mod_sharding) return {static_cast<int>(id % shards), id / shards};
   const int64_t base = t.padded_vocabulary_size / shards;
   const int64_t extra = t.padded_vocabulary_size % shards;
