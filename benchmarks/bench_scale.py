@@ -20,18 +20,34 @@ trace. Beside them, the bytes the model of `docs/scale.md` predicts for the
 same batch: per (core, distinct row of another host) 16 + 4 * dim bytes to
 look the row up and 16 + 4 * dim bytes to send its gradient.
 
+With `--path=estimator` the same table and batches train through
+`TPUEstimator` instead (feature `feature` of a `table_to_config_dict` spec,
+the loss sum(act^2)): in one process, and as the chief of a `LocalCluster`
+of N workers with `TF_CONFIG` as a TFJob sets it (docs/estimator.md, "On a
+cluster"). There the whole batch goes to core 0 on worker 0, so the model
+adds what crosses the chief's edge: the batch's ids and sample indices
+(8 + 16 bytes per id) to worker 0, and the activations back and their
+gradients out (4 * dim bytes per sample each way); the lookups and
+gradients of rows other workers own are the graph path's count for one
+core. A step is one `Session.run` of the estimator's train op, timed by a
+hook (median after the warm-up).
+
 All processes share this machine's cores: the figures show the cost of
 routing, not a speed-up. `docs/scale.md` extrapolates them.
 
   python benchmarks/bench_scale.py --rows=1000000 --dim=64 --ids=16384
+  python benchmarks/bench_scale.py --path=estimator --rows=200000 --ids=4096
 """
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -41,6 +57,7 @@ from absl import app, flags, logging  # noqa: E402
 from tensorflow.python.tpu import tpu_embedding  # noqa: E402
 
 from tpu_embed_adam.cluster import LocalCluster  # noqa: E402  (registers the kernels)
+from tpu_embed_adam.estimator import TPUEstimator  # noqa: E402
 
 _ROWS = flags.DEFINE_integer("rows", 1_000_000, "Table rows.")
 _DIM = flags.DEFINE_integer("dim", 64, "Embedding dimension.")
@@ -49,6 +66,11 @@ _ZIPF = flags.DEFINE_float("zipf", 1.2, "Power-law exponent of the ids; 0 draws 
 _HOSTS = flags.DEFINE_multi_integer("hosts", [1, 2, 4], "Worker processes, one run each.")
 _ITERS = flags.DEFINE_integer("iters", 10, "Timed steps.")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps first.")
+_PATH = flags.DEFINE_enum(
+    "path", "graph", ["graph", "estimator"],
+    "What trains: TF's v1 TPUEmbedding graph, or TPUEstimator (one process, then a chief "
+    "from TF_CONFIG with the tables in the workers).",
+)
 
 _LR = 0.01
 
@@ -132,7 +154,9 @@ class _Step:
 
 
 def _task(device: str) -> str:
-    return next(part for part in device.split("/") if part.startswith("task:"))
+    """`/job:J/replica:R/task:T` of a device: the process it is in (chief 0 is not worker 0)."""
+    return "/".join(part for part in device.split("/") if part.split(":")[0] in (
+        "job", "replica", "task"))
 
 
 def _cross_task_bytes(metadata: tf.compat.v1.RunMetadata) -> int:
@@ -151,10 +175,24 @@ def _cross_task_bytes(metadata: tf.compat.v1.RunMetadata) -> int:
     sizes: dict[tuple[str, str], Sequence[int]] = {}
     for device in metadata.step_stats.dev_stats:
         for stats in device.node_stats:
-            sizes[device.device, stats.node_name] = [
-                o.tensor_description.allocation_description.requested_bytes for o in stats.output
-            ]
-    return sum(sizes[device, producer][output] for device, producer, output in sent)
+            sizes[device.device, stats.node_name] = [_tensor_bytes(o) for o in stats.output]
+    # A producer without stats did not run in this step (a branch not taken).
+    return sum(
+        sizes[device, producer][output] for device, producer, output in sent
+        if (device, producer) in sizes
+    )
+
+
+def _tensor_bytes(output: Any) -> int:
+    """A traced output's own size (its buffer may be part of a larger allocation)."""
+    description = output.tensor_description
+    try:
+        dtype = tf.dtypes.as_dtype(description.dtype)
+    except TypeError:  # no dtype recorded
+        dtype = None
+    if dtype is None or not dtype.is_numpy_compatible or dtype == tf.string:
+        return description.allocation_description.requested_bytes
+    return dtype.size * int(np.prod([d.size for d in description.shape.dim]))
 
 
 def _model_bytes(batch: np.ndarray, hosts: int) -> int:
@@ -171,13 +209,118 @@ def _model_bytes(batch: np.ndarray, hosts: int) -> int:
     return total
 
 
-def main(argv: list[str]) -> None:
-    del argv
-    rng = np.random.default_rng(0)
-    count = 1 + _WARMUP.value + _ITERS.value
+class _StepTimes(tf.compat.v1.train.SessionRunHook):
+    """Times each step's `Session.run`; traces the last one for the bytes it moves."""
+
+    def __init__(self, traced_step: int):
+        self._traced_step = traced_step
+        self._step = 0
+        self._start = 0.0
+        self.times: list[float] = []
+        self.moved = 0
+
+    def before_run(self, run_context: Any) -> Any:
+        self._step += 1
+        options = None
+        if self._step == self._traced_step:
+            options = tf.compat.v1.RunOptions(
+                trace_level=tf.compat.v1.RunOptions.FULL_TRACE, output_partition_graphs=True
+            )
+        self._start = time.perf_counter()
+        return tf.compat.v1.train.SessionRunArgs(None, options=options)
+
+    def after_run(self, run_context: Any, run_values: Any) -> None:
+        elapsed = time.perf_counter() - self._start
+        if self._step == self._traced_step:
+            self.moved = _cross_task_bytes(run_values.run_metadata)
+        else:
+            self.times.append(elapsed)
+
+
+def _estimator_step(batches: Sequence[np.ndarray], tf_config: str | None) -> tuple[float, int]:
+    """Trains `batches` with TPUEstimator; returns the median step and the traced step's bytes."""
+    spec = tf.compat.v1.estimator.tpu.experimental.EmbeddingConfigSpec(
+        table_to_config_dict={"table": tpu_embedding.TableConfig(
+            _ROWS.value, _DIM.value, combiner="sum",
+            initializer=tf.compat.v1.random_uniform_initializer(-0.05, 0.05, seed=0))},
+        feature_to_config_dict={"feature": tpu_embedding.FeatureConfig("table")},
+        optimization_parameters=tpu_embedding.AdamParameters(_LR),
+    )
+
+    def model_fn(features: Any, labels: Any, mode: str, params: Any) -> Any:
+        del labels, params
+        loss = tf.reduce_sum(tf.square(features["feature"]))
+        # The tables train in the engine; this minimize only carries the
+        # activations' gradients to it (TPUEstimator's dummy variables).
+        train_op = tf.compat.v1.train.GradientDescentOptimizer(0.0).minimize(
+            loss, tf.compat.v1.train.get_global_step()
+        )
+        return tf.compat.v1.estimator.tpu.TPUEstimatorSpec(mode, loss=loss, train_op=train_op)
+
+    def input_fn(params: Any) -> tf.data.Dataset:
+        ids = np.stack(batches)
+        rows = np.arange(_IDS.value)
+
+        def to_sparse(batch: tf.Tensor) -> dict[str, tf.sparse.SparseTensor]:
+            indices = tf.stack([rows, tf.zeros_like(rows)], 1)
+            return {"feature": tf.sparse.SparseTensor(
+                tf.cast(indices, tf.int64), batch, [params["batch_size"], 1])}
+
+        return tf.data.Dataset.from_tensor_slices(ids).map(to_sparse)
+
+    previous = os.environ.pop("TF_CONFIG", None)
+    if tf_config is not None:
+        os.environ["TF_CONFIG"] = tf_config
+    try:
+        estimator = TPUEstimator(
+            model_fn=model_fn,
+            config=tf.compat.v1.estimator.tpu.RunConfig(
+                model_dir=tempfile.mkdtemp(prefix="bench_scale_"), save_checkpoints_steps=None,
+                save_checkpoints_secs=None, log_step_count_steps=None, save_summary_steps=None,
+                tpu_config=tf.compat.v1.estimator.tpu.TPUConfig(iterations_per_loop=100),
+            ),
+            use_tpu=False, train_batch_size=_IDS.value, embedding_config_spec=spec,
+        )
+    finally:
+        os.environ.pop("TF_CONFIG", None)
+        if previous is not None:
+            os.environ["TF_CONFIG"] = previous
+    hook = _StepTimes(traced_step=len(batches))
+    estimator.train(input_fn, steps=len(batches), hooks=[hook])
+    return statistics.median(hook.times[_WARMUP.value:]), hook.moved
+
+
+def _estimator_model_bytes(batch: np.ndarray, hosts: int) -> int:
+    """The graph path's count for the batch on one core (host 0), plus the chief's edge."""
+    if hosts == 1:
+        # The chief still sends the batch to worker 0 and gets its activations.
+        return _chief_edge_bytes(batch)
+    shard = -(-_ROWS.value // hosts)
+    remote = np.count_nonzero(np.minimum(np.unique(batch) // shard, hosts - 1) != 0)
+    return remote * 2 * (16 + 4 * _DIM.value) + _chief_edge_bytes(batch)
+
+
+def _chief_edge_bytes(batch: np.ndarray) -> int:
+    # Ids (int64) and sample indices ([n, 2] int64) out; a row of activations
+    # per sample back, and its gradient out again.
+    return len(batch) * (8 + 16) + 2 * len(batch) * 4 * _DIM.value
+
+
+def _estimator_results(batches: Sequence[np.ndarray]) -> list[tuple[str, float, int, int]]:
+    seconds, _ = _estimator_step(batches, None)
+    results = [("single process", seconds, 0, 0)]
+    for hosts in _HOSTS.value:
+        with LocalCluster(hosts, chief=True) as cluster:
+            seconds, moved = _estimator_step(batches, cluster.tf_config("chief"))
+        results.append(
+            (f"{hosts} workers", seconds, moved, _estimator_model_bytes(batches[-1], hosts))
+        )
+    return results
+
+
+def _graph_results(batches: Sequence[np.ndarray]) -> list[tuple[str, float, int, int]]:
     results = []
     single = _Step(1, "/job:localhost", "")
-    batches = _batches(rng, count)
     base = single.time(iter(batches))
     single.close()
     results.append(("single process", base, 0, 0))
@@ -188,14 +331,32 @@ def main(argv: list[str]) -> None:
             moved = step.bytes_between_processes(batches[-1])
             step.close()
         results.append((f"{hosts} workers", seconds, moved, _model_bytes(batches[-1], hosts)))
-    logging.info("table %d x %d, %d ids per step (%s), median of %d steps",
-                 _ROWS.value, _DIM.value, _IDS.value,
+    return results
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    rng = np.random.default_rng(0)
+    count = 1 + _WARMUP.value + _ITERS.value
+    batches = _batches(rng, count)
+    if _PATH.value == "estimator":
+        results = _estimator_results(batches)
+    else:
+        results = _graph_results(batches)
+    base = results[0][1]
+    logging.info("%s: table %d x %d, %d ids per step (%s), median of %d steps",
+                 _PATH.value, _ROWS.value, _DIM.value, _IDS.value,
                  f"zipf {_ZIPF.value}" if _ZIPF.value > 0 else "uniform", _ITERS.value)
     logging.info("%-15s %10s %7s %22s %18s", "configuration", "step", "ratio",
                  "bytes between procs", "model of scale.md")
     for name, seconds, moved, model in results:
         logging.info("%-15s %7.1f ms %6.2fx %19.2f MB %15.2f MB", name, 1e3 * seconds,
                      seconds / base, moved / 1e6, model / 1e6)
+    print(json.dumps([
+        {"configuration": name, "step_ms": 1e3 * seconds, "ratio": seconds / base,
+         "bytes_between_processes": moved, "model_bytes": model}
+        for name, seconds, moved, model in results
+    ]))
 
 
 if __name__ == "__main__":
