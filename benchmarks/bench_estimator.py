@@ -64,6 +64,7 @@ _VARIANTS = flags.DEFINE_list(
     [
         "engine",
         "gather_lazyadam",
+        "gather_apply_adam",
         "feature_column_lazyadam",
         "tf_tpu_estimator",
         "keras",
@@ -72,7 +73,8 @@ _VARIANTS = flags.DEFINE_list(
     "Variants to run (recommender_variants.VARIANTS); `engine` is the base of every ratio.",
 )
 _BREAKDOWN = flags.DEFINE_bool(
-    "breakdown", False, "Trace steps of engine and gather_lazyadam: time per part of the step."
+    "breakdown", False,
+    "Trace steps of engine, gather_lazyadam and gather_apply_adam: time per part of the step.",
 )
 _TRACE_STEPS = flags.DEFINE_integer("trace_steps", 10, "Traced steps with --breakdown.")
 _QUICK = flags.DEFINE_bool(
@@ -95,6 +97,7 @@ _RESULT = "BENCH_ESTIMATOR_RESULT "
 _PEAK_PER_TABLE_BYTE = {
     "engine": 2.6,
     "gather_lazyadam": 1.4,
+    "gather_apply_adam": 1.4,
     "feature_column_lazyadam": 1.4,
     "tf_tpu_estimator": 2.1,
     "keras": 1.6,
@@ -103,11 +106,13 @@ _PEAK_PER_TABLE_BYTE = {
 _PEAK_BASE_GIB = 1.5
 _MEMORY_MARGIN_GIB = 0.25
 _BASE = "engine"
+_TRACED = ("engine", "gather_lazyadam", "gather_apply_adam")
 # Issue 19: at least this many times the hand-written form at batch 8192, 1e7 rows.
 _TARGET_VS_HANDWRITTEN = 2.0
 _LABELS = {
     "engine": "TPUEstimator, engine",
     "gather_lazyadam": "(a) tf.gather + LazyAdam",
+    "gather_apply_adam": "tf.gather + our apply_adam",
     "feature_column_lazyadam": "(b) embedding_column + LazyAdam",
     "tf_tpu_estimator": "(c) TF's TPUEstimator(use_tpu=False)",
     "keras": "(d) Keras Embedding + Adam",
@@ -130,7 +135,7 @@ def _worker() -> None:
     import tensorflow as tf
 
     tf.get_logger().setLevel("ERROR")
-    traced = _BREAKDOWN.value and _WORKER.value in ("engine", "gather_lazyadam")
+    traced = _BREAKDOWN.value and _WORKER.value in _TRACED
     cell = recommender_variants.Cell(
         rows=_ROWS.value,
         batch=_BATCH.value,

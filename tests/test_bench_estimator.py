@@ -11,6 +11,7 @@ SCRIPT = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "bench_
 VARIANTS = {
     "engine",
     "gather_lazyadam",
+    "gather_apply_adam",
     "feature_column_lazyadam",
     "tf_tpu_estimator",
     "keras",
@@ -49,5 +50,7 @@ def test_quick_run_reports_every_variant_with_ratios_memory_and_breakdown(tmp_pa
     parts = engine_run["breakdown"]["parts_ms"]
     assert {"enqueue", "Recv (lookup)", "Send (gradients, update)"} <= set(parts)
     assert "table update (LazyAdam)" in cell["variants"]["gather_lazyadam"]["runs"][0][
+        "breakdown"]["parts_ms"]
+    assert "table update (apply_adam)" in cell["variants"]["gather_apply_adam"]["runs"][0][
         "breakdown"]["parts_ms"]
     assert "Send (gradients, update)" in out.stdout
