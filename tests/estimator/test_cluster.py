@@ -289,7 +289,7 @@ def test_on_real_hosts_a_dead_worker_ends_the_chief_within_its_operation_timeout
             proc.kill()
             proc.wait()
     assert chief.returncode == 1, err[-5000:]
-    # Measured: 4.6 s (a close bounded by the timeout, then the error).
+    # Measured: 4.3-8.0 s (a close bounded by the timeout, then a session creation).
     assert elapsed < END_WITHIN_S, elapsed
     final = err[err.rindex("Traceback") :]
     assert f"/job:worker/replica:0/task:1 ({spec['worker'][1]})" in final, final
