@@ -13,11 +13,20 @@ inline uint64_t RowHash(int64_t local) {
   return static_cast<uint64_t>(local) * 0x9E3779B97F4A7C15ull;
 }
 
+// The open-addressing index's size for `rows` ids: a power of two, at least
+// `current` (an index never shrinks) and twice `rows`.
+size_t HashCapacity(size_t current, size_t rows) {
+  size_t capacity = std::max<size_t>(64, current);
+  while (capacity < 2 * rows) capacity *= 2;
+  return capacity;
+}
+
 }  // namespace
 
 void Accumulator::GrowIndex(size_t rows) {
-  size_t capacity = std::max<size_t>(64, index.size());
-  while (capacity < 2 * rows) capacity *= 2;
+  const size_t capacity =
+      HashCapacity(direct_bound_ > 0 ? 0 : index.size(), rows);
+  direct_bound_ = 0;
   index.assign(capacity, 0);
   const uint64_t mask = capacity - 1;
   const int shift = 64 - __builtin_ctzll(capacity);
@@ -28,20 +37,36 @@ void Accumulator::GrowIndex(size_t rows) {
   }
 }
 
+void Accumulator::DirectIndex(int64_t bound) {
+  for (const int64_t id : ids) {
+    if (id < 0 || id >= bound) return GrowIndex(ids.size());
+  }
+  direct_bound_ = bound;
+  index.assign(bound, 0);
+  for (size_t p = 0; p < ids.size(); ++p) index[ids[p]] = p + 1;
+}
+
+int64_t& Accumulator::Slot(int64_t local) {
+  if (direct_bound_ > 0) {
+    if (local >= 0 && local < direct_bound_) return index[local];
+    // An id past the bound Reserve was told of: hashed from here on.
+    GrowIndex(ids.size() + 1);
+  }
+  if (2 * (ids.size() + 1) > index.size()) GrowIndex(ids.size() + 1);
+  const uint64_t mask = index.size() - 1;
+  const int shift = 64 - __builtin_ctzll(index.size());
+  for (uint64_t h = RowHash(local) >> shift;; h = (h + 1) & mask) {
+    int64_t& slot = index[h];
+    if (slot == 0 || ids[slot - 1] == local) return slot;
+  }
+}
+
 std::pair<int64_t, bool> Accumulator::Place(int64_t dim, bool accumulate,
                                            int64_t local) {
   if (accumulate) {
-    if (2 * (ids.size() + 1) > index.size()) GrowIndex(ids.size() + 1);
-    const uint64_t mask = index.size() - 1;
-    const int shift = 64 - __builtin_ctzll(index.size());
-    for (uint64_t h = RowHash(local) >> shift;; h = (h + 1) & mask) {
-      int64_t& slot = index[h];
-      if (slot == 0) {
-        slot = ids.size() + 1;
-        break;
-      }
-      if (ids[slot - 1] == local) return {slot - 1, false};
-    }
+    int64_t& slot = Slot(local);
+    if (slot != 0) return {slot - 1, false};
+    slot = ids.size() + 1;
   }
   ids.push_back(local);
   // Grow by a whole row: one size check per row.
@@ -91,12 +116,19 @@ void Accumulator::Flush(int64_t dim, const ParallelFor& parallel_for) {
   pending_.clear();
 }
 
-void Accumulator::Reserve(int64_t more, int64_t dim, bool accumulate) {
+void Accumulator::Reserve(int64_t more, int64_t dim, bool accumulate,
+                          int64_t id_bound) {
   const size_t rows = ids.size() + more;
   ids.reserve(rows);
   grads.reserve(rows * dim);
   pending_.reserve(pending_.size() + more);
-  if (accumulate && 2 * rows > index.size()) GrowIndex(rows);
+  if (!accumulate) return;
+  // Direct where it is no larger than the hashed index these rows need.
+  if (id_bound > 0 && static_cast<size_t>(id_bound) <= HashCapacity(0, rows)) {
+    if (direct_bound_ != id_bound) DirectIndex(id_bound);
+  } else if (direct_bound_ > 0 || 2 * rows > index.size()) {
+    GrowIndex(rows);
+  }
 }
 
 void Accumulator::Append(const Accumulator& from) {

@@ -46,9 +46,11 @@ using Floats = std::vector<float, UninitializedAllocator<float>>;
 struct Accumulator {
   std::vector<int64_t> ids;
   Floats grads;  // ids.size() rows of the table's dimension
-  // Open-addressing index of `ids` (1 + position; 0 is an empty slot), a
-  // power of two at least twice ids' size; all zeros when empty. Used only
-  // with accumulation.
+  // Index of `ids` (1 + position; 0 is an empty slot); all zeros when
+  // empty. Used only with accumulation. Open addressing, a power of two at
+  // least twice ids' size; or, when Reserve says the local ids are fewer
+  // than such a table's slots, direct: slot `local` (no hashing, no probes,
+  // and a smaller array to miss in: a small table's many repeats).
   std::vector<int64_t> index;
 
   // Adds scale * g (dim floats) to the row of `local`: a local id's first
@@ -66,8 +68,10 @@ struct Accumulator {
   void Flush(int64_t dim, const ParallelFor& parallel_for);
   // Makes room for `more` Add or Queue calls (rows of `dim` floats), so that
   // they and Flush allocate nothing: a failed allocation happens here,
-  // before any row is added.
-  void Reserve(int64_t more, int64_t dim, bool accumulate);
+  // before any row is added. `id_bound` > 0: every local id to come is below
+  // it (the shard's rows), which lets the index be direct.
+  void Reserve(int64_t more, int64_t dim, bool accumulate,
+               int64_t id_bound = 0);
   // Appends `from`'s rows as rows of their own (the index is not updated:
   // for a list handed to ApplySparseAdam, not for further Adds).
   void Append(const Accumulator& from);
@@ -90,10 +94,18 @@ struct Accumulator {
   // The row of `local` (appending it if new, or always without
   // accumulation, its floats not yet written), and whether it is new.
   std::pair<int64_t, bool> Place(int64_t dim, bool accumulate, int64_t local);
-  // Resizes and refills the index for at least `rows` ids.
+  // Resizes and refills the index for at least `rows` ids, hashed.
   void GrowIndex(size_t rows);
+  // Makes the index direct over local ids below `bound`, refilled (hashed
+  // if an id already held is not below it).
+  void DirectIndex(int64_t bound);
+  // The index slot of `local`: its row's (1 + position), or the empty slot
+  // where it goes.
+  int64_t& Slot(int64_t local);
 
   std::vector<Pending> pending_;
+  // > 0: the index is direct over local ids below it.
+  int64_t direct_bound_ = 0;
 };
 
 }  // namespace engine

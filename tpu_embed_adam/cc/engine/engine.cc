@@ -470,7 +470,8 @@ void Engine::ReserveSentLocked(const Batch& batch, size_t position) {
     for (size_t s = 0; s < t.shards.size(); ++s) {
       if (per_shard[s] == 0) continue;
       t.shards[s].SentBy(position).Reserve(per_shard[s], t.dim,
-                                           t.adam.gradient_accumulation);
+                                           t.adam.gradient_accumulation,
+                                           t.shards[s].rows);
     }
   }
 }
