@@ -466,15 +466,22 @@ def _gather_model_fn(
     return model_fn
 
 
+def _run_gather(
+    cell: Cell, data: dict[str, np.ndarray], model_dir: str,
+    train_op: Callable[[tf.Tensor, list[tf.Variable]], Any],
+) -> dict[str, Any]:
+    estimator = tf.estimator.Estimator(
+        _gather_model_fn(cell, train_op),
+        config=_run_config(model_dir, cell.seed, tpu=False, iterations_per_loop=1),
+    )
+    return _estimator_result(estimator, cell, data)
+
+
 def run_gather_lazyadam(
     cell: Cell, data: dict[str, np.ndarray], model_dir: str
 ) -> dict[str, Any]:
     """Estimator; tables as variables read by tf.gather, trained by TF-Addons LazyAdam."""
-    estimator = tf.estimator.Estimator(
-        _gather_model_fn(cell, _lazy_adam_spec),
-        config=_run_config(model_dir, cell.seed, tpu=False, iterations_per_loop=1),
-    )
-    return _estimator_result(estimator, cell, data)
+    return _run_gather(cell, data, model_dir, _lazy_adam_spec)
 
 
 def _apply_adam_spec(loss: tf.Tensor, tables: list[tf.Variable]) -> Any:
@@ -508,11 +515,7 @@ def run_gather_apply_adam(
     cell: Cell, data: dict[str, np.ndarray], model_dir: str
 ) -> dict[str, Any]:
     """Estimator; tables as variables read by tf.gather, trained by `apply_adam` directly."""
-    estimator = tf.estimator.Estimator(
-        _gather_model_fn(cell, _apply_adam_spec),
-        config=_run_config(model_dir, cell.seed, tpu=False, iterations_per_loop=1),
-    )
-    return _estimator_result(estimator, cell, data)
+    return _run_gather(cell, data, model_dir, _apply_adam_spec)
 
 
 def run_feature_column_lazyadam(
