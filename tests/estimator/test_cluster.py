@@ -113,6 +113,20 @@ def test_train_and_evaluate_on_two_workers_equals_one_process(one_process, tmp_p
 
 
 @needs_kernels
+def test_train_then_train_and_evaluate_in_one_chief_process_equals_one_process(
+    one_process, tmp_path
+):
+    # The order reversed: train() configures the workers for training, then
+    # train_and_evaluate() trains on and evaluates within the same process.
+    _, _, more = one_process
+    with LocalCluster(2, chief=True) as cluster:
+        chief = cluster.tf_config("chief")
+        assert _run("train", tmp_path, STEPS, chief) == {}
+        assert _run("train_and_evaluate", tmp_path, MORE_STEPS, chief) == {}
+    _assert_same_checkpoints(tmp_path, more)
+
+
+@needs_kernels
 def test_a_worker_killed_mid_training_ends_the_chief_naming_it(tmp_path):
     with LocalCluster(2, chief=True) as cluster:
         env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", TF_CONFIG=cluster.tf_config("chief"))

@@ -3,7 +3,9 @@
 - **Server.** The chief's sessions run on its own `tf.distribute.Server`.
   `tf.estimator.train_and_evaluate` starts it (TF's executor, for a chief);
   `train`, `evaluate` and `predict` called directly start one if nothing
-  serves at the chief's address yet, once per process.
+  serves at the chief's address yet, once per process, and a later
+  `train_and_evaluate` in that process takes it (TF cannot stop a server,
+  and a second one at the address would not bind).
 - **Config.** Every session gets `operation_timeout_in_ms` (unless the
   RunConfig's session_config sets one): TF 2.15 waits forever for a dead
   worker when it creates or closes a session, and Estimator's
@@ -24,6 +26,7 @@ from typing import Any
 
 import tensorflow as tf
 from absl import logging
+from tensorflow_estimator.python.estimator import training as estimator_training
 
 from tpu_embed_adam.estimator._cluster import CHIEF, EngineCluster, accepts
 from tpu_embed_adam.estimator._lost_workers import WorkerLostError, raise_when_a_worker_is_lost
@@ -147,6 +150,32 @@ def ensure_master_serves(cluster: EngineCluster) -> None:
         _SERVERS[address] = tf.distribute.Server(
             cluster.cluster_spec, job_name=CHIEF, task_index=cluster.chief_task, start=True
         )
+        _let_train_and_evaluate_reuse_servers()
+
+
+def _let_train_and_evaluate_reuse_servers() -> None:
+    """Once per process: `train_and_evaluate` takes the chief's server started here.
+
+    Its executor starts a server for the chief's task itself; after a
+    `train` that started one (TF 2.15 cannot stop a server), the second
+    would not bind ("Address already in use"). Called with `_SERVERS_LOCK`.
+    """
+    executor = estimator_training._TrainingExecutor
+    start_std_server = executor._start_std_server
+    if getattr(start_std_server, "reuses_servers", False):
+        return
+
+    def start_std_server_unless_serving(self: Any, config: Any) -> Any:
+        try:
+            address = config.cluster_spec.task_address(config.task_type, config.task_id)
+        except (AttributeError, TypeError, ValueError):  # no cluster: TF's own error
+            return start_std_server(self, config)
+        with _SERVERS_LOCK:
+            server = _SERVERS.get(address)
+        return server if server is not None else start_std_server(self, config)
+
+    start_std_server_unless_serving.reuses_servers = True  # type: ignore[attr-defined]
+    executor._start_std_server = start_std_server_unless_serving
 
 
 def with_unreachable_workers(error: tf.errors.OpError, cluster: EngineCluster) -> Any:
