@@ -196,17 +196,17 @@ def _tensor_bytes(output: Any) -> int:
 
 
 def _model_bytes(batch: np.ndarray, hosts: int) -> int:
-    """docs/scale.md's count: per core and distinct row owned by another host, a
-    (table, row) pair and a row each way (lookup, then gradient)."""
-    if hosts == 1:
-        return 0
+    """docs/scale.md's count: each host's core looks up its share of the batch."""
+    return sum(
+        _remote_row_bytes(part, h, hosts) for h, part in enumerate(np.split(batch, hosts))
+    )
+
+
+def _remote_row_bytes(ids: np.ndarray, host: int, hosts: int) -> int:
+    """Per distinct row of `ids` another host owns, a (table, row) pair and a row each way."""
     shard = -(-_ROWS.value // hosts)  # div sharding: the first shards one row longer at most
-    total = 0
-    for h, part in enumerate(np.split(batch, hosts)):
-        rows = np.unique(part)
-        remote = np.count_nonzero(np.minimum(rows // shard, hosts - 1) != h)
-        total += remote * 2 * (16 + 4 * _DIM.value)
-    return total
+    remote = np.count_nonzero(np.minimum(np.unique(ids) // shard, hosts - 1) != host)
+    return remote * 2 * (16 + 4 * _DIM.value)
 
 
 class _StepTimes(tf.compat.v1.train.SessionRunHook):
@@ -292,12 +292,7 @@ def _estimator_step(batches: Sequence[np.ndarray], tf_config: str | None) -> tup
 
 def _estimator_model_bytes(batch: np.ndarray, hosts: int) -> int:
     """The graph path's count for the batch on one core (host 0), plus the chief's edge."""
-    if hosts == 1:
-        # The chief still sends the batch to worker 0 and gets its activations.
-        return _chief_edge_bytes(batch)
-    shard = -(-_ROWS.value // hosts)
-    remote = np.count_nonzero(np.minimum(np.unique(batch) // shard, hosts - 1) != 0)
-    return remote * 2 * (16 + 4 * _DIM.value) + _chief_edge_bytes(batch)
+    return _remote_row_bytes(batch, 0, hosts) + _chief_edge_bytes(batch)
 
 
 def _chief_edge_bytes(batch: np.ndarray) -> int:

@@ -118,24 +118,24 @@ def _augment_model_fn(
     return augmented
 
 
-@functools.wraps(_TF_TRAIN)
-def _train(self: Any, *args: Any, **kwargs: Any) -> Any:
-    engine = getattr(self, _ENGINE_ATTR, None)
-    if engine is None:
-        return _TF_TRAIN(self, *args, **kwargs)
-    # The engine serves one session between steps: estimators in other
-    # threads wait (_sessions).
-    with ENGINE_CALLS, on_cluster(engine[-1].cluster, self._session_config):
-        return _TF_TRAIN(self, *args, **kwargs)
+def _engine_call(tf_method: Callable[..., Any]) -> Callable[..., Any]:
+    """`tf_method` (train, evaluate) holding the engine, on the estimator's cluster."""
+
+    @functools.wraps(tf_method)
+    def call(self: Any, *args: Any, **kwargs: Any) -> Any:
+        engine = getattr(self, _ENGINE_ATTR, None)
+        if engine is None:
+            return tf_method(self, *args, **kwargs)
+        # The engine serves one session between steps: estimators in other
+        # threads wait (_sessions).
+        with ENGINE_CALLS, on_cluster(engine[-1].cluster, self._session_config):
+            return tf_method(self, *args, **kwargs)
+
+    return call
 
 
-@functools.wraps(_TF_EVALUATE)
-def _evaluate(self: Any, *args: Any, **kwargs: Any) -> Any:
-    engine = getattr(self, _ENGINE_ATTR, None)
-    if engine is None:
-        return _TF_EVALUATE(self, *args, **kwargs)
-    with ENGINE_CALLS, on_cluster(engine[-1].cluster, self._session_config):
-        return _TF_EVALUATE(self, *args, **kwargs)
+_train = _engine_call(_TF_TRAIN)
+_evaluate = _engine_call(_TF_EVALUATE)
 
 
 @functools.wraps(_TF_PREDICT)

@@ -128,19 +128,13 @@ def _raise_if_lost() -> None:
         raise WorkerLostError(found[0])
 
 
-_PATCHED = False
-
-
 def _patch_session_creators() -> None:
     """Once per process: the session creators Estimator uses check the calling thread's watch."""
-    global _PATCHED
     with _LOST_LOCK:
-        if _PATCHED:
-            return
         for creator in (monitored_session.ChiefSessionCreator,
                         monitored_session.WorkerSessionCreator):
-            creator.create_session = _checked(creator.create_session)
-        _PATCHED = True
+            if not getattr(creator.create_session, "checks_lost_workers", False):
+                creator.create_session = _checked(creator.create_session)
 
 
 def _checked(create_session: Callable[[Any], Any]) -> Callable[[Any], Any]:
@@ -148,4 +142,5 @@ def _checked(create_session: Callable[[Any], Any]) -> Callable[[Any], Any]:
         _raise_if_lost()
         return create_session(self)
 
+    create_session_unless_a_worker_is_lost.checks_lost_workers = True  # type: ignore[attr-defined]
     return create_session_unless_a_worker_is_lost
